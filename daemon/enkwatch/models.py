@@ -1,0 +1,80 @@
+"""The task observation of the spec's `DatasetsGetTaskResponse`, and the status vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+QUEUED: Final = "Queued"
+RUNNING: Final = "Running"
+FINISHED: Final = "Finished"
+FAILED: Final = "Failed"
+
+KNOWN_STATUSES: Final = frozenset({QUEUED, RUNNING, FINISHED, FAILED})
+TERMINAL_STATUSES: Final = frozenset({FINISHED, FAILED})
+
+REQUIRED_FIELDS: Final = ("dataset_name", "created_at", "status", "task_id")
+
+
+def is_terminal(status: str | None) -> bool:
+    """True for Finished and Failed."""
+    return status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One successful answer about one task."""
+
+    task_id: str
+    dataset_name: str
+    status: str
+    created_at: str
+    started_at: str | None
+    data: dict[str, Any]
+
+    @property
+    def known(self) -> bool:
+        return self.status in KNOWN_STATUSES
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def normalize_timestamp(value: object) -> str | None:
+    """An ISO 8601 date-time string as given, or None when empty or malformed."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value
+
+
+def parse_observation(payload: object) -> Observation:
+    """Parse a decoded JSON body; raise ValueError naming what is wrong."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"body is a JSON {type(payload).__name__}, not an object")
+    if "error" in payload:
+        raise ValueError(f"error: {str(payload['error'])[:200]}")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("'data' is missing or not an object")
+    missing = [f for f in REQUIRED_FIELDS if f not in data]
+    if missing:
+        raise ValueError(f"'data' lacks required field(s): {', '.join(missing)}")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(data[field], str):
+            raise ValueError(f"data.{field} is not a string")
+    if not data["status"]:
+        raise ValueError("data.status is empty")
+    return Observation(
+        task_id=data["task_id"],
+        dataset_name=data["dataset_name"],
+        status=data["status"],
+        created_at=data["created_at"],
+        started_at=normalize_timestamp(data.get("started_at")),
+        data=data,
+    )
