@@ -1,0 +1,373 @@
+"""The config file: pydantic models, YAML and environment loading, errors with key paths."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from enkwatch.errors import ConfigError
+
+ENV_PREFIX = "ENKWATCH_"
+API_KEY_ENV = "ENKRYPTAI_API_KEY"
+CONFIG_PATH_ENV = "ENKWATCH_CONFIG"
+DEFAULT_BASE_URL = "https://api.enkryptai.com"
+# keys a user might write an API key under; refused without echoing the value
+_INLINE_KEY_NAMES = frozenset({"api_key", "apikey", "key", "token", "secret"})
+_UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+def header_problem(value: str) -> str | None:
+    """Why `value` cannot travel in an HTTP header, or None when it can."""
+    if not value:
+        return "must not be empty"
+    if _UNSAFE_HEADER_CHARS.search(value):
+        return "contains control characters (such as CR/LF) and cannot be sent in an HTTP header"
+    if value != value.strip():
+        return "has leading or trailing white space, which HTTP would drop"
+    return None
+
+
+class ApiConfig(_Model):
+    """`api`: where and how to ask."""
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key_file: Path | None = None
+    timeout_seconds: PositiveSeconds = 10.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+
+class PollingConfig(_Model):
+    """`polling`: cadence and the limits shared by all tasks."""
+
+    interval_seconds: PositiveSeconds = 30.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
+    max_requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
+    max_backoff_seconds: PositiveSeconds = 300.0
+    not_found_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class StateConfig(_Model):
+    """`state`: where the durable state lives."""
+
+    path: str = "enkwatch-state.db"
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value:
+            raise ValueError('must not be empty (use ":memory:" for no persistence)')
+        return value
+
+
+class AdminConfig(_Model):
+    """`admin`: the HTTP admin endpoint."""
+
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9090")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class WebhookConfig(_Model):
+    """One entry of `sinks.webhooks`."""
+
+    url: str
+    secret_env: str | None = None
+    events: list[str] = Field(default_factory=list)
+
+
+class SinksConfig(_Model):
+    """`sinks`: where events go besides stdout."""
+
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+
+class TaskConfig(_Model):
+    """One entry of `tasks`: a dataset-generation task to watch."""
+
+    task_id: str | None = None
+    dataset: str | None = None
+    interval_seconds: PositiveSeconds | None = None
+    deadline_seconds: PositiveSeconds | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _scalar_labels(cls, value: object) -> object:
+        # `{tier: 1}` is what a user writes; labels travel as strings
+        if isinstance(value, Mapping):
+            return {
+                k: str(v).lower()
+                if isinstance(v, bool)
+                else str(v)
+                if isinstance(v, int | float)
+                else v
+                for k, v in value.items()
+            }
+        return value
+
+    @field_validator("task_id", "dataset")
+    @classmethod
+    def _check_header_safe(cls, value: str | None) -> str | None:
+        if value is not None and (problem := header_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _needs_an_identity(self) -> TaskConfig:
+        if self.task_id is None and self.dataset is None:
+            raise ValueError("a task needs at least one of task_id, dataset")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The configured task_id, else `dataset:<name>`."""
+        return self.task_id if self.task_id is not None else f"dataset:{self.dataset}"
+
+
+class Config(_Model):
+    """The whole config file."""
+
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    polling: PollingConfig = Field(default_factory=PollingConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    tasks: list[TaskConfig] = Field(default_factory=list)
+
+
+def key_path(loc: Sequence[int | str]) -> str:
+    """`("tasks", 3, "deadline_seconds")` -> `tasks[3].deadline_seconds`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _loc_problems(err: ValidationError, env_names: Mapping[str, str]) -> list[str]:
+    problems = []
+    for item in err.errors(include_input=False, include_url=False):
+        # drop pydantic's internal tags for unions and validators ("function-after[...]")
+        loc = [p for p in item["loc"] if isinstance(p, int) or "[" not in p]
+        path = key_path(loc)
+        msg = item["msg"].removeprefix("Value error, ")
+        origin = env_names.get(path)
+        problems.append(f"{path}{f' (from {origin})' if origin else ''}: {msg}")
+    return problems
+
+
+def _raw_task_key(task: object) -> str | None:
+    if not isinstance(task, Mapping):
+        return None
+    task_id, dataset = task.get("task_id"), task.get("dataset")
+    if isinstance(task_id, str):
+        return task_id
+    if task_id is None and isinstance(dataset, str):
+        return f"dataset:{dataset}"
+    return None
+
+
+def duplicate_problems(tasks: Iterable[object], where: str = "tasks") -> list[str]:
+    """One problem per task whose key was already listed."""
+    seen: dict[str, int] = {}
+    problems = []
+    for i, task in enumerate(tasks):
+        key = _raw_task_key(task)
+        if key is None:
+            continue
+        if key in seen:
+            problems.append(
+                f"{where}[{i}]: the task {key} is listed twice (also {where}[{seen[key]}])"
+            )
+        else:
+            seen[key] = i
+    return problems
+
+
+def _inline_secret_problems(raw: Mapping[str, Any]) -> list[str]:
+    api = raw.get("api")
+    if not isinstance(api, Mapping):
+        return []
+    return [
+        f"api.{name}: the API key is never written in the config file; "
+        f"set ${API_KEY_ENV} or api.api_key_file (the value was not shown)"
+        for name in api
+        if isinstance(name, str) and name.lower() in _INLINE_KEY_NAMES
+    ]
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def apply_env_overrides(
+    raw: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Apply `ENKWATCH_SECTION__KEY=value`; return the new dict, path->variable, problems."""
+    out: dict[str, Any] = dict(raw)
+    names: dict[str, str] = {}
+    problems: list[str] = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
+        if any(not p for p in parts):
+            problems.append(f"{var}: empty key between '__' separators")
+            continue
+        node = out
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                problems.append(f"{var}: {key_path(parts[: i + 1])} is not a section")
+                ok = False
+                break
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        if ok:
+            node[parts[-1]] = _parse_env_value(environ[var])
+            names[key_path(parts)] = var
+    return out, names, problems
+
+
+def parse_config(
+    raw: object, environ: Mapping[str, str] | None = None, source: str | None = None
+) -> Config:
+    """Validate a decoded YAML document (plus env overrides) into a Config or raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(top level): must be a mapping, not {type(raw).__name__}"], source)
+    merged, env_names, problems = apply_env_overrides(raw, environ)
+    problems += _inline_secret_problems(merged)
+    if problems:
+        # an inline secret must not reach pydantic, whose messages could quote it
+        api = merged.get("api")
+        if isinstance(api, dict):
+            merged["api"] = {
+                k: v
+                for k, v in api.items()
+                if not (isinstance(k, str) and k.lower() in _INLINE_KEY_NAMES)
+            }
+    raw_tasks = merged.get("tasks")
+    if isinstance(raw_tasks, list):
+        problems += duplicate_problems(raw_tasks)
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as err:
+        problems += _loc_problems(err, env_names)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read the config file: {err.strerror or err}"], source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the config file is not UTF-8 text"], source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"not valid YAML: {where}{problem}"], source) from None
+    return parse_config(raw, environ, source)
+
+
+def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The API key from `api.api_key_file`, else `$ENKRYPTAI_API_KEY`; never echoed."""
+    environ = os.environ if environ is None else environ
+    if config.api.api_key_file is not None:
+        path = config.api.api_key_file
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            detail = getattr(err, "strerror", None) or "not readable UTF-8 text"
+            raise ConfigError([f"api.api_key_file: cannot read {path}: {detail}"]) from None
+        if not key:
+            raise ConfigError([f"api.api_key_file: {path} is empty"])
+        origin = "api.api_key_file"
+    else:
+        key = environ.get(API_KEY_ENV, "").strip()
+        if not key:
+            raise ConfigError(
+                [
+                    f"no API key: set ${API_KEY_ENV} or api.api_key_file "
+                    "(the key is never in the config)"
+                ]
+            )
+        origin = f"${API_KEY_ENV}"
+    if header_problem(key):
+        raise ConfigError(
+            [f"{origin}: the API key contains characters that cannot be sent in an HTTP header"]
+        )
+    return key
+
+
+def normalized_watch_list(config: Config) -> list[dict[str, Any]]:
+    """The watch list with defaults applied, as `check-config` prints it."""
+    return [
+        {
+            "task_key": t.key,
+            "task_id": t.task_id,
+            "dataset": t.dataset,
+            "interval_seconds": t.interval_seconds or config.polling.interval_seconds,
+            "deadline_seconds": t.deadline_seconds,
+            "labels": dict(t.labels),
+        }
+        for t in config.tasks
+    ]
