@@ -1,0 +1,234 @@
+"""Durable state behind a small interface; SQLite (WAL) is the embedded default.
+
+What is kept per task: the last status emitted, the event counter `seq`, when watching
+began, the poll count and how watching ended. Every task event is journaled in the same
+transaction as the state change it reports, before it is written out; an event whose
+writing was not confirmed is replayed on the next start (at least once, never lost).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_key TEXT PRIMARY KEY,
+    task_id TEXT,
+    dataset TEXT,
+    last_status TEXT,
+    last_unknown_status TEXT,
+    seen_dataset TEXT,
+    seen_task_id TEXT,
+    seq INTEGER NOT NULL DEFAULT 0,
+    watch_started_at REAL NOT NULL,
+    polls INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    spec TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    task_key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_key, seq)
+);
+CREATE INDEX IF NOT EXISTS events_unwritten ON events (rowid) WHERE written = 0;
+"""
+
+
+class StateError(Exception):
+    """The state store cannot be opened or is not ours."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """What the store keeps about one task."""
+
+    task_key: str
+    task_id: str | None
+    dataset: str | None
+    watch_started_at: float
+    last_status: str | None = None
+    last_unknown_status: str | None = None
+    seen_dataset: str | None = None
+    seen_task_id: str | None = None
+    seq: int = 0
+    polls: int = 0
+    outcome: str | None = None
+    spec: dict[str, Any] | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """An event that was committed but whose writing was not confirmed."""
+
+    task_key: str
+    seq: int
+    body: dict[str, Any]
+
+
+class Store(Protocol):
+    """The interface a state backend implements."""
+
+    def load_tasks(self) -> dict[str, TaskRecord]: ...
+
+    def add_task(self, record: TaskRecord) -> None: ...
+
+    def record_event(self, record: TaskRecord, event: Mapping[str, Any]) -> None: ...
+
+    def mark_written(self, task_key: str, seq: int) -> None: ...
+
+    def unwritten_events(self) -> list[JournaledEvent]: ...
+
+    def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """SQLite in WAL mode; `:memory:` for no persistence."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            if path != ":memory:":
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StateError(f"{path}: cannot switch the state database to WAL mode")
+            # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_version()
+        except sqlite3.DatabaseError as err:
+            raise StateError(f"{path}: cannot open the state database: {err}") from None
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path}: written by a newer enkwatch (schema {row[0]}, "
+                f"this one knows {SCHEMA_VERSION})"
+            )
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def load_tasks(self) -> dict[str, TaskRecord]:
+        rows = self._db.execute(
+            "SELECT task_key, task_id, dataset, watch_started_at, last_status, "
+            "last_unknown_status, seen_dataset, seen_task_id, seq, polls, outcome, spec FROM tasks"
+        ).fetchall()
+        out = {}
+        for row in rows:
+            spec = orjson.loads(row[11]) if row[11] else None
+            out[row[0]] = TaskRecord(
+                task_key=row[0],
+                task_id=row[1],
+                dataset=row[2],
+                watch_started_at=row[3],
+                last_status=row[4],
+                last_unknown_status=row[5],
+                seen_dataset=row[6],
+                seen_task_id=row[7],
+                seq=row[8],
+                polls=row[9],
+                outcome=row[10],
+                spec=spec,
+            )
+        return out
+
+    def add_task(self, record: TaskRecord) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO tasks (task_key, task_id, dataset, watch_started_at, "
+                "last_status, seq, polls, spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.task_key,
+                    record.task_id,
+                    record.dataset,
+                    record.watch_started_at,
+                    record.last_status,
+                    record.seq,
+                    record.polls,
+                    orjson.dumps(record.spec).decode() if record.spec is not None else None,
+                ),
+            )
+
+    def record_event(self, record: TaskRecord, event: Mapping[str, Any]) -> None:
+        """Store the task's new state and its event in one transaction."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE tasks SET last_status = ?, last_unknown_status = ?, seen_dataset = ?, "
+                "seen_task_id = ?, seq = ?, polls = ?, outcome = ? WHERE task_key = ?",
+                (
+                    record.last_status,
+                    record.last_unknown_status,
+                    record.seen_dataset,
+                    record.seen_task_id,
+                    record.seq,
+                    record.polls,
+                    record.outcome,
+                    record.task_key,
+                ),
+            )
+            self._db.execute(
+                "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)",
+                (record.task_key, record.seq, orjson.dumps(dict(event)).decode()),
+            )
+
+    def mark_written(self, task_key: str, seq: int) -> None:
+        self._db.execute(
+            "UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", (task_key, seq)
+        )
+
+    def unwritten_events(self) -> list[JournaledEvent]:
+        rows = self._db.execute(
+            "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
+        ).fetchall()
+        return [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
+
+    def events(self, task_key: str) -> list[dict[str, Any]]:
+        """Every journaled event of a task, in order (for inspection and tests)."""
+        rows = self._db.execute(
+            "SELECT body FROM events WHERE task_key = ? ORDER BY seq", (task_key,)
+        ).fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
+        with self._tx():
+            self._db.executemany(
+                "UPDATE tasks SET polls = ? WHERE task_key = ?", ((n, k) for k, n in polls)
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def open_store(path: str) -> Store:
+    """The store for `state.path`."""
+    return SqliteStore(path)
