@@ -277,16 +277,35 @@ def apply_env_overrides(
     return out, names, problems
 
 
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        if isinstance(value, Mapping) and isinstance(below, dict):
+            out[key] = _deep_merge(below, value)
+        else:
+            out[key] = value
+    return out
+
+
 def parse_config(
-    raw: object, environ: Mapping[str, str] | None = None, source: str | None = None
+    raw: object,
+    environ: Mapping[str, str] | None = None,
+    source: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Validate a decoded YAML document (plus env overrides) into a Config or raise ConfigError."""
+    """Validate a decoded YAML document into a Config or raise ConfigError.
+
+    Precedence: the document, then `ENKWATCH_*` variables, then `overrides` (command line).
+    """
     environ = os.environ if environ is None else environ
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"(top level): must be a mapping, not {type(raw).__name__}"], source)
     merged, env_names, problems = apply_env_overrides(raw, environ)
+    if overrides:
+        merged = _deep_merge(merged, overrides)
     problems += _inline_secret_problems(merged)
     if problems:
         # an inline secret must not reach pydantic, whose messages could quote it

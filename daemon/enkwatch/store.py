@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
     written INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task_key, seq)
 );
-CREATE INDEX IF NOT EXISTS events_unwritten ON events (rowid) WHERE written = 0;
+CREATE INDEX IF NOT EXISTS events_unwritten ON events (written) WHERE written = 0;
 """
 
 

@@ -1,0 +1,267 @@
+"""argv -> settings -> logging -> asyncio.run -> exit code: the only place errors meet exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, Final
+
+from enkwatch import __version__
+from enkwatch import events as ev
+from enkwatch.config import (
+    CONFIG_PATH_ENV,
+    Config,
+    load_api_key,
+    load_config,
+    normalized_watch_list,
+    parse_config,
+)
+from enkwatch.errors import ConfigError, PollError
+from enkwatch.service import (
+    EXIT_OK,
+    EXIT_USAGE,
+    Service,
+    fetch_status,
+    status_exit_code,
+)
+
+# an internal error (a bug): not one of the contract's codes; EX_SOFTWARE of sysexits.h
+EXIT_INTERNAL: Final = 70
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # exit 2 with one line, as for any bad usage
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default=default,
+        help="json (default when stdout is not a terminal) or console",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error", "critical"),
+        default=default if not top else "info",
+        help="the lowest level written (default info)",
+    )
+
+
+class _TaskArg(argparse.Action):
+    """--task-id/--dataset in the order given, one task each."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        items = list(getattr(namespace, "targets", None) or [])
+        items.append((self.dest, values))
+        namespace.targets = items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of CONTRACT §2."""
+    parser = _Parser(prog="enkwatch", description="Watch Enkrypt AI dataset-generation tasks.")
+    parser.add_argument("--version", action="version", version=f"enkwatch {__version__}")
+    _common_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="the daemon, on a config file")
+    run.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+    run.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="exit once every task is terminal or given up, with the exit code of the outcome",
+    )
+
+    watch = sub.add_parser("watch", help="watch tasks until done, without a config file")
+    _task_options(watch)
+    watch.add_argument("--interval", type=float, help="seconds between polls of a task")
+    watch.add_argument("--deadline", type=float, help="give up after this many seconds")
+
+    status = sub.add_parser("status", help="one request: print the task as JSON")
+    _task_options(status)
+
+    check = sub.add_parser("check-config", help="validate a config and print the watch list")
+    check.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+
+    sim = sub.add_parser("simulate", help="a local simulated Enkrypt API")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--scenario", help="a scenario YAML (default: the built-in one)")
+
+    sub.add_parser("demo", help="the simulator and the daemon on the bundled demo config")
+
+    for child in (run, watch, status, check, sim, sub.choices["demo"]):
+        _common_options(child, top=False)
+    return parser
+
+
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-id", dest="task_id", action=_TaskArg, metavar="ID")
+    parser.add_argument("--dataset", dest="dataset", action=_TaskArg, metavar="NAME")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console command; returns the exit code (and `sys.exit`s it from the entry point)."""
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    log_format = args.log_format or ("console" if sys.stdout.isatty() else "json")
+    ev.configure_logging(log_format, args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"enkwatch: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported, not hidden
+        print("enkwatch: internal error, please report it:", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "run":
+        config = load_config(_config_path(args))
+        return asyncio.run(_run_service(config, exit_when_done=args.exit_when_done))
+    if command == "watch":
+        config = _adhoc_config(args, need_tasks=True)
+        return asyncio.run(_run_service(config, exit_when_done=True))
+    if command == "status":
+        return asyncio.run(_status(args))
+    if command == "check-config":
+        return _check_config(args)
+    if command == "simulate":
+        return asyncio.run(_simulate(args))
+    if command == "demo":
+        from enkwatch.demo import run_demo
+
+        return asyncio.run(run_demo())
+    raise AssertionError(command)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path: str | None = args.config or os.environ.get(CONFIG_PATH_ENV)
+    if not path:
+        raise ConfigError([f"no config file: pass --config PATH or set ${CONFIG_PATH_ENV}"])
+    return path
+
+
+def _adhoc_config(args: argparse.Namespace, need_tasks: bool) -> Config:
+    targets: list[tuple[str, str]] = getattr(args, "targets", None) or []
+    if need_tasks and not targets:
+        raise ConfigError(["give at least one --task-id ID or --dataset NAME"])
+    tasks: list[dict[str, Any]] = [{kind: value} for kind, value in targets]
+    overrides: dict[str, Any] = {}
+    if getattr(args, "interval", None) is not None:
+        overrides["polling"] = {"interval_seconds": args.interval}
+    if getattr(args, "deadline", None) is not None:
+        for task in tasks:
+            task["deadline_seconds"] = args.deadline
+    overrides["tasks"] = tasks
+    raw: dict[str, Any] = {"state": {"path": ":memory:"}}
+    try:
+        return parse_config(raw, os.environ, source="the command line", overrides=overrides)
+    except ConfigError as err:
+        names = {"task_id": "--task-id", "dataset": "--dataset"}
+        problems = []
+        for problem in err.problems:
+            for i, (kind, _) in enumerate(targets):
+                prefix = f"tasks[{i}]"
+                if problem.startswith(prefix):
+                    problem = f"argument {i + 1} ({names[kind]}){problem[len(prefix) :]}"
+            problems.append(problem.replace("polling.interval_seconds", "--interval"))
+        raise ConfigError(problems, "the command line") from None
+
+
+async def _run_service(config: Config, exit_when_done: bool) -> int:
+    api_key = load_api_key(config)
+    service = Service(config, api_key, exit_when_done=exit_when_done)
+    return await service.run()
+
+
+async def _status(args: argparse.Namespace) -> int:
+    targets: list[tuple[str, str]] = getattr(args, "targets", None) or []
+    kinds = {kind for kind, _ in targets}
+    if not targets or len(targets) != len(kinds):
+        raise ConfigError(["status takes one task: --task-id ID and/or --dataset NAME"])
+    config = _adhoc_config(args, need_tasks=True)
+    api_key = load_api_key(config)
+    task = config.tasks[0]
+    try:
+        obs = await fetch_status(config, api_key, task.task_id, task.dataset)
+    except PollError as err:
+        print(f"enkwatch: {task.key}: {err.kind}: {err.detail}", file=sys.stderr)
+        return status_exit_code(err)
+    print(json.dumps(obs.data, indent=2, ensure_ascii=False), flush=True)
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args))
+    out = {
+        "api": config.api.model_dump(mode="json"),
+        "polling": config.polling.model_dump(mode="json"),
+        "state": config.state.model_dump(mode="json"),
+        "admin": config.admin.model_dump(mode="json"),
+        "sinks": config.sinks.model_dump(mode="json"),
+        "tasks": normalized_watch_list(config),
+    }
+    print(json.dumps(out, indent=2, ensure_ascii=False), flush=True)
+    return EXIT_OK
+
+
+async def _simulate(args: argparse.Namespace) -> int:
+    from enkwatch.simulator import default_scenario, load_scenario, serve
+
+    scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def ready(port: int) -> None:
+        ev.log(
+            "simulator.listening",
+            host=args.host,
+            port=port,
+            url=f"http://{args.host}:{port}",
+            tasks=len(scenario.tasks),
+        )
+
+    await serve(args.host, args.port, scenario, stop, ready)
+    return EXIT_OK

@@ -1,0 +1,276 @@
+"""One poll of one task: client -> state -> events; backoff, deadlines, not-found counting."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from enkwatch import events as ev
+from enkwatch.clock import Clock
+from enkwatch.config import PollingConfig, TaskConfig
+from enkwatch.errors import AuthError, NotFound, PollError, TransientPollError, UnauthorizedAnswer
+from enkwatch.models import FAILED, Observation
+from enkwatch.store import Store, TaskRecord
+
+# "retried once for the same task within about a second"
+AUTH_CONFIRM_DELAY_S: Final = 1.0
+# a poll this close to the deadline counts as at the deadline (timers fire a little early)
+DEADLINE_SLACK_S: Final = 0.05
+GAVE_UP_PREFIX: Final = "gave_up:"
+
+EventHook = Callable[["TaskWatch", dict[str, Any]], None]
+
+
+class TaskClient(Protocol):
+    """What the poller needs of the API client."""
+
+    async def get_task(self, task_id: str | None, dataset: str | None) -> Observation: ...
+
+
+@dataclass(slots=True, eq=False)
+class TaskWatch:
+    """A watched task: its config, its durable record, and what lives only in memory."""
+
+    key: str
+    task_id: str | None
+    dataset: str | None
+    labels: dict[str, str]
+    interval_s: float
+    deadline_s: float | None
+    record: TaskRecord
+    source: str = "config"
+    failures: int = 0
+    not_found: int = 0
+    last_error: str | None = None
+    next_due: float | None = None
+    # the scheduler's generation of this task's heap entry (lazy deletion)
+    sched_gen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(
+        cls, task: TaskConfig, polling: PollingConfig, record: TaskRecord, source: str = "config"
+    ) -> TaskWatch:
+        return cls(
+            key=task.key,
+            task_id=task.task_id,
+            dataset=task.dataset,
+            labels=dict(task.labels),
+            interval_s=task.interval_seconds or polling.interval_seconds,
+            deadline_s=task.deadline_seconds,
+            record=record,
+            source=source,
+        )
+
+    @property
+    def done(self) -> bool:
+        """Terminal or given up: never polled again."""
+        return self.record.outcome is not None
+
+    @property
+    def gave_up(self) -> bool:
+        return (self.record.outcome or "").startswith(GAVE_UP_PREFIX)
+
+    @property
+    def failed(self) -> bool:
+        return self.record.outcome == FAILED
+
+
+class Poller:
+    """Polls one task once and turns the answer into state and events."""
+
+    def __init__(
+        self,
+        client: TaskClient,
+        store: Store,
+        clock: Clock,
+        polling: PollingConfig,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._clock = clock
+        self._polling = polling
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self.hooks: list[EventHook] = []
+
+    # -- the poll ---------------------------------------------------------------------
+
+    async def poll(self, task: TaskWatch) -> float | None:
+        """Poll `task` once; the seconds until its next poll, or None when it is done.
+
+        Raises AuthError when the API confirms that it rejects the key.
+        """
+        try:
+            obs = await self._request(task)
+        except NotFound as err:
+            return self._not_found(task, err)
+        except PollError as err:
+            return self._failed(task, err)
+        return self._observed(task, obs)
+
+    async def _request(self, task: TaskWatch) -> Observation:
+        task.record.polls += 1
+        try:
+            return await self._client.get_task(task.task_id, task.dataset)
+        except UnauthorizedAnswer as first:
+            await self._sleep(AUTH_CONFIRM_DELAY_S)
+            task.record.polls += 1
+            try:
+                obs = await self._client.get_task(task.task_id, task.dataset)
+            except UnauthorizedAnswer as second:
+                raise AuthError(second.http_status or 401) from None
+            except PollError:
+                self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
+                raise
+            self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
+            return obs
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def _observed(self, task: TaskWatch, obs: Observation) -> float | None:
+        rec = task.record
+        task.failures = 0
+        task.not_found = 0
+        task.last_error = None
+        rec.seen_dataset = obs.dataset_name
+        rec.seen_task_id = obs.task_id
+        if obs.known:
+            if obs.status != rec.last_status:
+                previous = rec.last_status
+                rec.last_status = obs.status
+                rec.last_unknown_status = None
+                if obs.terminal:
+                    rec.outcome = obs.status
+                self._emit(
+                    task,
+                    ev.TASK_TRANSITION,
+                    ev.WARNING if obs.status == FAILED else ev.INFO,
+                    previous_status=previous,
+                    status=obs.status,
+                    terminal=obs.terminal,
+                    polls=rec.polls,
+                    created_at=obs.created_at,
+                    started_at=obs.started_at,
+                    watched_seconds=round(self._watched_s(task), 3),
+                )
+            if obs.terminal:
+                return None
+        elif obs.status != rec.last_unknown_status:
+            rec.last_unknown_status = obs.status
+            self._emit(task, ev.TASK_UNKNOWN_STATUS, ev.WARNING, status=obs.status)
+        return self._within_deadline(task, self.next_interval(task))
+
+    def _not_found(self, task: TaskWatch, err: NotFound) -> float | None:
+        task.not_found += 1
+        if task.not_found >= self._polling.not_found_attempts:
+            task.failures += 1
+            task.last_error = err.kind
+            self._give_up(task, ev.GAVE_UP_NOT_FOUND)
+            return None
+        not_found = task.not_found
+        delay = self._failed(task, err)
+        task.not_found = not_found  # _failed resets it for other errors
+        return delay
+
+    def _failed(self, task: TaskWatch, err: PollError) -> float | None:
+        task.failures += 1
+        task.not_found = 0
+        task.last_error = err.kind
+        delay = self.backoff(task)
+        if isinstance(err, TransientPollError) and err.retry_after_s is not None:
+            delay = max(delay, err.retry_after_s)
+        delay_or_none = self._within_deadline(task, delay)
+        if delay_or_none is not None:
+            self._report_failure(task, err, delay_or_none, counted=True)
+        return delay_or_none
+
+    def _report_failure(
+        self, task: TaskWatch, err: PollError, retry_in_s: float, counted: bool = False
+    ) -> None:
+        if not counted:
+            task.failures += 1
+            task.last_error = err.kind
+        self._emit(
+            task,
+            ev.TASK_POLL_FAILED,
+            ev.WARNING,
+            error=err.kind,
+            http_status=err.http_status,
+            detail=err.detail,
+            attempt=task.failures,
+            retry_in_seconds=round(retry_in_s, 3),
+        )
+
+    def _give_up(self, task: TaskWatch, reason: str) -> None:
+        task.record.outcome = GAVE_UP_PREFIX + reason
+        self._emit(
+            task,
+            ev.TASK_GAVE_UP,
+            ev.ERROR,
+            reason=reason,
+            last_status=task.record.last_status,
+            polls=task.record.polls,
+            watched_seconds=round(self._watched_s(task), 3),
+        )
+
+    # -- timing -------------------------------------------------------------------------
+
+    def next_interval(self, task: TaskWatch) -> float:
+        """interval x (1 + u), u uniform in [-jitter, +jitter]."""
+        jitter = self._polling.jitter
+        return task.interval_s * (1.0 + self._rng.uniform(-jitter, jitter))
+
+    def backoff(self, task: TaskWatch) -> float:
+        """Full jitter: uniform in [0, min(max_backoff, interval x 2^attempt)], floored."""
+        exponent = min(task.failures, 32)
+        ceiling = min(self._polling.max_backoff_seconds, task.interval_s * 2.0**exponent)
+        # never hammer: at least a tenth of the ceiling
+        return max(self._rng.uniform(0.0, ceiling), ceiling / 10.0)
+
+    def _watched_s(self, task: TaskWatch) -> float:
+        return max(0.0, self._clock.now().timestamp() - task.record.watch_started_at)
+
+    def deadline_remaining(self, task: TaskWatch) -> float | None:
+        if task.deadline_s is None:
+            return None
+        return task.record.watch_started_at + task.deadline_s - self._clock.now().timestamp()
+
+    def _within_deadline(self, task: TaskWatch, delay: float) -> float | None:
+        remaining = self.deadline_remaining(task)
+        if remaining is None:
+            return delay
+        if remaining <= DEADLINE_SLACK_S:
+            self._give_up(task, ev.GAVE_UP_DEADLINE)
+            return None
+        return min(delay, remaining)
+
+    # -- events -------------------------------------------------------------------------
+
+    def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
+        """Journal the event with the task's new state, then write it out."""
+        rec = task.record
+        rec.seq += 1
+        body: dict[str, Any] = {
+            "timestamp": ev.rfc3339(self._clock.now()),
+            "level": level,
+            "event": name,
+            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
+            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "task_key": task.key,
+            "seq": rec.seq,
+            "event_id": f"{task.key}:{rec.seq}",
+        }
+        if task.labels:
+            body["labels"] = task.labels
+        body.update(fields)
+        self._store.record_event(rec, body)
+        ev.emit(body)
+        self._store.mark_written(task.key, rec.seq)
+        for hook in self.hooks:
+            hook(task, body)
