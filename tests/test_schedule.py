@@ -1,0 +1,232 @@
+"""The heap scheduler: due times, admission control, pauses, and the APScheduler wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from enkwatch.clock import FakeClock, SystemClock
+from enkwatch.config import PollingConfig, TaskConfig
+from enkwatch.schedule import (
+    DISPATCH_SLACK_S,
+    ApschedulerWakeup,
+    ManualWakeup,
+    PollScheduler,
+    make_apscheduler,
+)
+from enkwatch.store import TaskRecord
+from enkwatch.watch import TaskWatch
+
+POLLING = PollingConfig()
+
+
+def make_task(name: str) -> TaskWatch:
+    cfg = TaskConfig(task_id=name)
+    return TaskWatch.from_config(cfg, POLLING, TaskRecord(name, name, None, 0.0))
+
+
+class FakePolls:
+    """Each poll waits until the test resolves it with a delay (or None, or an exception)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, asyncio.Future[float | None]] = {}
+        self.started: list[str] = []
+
+    async def poll(self, task: TaskWatch) -> float | None:
+        fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self.pending[task.key] = fut
+        self.started.append(task.key)
+        return await fut
+
+    async def finish(self, key: str, delay: float | None) -> None:
+        self.pending.pop(key).set_result(delay)
+        await settle()
+
+    async def fail(self, key: str, exc: BaseException) -> None:
+        self.pending.pop(key).set_exception(exc)
+        await settle()
+
+
+async def settle() -> None:
+    # let done-callbacks and the polls they start run; no wall-clock time passes
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Rig:
+    def __init__(self, max_in_flight: int = 2) -> None:
+        self.clock = FakeClock()
+        self.polls = FakePolls()
+        self.done: list[str] = []
+        self.crashes: list[BaseException] = []
+        self.pause = 0.0
+        self.sched = PollScheduler(
+            self.polls.poll,
+            self.clock,
+            max_in_flight,
+            on_task_done=lambda t: self.done.append(t.key),
+            on_crash=self.crashes.append,
+            paused_for=lambda: self.pause,
+        )
+        self.wakeup = ManualWakeup()
+        self.sched.wakeup = self.wakeup
+
+    async def tick(self, seconds: float = 0.0) -> None:
+        self.clock.advance(seconds)
+        self.wakeup.armed = None
+        self.sched.dispatch()
+        await settle()
+
+
+async def test_nothing_starts_before_it_is_due() -> None:
+    rig = Rig()
+    now = rig.clock.monotonic()
+    rig.sched.add(make_task("a"), due=now + 10)
+    assert rig.wakeup.armed == now + 10
+    await rig.tick(9)
+    assert rig.polls.started == []
+    await rig.tick(1)
+    assert rig.polls.started == ["a"]
+
+
+async def test_earliest_due_first() -> None:
+    rig = Rig(max_in_flight=1)
+    now = rig.clock.monotonic()
+    for name, due in (("c", 3), ("a", 1), ("b", 2)):
+        rig.sched.add(make_task(name), due=now + due)
+    await rig.tick(5)
+    for name in ("a", "b", "c"):
+        assert rig.polls.started[-1] == name
+        await rig.polls.finish(name, 100)
+    assert rig.polls.started == ["a", "b", "c"]
+
+
+async def test_slack_starts_polls_due_a_moment_later_together() -> None:
+    rig = Rig(max_in_flight=10)
+    now = rig.clock.monotonic()
+    rig.sched.add(make_task("a"), due=now)
+    rig.sched.add(make_task("b"), due=now + DISPATCH_SLACK_S / 2)
+    rig.sched.add(make_task("c"), due=now + 1)
+    await rig.tick()
+    assert rig.polls.started == ["a", "b"]
+
+
+async def test_admission_control_caps_in_flight_and_refills_at_once() -> None:
+    rig = Rig(max_in_flight=2)
+    for name in "abcde":
+        rig.sched.add(make_task(name))
+    await rig.tick()
+    assert rig.polls.started == ["a", "b"]
+    assert len(rig.sched.in_flight) == 2
+    # a finished poll starts the next due task without waiting for a timer
+    await rig.polls.finish("a", 30)
+    assert rig.polls.started == ["a", "b", "c"]
+    assert len(rig.sched.in_flight) == 2
+    assert len(rig.sched) == 3  # d, e waiting as heap entries, a rescheduled
+
+
+async def test_finished_poll_is_rescheduled_after_its_delay() -> None:
+    rig = Rig()
+    task = make_task("a")
+    rig.sched.add(task)
+    await rig.tick()
+    await rig.polls.finish("a", 30)
+    assert task.next_due == pytest.approx(rig.clock.monotonic() + 30)
+    await rig.tick(29)
+    assert rig.polls.started == ["a"]
+    await rig.tick(1)
+    assert rig.polls.started == ["a", "a"]
+
+
+async def test_a_done_task_is_never_polled_again() -> None:
+    rig = Rig()
+    rig.sched.add(make_task("a"))
+    await rig.tick()
+    await rig.polls.finish("a", None)
+    assert rig.done == ["a"]
+    await rig.tick(3600)
+    assert rig.polls.started == ["a"]
+    assert len(rig.sched.in_flight) == 0
+
+
+async def test_removed_task_is_not_started_and_in_flight_result_dropped() -> None:
+    rig = Rig()
+    a, b = make_task("a"), make_task("b")
+    rig.sched.add(a)
+    rig.sched.add(b, due=rig.clock.monotonic() + 5)
+    await rig.tick()
+    rig.sched.remove(a)  # in flight
+    rig.sched.remove(b)  # queued
+    await rig.polls.finish("a", 1)
+    await rig.tick(10)
+    assert rig.polls.started == ["a"]
+    assert rig.done == []
+
+
+async def test_pause_holds_every_task_and_arms_for_its_end() -> None:
+    rig = Rig()
+    rig.sched.add(make_task("a"))
+    rig.pause = 7.0
+    await rig.tick()
+    assert rig.polls.started == []
+    assert rig.wakeup.armed == pytest.approx(rig.clock.monotonic() + 7)
+    rig.pause = 0.0
+    await rig.tick(7)
+    assert rig.polls.started == ["a"]
+
+
+async def test_a_crashing_poll_is_reported_not_swallowed() -> None:
+    rig = Rig()
+    rig.sched.add(make_task("a"))
+    await rig.tick()
+    boom = RuntimeError("bug")
+    await rig.polls.fail("a", boom)
+    assert rig.crashes == [boom]
+
+
+async def test_stop_starts_nothing_and_drain_cancels_stragglers() -> None:
+    rig = Rig()
+    rig.sched.add(make_task("a"))
+    rig.sched.add(make_task("b"), due=rig.clock.monotonic() + 1)
+    await rig.tick()
+    rig.sched.stop()
+    await rig.tick(5)
+    assert rig.polls.started == ["a"]
+    cancelled = await rig.sched.drain(0.01)
+    assert cancelled == 1
+    assert not rig.sched.in_flight
+
+
+async def test_drain_waits_for_polls_that_finish() -> None:
+    rig = Rig()
+    rig.sched.add(make_task("a"))
+    await rig.tick()
+    rig.sched.stop()
+    drain = asyncio.ensure_future(rig.sched.drain(30))
+    await settle()
+    await rig.polls.finish("a", 5)
+    assert await drain == 0
+
+
+async def test_apscheduler_wakeup_dispatches_at_the_armed_time() -> None:
+    fired = asyncio.Event()
+    clock = SystemClock()
+
+    async def poll(task: TaskWatch) -> float | None:
+        fired.set()
+        return None
+
+    sched = PollScheduler(poll, clock, 4, on_task_done=lambda t: None, on_crash=lambda e: None)
+    aps = make_apscheduler()
+    aps.start()
+    try:
+        sched.wakeup = ApschedulerWakeup(aps, sched, clock)
+        await asyncio.sleep(0)  # let the first heartbeat tick find an empty heap
+        sched.add(make_task("a"), due=clock.monotonic() + 0.05)
+        await asyncio.wait_for(fired.wait(), timeout=5)
+        jobs: list[Any] = aps.get_jobs()
+        assert [j.id for j in jobs] == ["enkwatch-dispatch"]  # one job, however many tasks
+    finally:
+        aps.shutdown(wait=False)
