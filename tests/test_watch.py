@@ -83,7 +83,7 @@ class Harness:
 
     @property
     def poller_polling(self) -> PollingConfig:
-        return self.poller._polling
+        return self.poller.polling
 
 
 @pytest.fixture(autouse=True)

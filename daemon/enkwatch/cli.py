@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from enkwatch import __version__
 from enkwatch import events as ev
+from enkwatch.admin import ADMIN_TOKEN_ENV
 from enkwatch.config import (
     CONFIG_PATH_ENV,
     Config,
@@ -31,6 +32,7 @@ from enkwatch.service import (
     fetch_status,
     status_exit_code,
 )
+from enkwatch.sinks import build_sinks
 
 # an internal error (a bug): not one of the contract's codes; EX_SOFTWARE of sysexits.h
 EXIT_INTERNAL: Final = 70
@@ -155,8 +157,9 @@ def _main(argv: list[str]) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
     if command == "run":
-        config = load_config(_config_path(args))
-        return asyncio.run(_run_service(config, exit_when_done=args.exit_when_done))
+        path = _config_path(args)
+        config = load_config(path)
+        return asyncio.run(_run_service(config, args.exit_when_done, config_path=path))
     if command == "watch":
         config = _adhoc_config(args, need_tasks=True)
         return asyncio.run(_run_service(config, exit_when_done=True))
@@ -207,9 +210,17 @@ def _adhoc_config(args: argparse.Namespace, need_tasks: bool) -> Config:
         raise ConfigError(problems, "the command line") from None
 
 
-async def _run_service(config: Config, exit_when_done: bool) -> int:
+async def _run_service(config: Config, exit_when_done: bool, config_path: str | None = None) -> int:
     api_key = load_api_key(config)
-    service = Service(config, api_key, exit_when_done=exit_when_done)
+    sinks = build_sinks(config.sinks, os.environ)
+    service = Service(
+        config,
+        api_key,
+        exit_when_done=exit_when_done,
+        config_path=config_path,
+        sinks=sinks,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+    )
     return await service.run()
 
 

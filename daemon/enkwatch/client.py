@@ -65,12 +65,20 @@ class RequestGate:
     ) -> None:
         self._clock = clock or SystemClock()
         self._sleep = sleep
+        self._limiter: AsyncLimiter | None = None
+        self.set_rate(max_requests_per_second)
+        self.paused_until = 0.0
+        self.pauses = 0
+        # for metrics: requests that had to wait, and how long all waits took together
+        self.limit_waits = 0
+        self.wait_seconds = 0.0
+
+    def set_rate(self, max_requests_per_second: float) -> None:
+        """(Re)set the limit; 0 = none."""
         # a bucket of one request spaces requests evenly: at most rate + 1 in any one-second window
         self._limiter = (
             AsyncLimiter(1, 1.0 / max_requests_per_second) if max_requests_per_second > 0 else None
         )
-        self.paused_until = 0.0
-        self.pauses = 0
 
     def pause(self, seconds: float) -> None:
         """Hold every request for `seconds` (a Retry-After from the API)."""
@@ -86,9 +94,16 @@ class RequestGate:
         """Wait for the global pause to end and for a slot in the rate limit."""
         # a loop, not an Event: another Retry-After may extend the pause while we wait
         while (wait := self.pause_remaining()) > 0:
+            self.wait_seconds += wait
             await self._sleep(wait)
         if self._limiter is not None:
-            await self._limiter.acquire()
+            if self._limiter.has_capacity():
+                await self._limiter.acquire()
+            else:
+                started = self._clock.monotonic()
+                self.limit_waits += 1
+                await self._limiter.acquire()
+                self.wait_seconds += self._clock.monotonic() - started
 
 
 class ApiClient:
@@ -155,7 +170,14 @@ class ApiClient:
             raise TransientPollError(ERR_TIMEOUT, "the request timed out") from None
         except aiohttp.ClientError as err:
             raise TransientPollError(ERR_CONNECTION, _describe(err)) from None
-        return self._classify(status, body, retry_after)
+        try:
+            return self._classify(status, body, retry_after)
+        except PollError as err:
+            # the body's error message is the server's text: it may echo the key back
+            if self._api_key in err.detail:
+                err.detail = err.detail.replace(self._api_key, "[redacted]")
+                err.args = (err.detail,)
+            raise
 
     def _classify(self, status: int, body: bytes | None, retry_after: str | None) -> Observation:
         """The one place where an answer becomes an Observation or a typed error."""

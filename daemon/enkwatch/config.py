@@ -20,7 +20,27 @@ CONFIG_PATH_ENV = "ENKWATCH_CONFIG"
 DEFAULT_BASE_URL = "https://api.enkryptai.com"
 # keys a user might write an API key under; refused without echoing the value
 _INLINE_KEY_NAMES = frozenset({"api_key", "apikey", "key", "token", "secret"})
-_UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1: every Unicode control character (category Cc)
+_UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
+
+# the events a webhook can select (names as in CONTRACT §5; config imports nothing of ours)
+WEBHOOK_EVENTS = frozenset(
+    {
+        "task.transition",
+        "task.poll_failed",
+        "task.unknown_status",
+        "task.gave_up",
+        "api.auth_failed",
+        "config.reloaded",
+        "config.reload_failed",
+        "daemon.started",
+        "daemon.all_done",
+        "daemon.stopping",
+        "daemon.stopped",
+        "sink.delivery_failed",
+    }
+)
 
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -110,7 +130,32 @@ class WebhookConfig(_Model):
 
     url: str
     secret_env: str | None = None
-    events: list[str] = Field(default_factory=list)
+    events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
+    name: str | None = None
+    timeout_seconds: PositiveSeconds = 10.0
+    max_age_seconds: PositiveSeconds = 86400.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # the URL itself is not echoed: webhook URLs often embed a token
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _check_events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e != "*" and e not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(
+                f"unknown event(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(sorted(WEBHOOK_EVENTS))} or '*'"
+            )
+        if not value:
+            raise ValueError("select at least one event (or '*' for all)")
+        return value
 
 
 class SinksConfig(_Model):
@@ -184,14 +229,45 @@ def key_path(loc: Sequence[int | str]) -> str:
     return out or "(top level)"
 
 
-def _loc_problems(err: ValidationError, env_names: Mapping[str, str]) -> list[str]:
+_ABSENT = object()
+
+
+def _child(node: object, part: int | str) -> object:
+    if isinstance(node, Mapping):
+        return node.get(part, _ABSENT)
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return _ABSENT
+
+
+def _user_loc(loc: Sequence[int | str], raw: object) -> list[int | str]:
+    """The part of a pydantic `loc` that names the user's keys and list items."""
+    out: list[int | str] = []
+    node: object = raw
+    for part in loc:
+        node = _child(node, part)
+        # pydantic's internal tag for a union or validator ("function-after[...]") is no
+        # key of the document; a user's key with "[" in it is found in the document
+        if node is _ABSENT and isinstance(part, str) and "[" in part:
+            continue
+        out.append(part)
+    return out
+
+
+def _env_origin(path: str, env_names: Mapping[str, str]) -> str | None:
+    """The variable that set `path`, or that created the section `path` (an unknown key)."""
+    if path in env_names:
+        return env_names[path]
+    below = sorted(v for p, v in env_names.items() if p.startswith((f"{path}.", f"{path}[")))
+    return ", ".join(below) or None
+
+
+def _loc_problems(err: ValidationError, env_names: Mapping[str, str], raw: object) -> list[str]:
     problems = []
     for item in err.errors(include_input=False, include_url=False):
-        # drop pydantic's internal tags for unions and validators ("function-after[...]")
-        loc = [p for p in item["loc"] if isinstance(p, int) or "[" not in p]
-        path = key_path(loc)
+        path = key_path(_user_loc(item["loc"], raw))
         msg = item["msg"].removeprefix("Value error, ")
-        origin = env_names.get(path)
+        origin = _env_origin(path, env_names)
         problems.append(f"{path}{f' (from {origin})' if origin else ''}: {msg}")
     return problems
 
@@ -237,10 +313,19 @@ def _inline_secret_problems(raw: Mapping[str, Any]) -> list[str]:
 
 
 def _parse_env_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
-        return text
+    # a scalar stays text and pydantic types it ("60" -> 60.0), so a string setting keeps
+    # its exact value (YAML would turn ":memory:" into a mapping and "off" into False);
+    # a YAML flow collection ("[a, b]", "{k: v}") sets a list or a mapping
+    if text.strip() in _YAML_NULLS:
+        return None
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, list | dict):
+            return value
+    return text
 
 
 def apply_env_overrides(
@@ -322,10 +407,23 @@ def parse_config(
     try:
         config = Config.model_validate(merged)
     except ValidationError as err:
-        problems += _loc_problems(err, env_names)
+        problems += _loc_problems(err, env_names, merged)
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def validate_task_entry(entry: object, where: str = "") -> TaskConfig:
+    """One config-style task entry (e.g. a POST /tasks body) or ConfigError with key paths."""
+    if not isinstance(entry, dict):
+        raise ConfigError([f"{where or '(body)'}: must be an object, not {type(entry).__name__}"])
+    try:
+        return TaskConfig.model_validate(entry)
+    except ValidationError as err:
+        problems = _loc_problems(err, {}, entry)
+        if where:
+            problems = [f"{where}.{p}" if not p.startswith("(") else p for p in problems]
+        raise ConfigError(problems) from None
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

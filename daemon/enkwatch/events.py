@@ -24,6 +24,7 @@ CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
 DAEMON_ALL_DONE: Final = "daemon.all_done"
 DAEMON_STOPPING: Final = "daemon.stopping"
 DAEMON_STOPPED: Final = "daemon.stopped"
+SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
 
 # levels
 INFO: Final = "info"

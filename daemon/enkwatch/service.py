@@ -1,24 +1,37 @@
-"""Assembling the daemon: start-up, the run, and ordered shutdown."""
+"""Assembling the daemon: start-up, the run, reload, the admin backend, ordered shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from typing import Final
+from datetime import timedelta
+from typing import Any, Final
+
+import orjson
 
 from enkwatch import __version__
 from enkwatch import events as ev
+from enkwatch.admin import TaskExists, build_admin_app, start_admin
 from enkwatch.client import ApiClient, RequestGate
 from enkwatch.clock import Clock, SystemClock
-from enkwatch.config import Config
-from enkwatch.errors import AuthError, ConfigError, EnkwatchError, NotFound, UnauthorizedAnswer
+from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
+from enkwatch.errors import (
+    AuthError,
+    ConfigError,
+    EnkwatchError,
+    NotFound,
+    UnauthorizedAnswer,
+)
+from enkwatch.metrics import Metrics
 from enkwatch.models import FAILED, FINISHED, Observation
 from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
-from enkwatch.store import StateError, Store, TaskRecord, open_store
+from enkwatch.sinks import Outbox, Sink
+from enkwatch.store import OutboxRow, StateError, Store, TaskRecord, open_store
 from enkwatch.watch import Poller, TaskWatch
 
 EXIT_OK: Final = 0
@@ -30,13 +43,22 @@ EXIT_UNREACHABLE: Final = 5
 
 # Docker gives 10 s between SIGTERM and SIGKILL: drain in-flight polls for at most this long
 MAX_DRAIN_S: Final = 5.0
+# with --exit-when-done, wait this long at most for the webhook outbox to empty
+OUTBOX_FLUSH_S: Final = 10.0
 CHECKPOINT_EVERY_S: Final = 10.0
+CONFIG_CHECK_EVERY_S: Final = 2.0
+WATCHDOG_EVERY_S: Final = 1.0
+# /healthz fails when the scheduler's watchdog job has not run for this long
+STALL_LIMIT_S: Final = 15.0
 
 REASON_SIGNAL: Final = "signal"
 REASON_ALL_DONE: Final = "all_done"
 REASON_AUTH: Final = "auth_failed"
 REASON_CRASH: Final = "internal_error"
 REASON_STOP: Final = "stop_requested"
+
+SOURCE_CONFIG: Final = "config"
+SOURCE_API: Final = "api"
 
 
 def exit_code(tasks: Iterable[TaskWatch], auth_failed: bool) -> int:
@@ -51,8 +73,18 @@ def exit_code(tasks: Iterable[TaskWatch], auth_failed: bool) -> int:
     return EXIT_OK
 
 
+def _file_signature(path: str) -> tuple[int, int, int, int, str] | None:
+    """What changes when a config file is edited or swapped (also a ConfigMap symlink swap)."""
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_dev, st.st_size, real)
+
+
 class Service:
-    """The daemon: owns the store, the HTTP session, the schedulers, and their lifecycle."""
+    """The daemon: owns the store, the HTTP sessions, the schedulers, and their lifecycle."""
 
     def __init__(
         self,
@@ -60,22 +92,35 @@ class Service:
         api_key: str,
         *,
         exit_when_done: bool = False,
+        config_path: str | None = None,
+        sinks: Sequence[Sink] = (),
+        admin_token: str | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self._api_key = api_key
         self.exit_when_done = exit_when_done
+        self.config_path = config_path
+        self._sinks = list(sinks)
+        self._admin_token = admin_token
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.tasks: dict[str, TaskWatch] = {}
+        self.metrics = Metrics()
         self.auth_failed = False
         self.ready = asyncio.Event()
+        self.admin_port: int | None = None
         self._stop = asyncio.Event()
         self._stop_reason = REASON_STOP
         self._crash: BaseException | None = None
+        self._beat = self.clock.monotonic()
+        self._config_sig = _file_signature(config_path) if config_path else None
         self.scheduler: PollScheduler | None = None
         self.store: Store | None = None
+        self.outbox: Outbox | None = None
+        self._gate: RequestGate | None = None
+        self._poller: Poller | None = None
 
     # -- control -------------------------------------------------------------------------
 
@@ -92,6 +137,9 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop, f"{REASON_SIGNAL}:{sig.name}")
                 installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            installed.append(signal.SIGHUP)
         return installed
 
     # -- the run -------------------------------------------------------------------------
@@ -109,11 +157,21 @@ class Service:
                 raise ConfigError([f"state.path: {err}"]) from None
             self.store = store
             stack.callback(store.close)
+            outbox = Outbox(
+                store,
+                self._sinks,
+                self.clock,
+                on_result=lambda s, o: self.metrics.deliveries.labels(s.id, o).inc(),
+                on_dead=self._dead_letter,
+                rng=self._rng,
+            )
+            self.outbox = outbox
             self._replay(store)
             self._load_tasks(store)
 
             polling = self.config.polling
             gate = RequestGate(polling.max_requests_per_second, self.clock)
+            self._gate = gate
             client = await stack.enter_async_context(
                 ApiClient(
                     self.config.api.base_url,
@@ -125,6 +183,11 @@ class Service:
                 )
             )
             poller = Poller(client, store, self.clock, polling, self._rng)
+            poller.observe_poll = self.metrics.observe_poll
+            poller.sinks_for = outbox.sinks_for
+            poller.hooks.append(self.metrics.observe_event)
+            poller.hooks.append(lambda task, body: outbox.notify())
+            self._poller = poller
             sched = PollScheduler(
                 poller.poll,
                 self.clock,
@@ -134,15 +197,33 @@ class Service:
                 paused_for=gate.pause_remaining,
             )
             self.scheduler = sched
+            self.metrics.bind(
+                tasks=self.tasks.values,
+                gate=lambda: self._gate,
+                in_flight=lambda: len(sched.in_flight),
+                outbox=store.outbox_stats,
+            )
+            await outbox.start()
+            stack.push_async_callback(outbox.close)
             aps = make_apscheduler()
             aps.start()
             stack.callback(aps.shutdown, wait=False)
             sched.wakeup = ApschedulerWakeup(aps, sched, self.clock)
-            aps.add_job(
-                self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="enkwatch-checkpoint"
-            )
+            aps.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="checkpoint")
+            aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")
+            if self.config_path:
+                aps.add_job(
+                    self._check_config_file,
+                    "interval",
+                    seconds=CONFIG_CHECK_EVERY_S,
+                    id="config-watch",
+                )
+            if (listen := self.config.admin.host_port) is not None:
+                app = build_admin_app(self, self._admin_token)
+                runner, self.admin_port = await start_admin(app, *listen)
+                stack.push_async_callback(runner.cleanup)
 
-            ev.log(ev.DAEMON_STARTED, version=__version__, tasks=len(self.tasks))
+            self._log(ev.DAEMON_STARTED, version=__version__, tasks=len(self.tasks))
             for task in self.tasks.values():
                 if not task.done:
                     sched.add(task)
@@ -151,20 +232,35 @@ class Service:
 
             await self._stop.wait()
             reason = self._stop_reason
-            ev.log(ev.DAEMON_STOPPING, reason=reason)
+            self._log(ev.DAEMON_STOPPING, reason=reason)
             sched.stop()
             aps.pause()
             cancelled = await sched.drain(min(self.config.api.timeout_seconds, MAX_DRAIN_S))
             self._checkpoint_now()
-            stack.push_async_callback(self._log_stopped, reason, cancelled)
+            if reason == REASON_ALL_DONE:
+                await outbox.wait_idle(OUTBOX_FLUSH_S)
+            stack.callback(self._log, ev.DAEMON_STOPPED, reason=reason, cancelled_polls=cancelled)
         if self._crash is not None:
             raise self._crash
         if reason.startswith(REASON_SIGNAL) or reason == REASON_STOP:
             return EXIT_AUTH if self.auth_failed else EXIT_OK
         return exit_code(self.tasks.values(), self.auth_failed)
 
-    async def _log_stopped(self, reason: str, cancelled: int) -> None:
-        ev.log(ev.DAEMON_STOPPED, reason=reason, cancelled_polls=cancelled)
+    def _log(self, name: str, level: str = ev.INFO, **fields: Any) -> None:
+        """An event that is not about a task: written, counted, and queued for webhooks."""
+        body: dict[str, Any] = {
+            "timestamp": ev.rfc3339(self.clock.now()),
+            "level": level,
+            "event": name,
+            **fields,
+        }
+        ev.emit(body)
+        self.metrics.observe_event(None, body)
+        if self.outbox is not None and self.store is not None:
+            sinks = self.outbox.sinks_for(name)
+            if sinks:
+                self.store.enqueue(sinks, body)
+                self.outbox.notify()
 
     def _replay(self, store: Store) -> None:
         """Write again every event that was journaled but not confirmed written."""
@@ -174,13 +270,24 @@ class Service:
 
     def _load_tasks(self, store: Store) -> None:
         records = store.load_tasks()
-        now = self.clock.now().timestamp()
         for cfg in self.config.tasks:
-            record = records.get(cfg.key)
-            if record is None:
-                record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
-                store.add_task(record)
-            self.tasks[cfg.key] = TaskWatch.from_config(cfg, self.config.polling, record)
+            self.tasks[cfg.key] = self._watch_for(cfg, SOURCE_CONFIG, records.get(cfg.key))
+        # tasks added through the admin API survive restarts
+        for key, record in records.items():
+            if record.spec is not None and key not in self.tasks:
+                try:
+                    cfg = validate_task_entry(record.spec)
+                except ConfigError:
+                    continue
+                self.tasks[key] = self._watch_for(cfg, SOURCE_API, record)
+
+    def _watch_for(self, cfg: TaskConfig, source: str, record: TaskRecord | None) -> TaskWatch:
+        if record is None:
+            now = self.clock.now().timestamp()
+            record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+            assert self.store is not None
+            self.store.add_task(record)
+        return TaskWatch.from_config(cfg, self.config.polling, record, source)
 
     # -- callbacks from the scheduler ------------------------------------------------------
 
@@ -192,7 +299,7 @@ class Service:
             return
         if all(t.done for t in self.tasks.values()):
             tasks = self.tasks.values()
-            ev.log(
+            self._log(
                 ev.DAEMON_ALL_DONE,
                 finished=sum(1 for t in tasks if t.record.outcome == FINISHED),
                 failed=sum(1 for t in tasks if t.record.outcome == FAILED),
@@ -204,11 +311,8 @@ class Service:
         if isinstance(exc, AuthError):
             if not self.auth_failed:
                 self.auth_failed = True
-                ev.log(
-                    ev.API_AUTH_FAILED,
-                    ev.CRITICAL,
-                    http_status=exc.http_status,
-                    hint=ev.AUTH_HINT,
+                self._log(
+                    ev.API_AUTH_FAILED, ev.CRITICAL, http_status=exc.http_status, hint=ev.AUTH_HINT
                 )
             self.request_stop(REASON_AUTH)
             return
@@ -216,12 +320,199 @@ class Service:
             self._crash = exc
         self.request_stop(REASON_CRASH)
 
+    def _dead_letter(self, sink: Sink, row: OutboxRow, error: str) -> None:
+        event = orjson_event(row.body)
+        self._log(
+            ev.SINK_DELIVERY_FAILED,
+            ev.ERROR,
+            sink=sink.id,
+            task_key=row.task_key or None,
+            failed_event=event.get("event"),
+            failed_event_id=event.get("event_id"),
+            attempts=row.attempts + 1,
+            error=error,
+        )
+
+    # -- periodic jobs ---------------------------------------------------------------------
+
     async def _checkpoint(self) -> None:
         self._checkpoint_now()
 
     def _checkpoint_now(self) -> None:
         if self.store is not None:
             self.store.checkpoint_polls((t.key, t.record.polls) for t in self.tasks.values())
+
+    async def _watchdog(self) -> None:
+        self._beat = self.clock.monotonic()
+
+    async def _check_config_file(self) -> None:
+        if self.config_path is None:
+            return
+        sig = _file_signature(self.config_path)
+        if sig is not None and sig != self._config_sig:
+            self._config_sig = sig
+            self.reload()
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config file and apply the difference; the old config stays on errors."""
+        if self.config_path is None or self._stop.is_set():
+            return
+        self._config_sig = _file_signature(self.config_path)
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            self.metrics.reloads.labels("failed").inc()
+            self._log(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
+            return
+        self.metrics.reloads.labels("ok").inc()
+        self._apply(new)
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        old_tasks = {t.key: t for t in old.tasks}
+        new_tasks = {t.key: t for t in new.tasks}
+        self.config = new
+        restart_required = [
+            section
+            for section in ("api", "state", "admin", "sinks")
+            if getattr(old, section) != getattr(new, section)
+        ]
+        if new.polling != old.polling:
+            self._apply_polling(old, new)
+        added, removed, changed = [], [], []
+        for key, cfg in new_tasks.items():
+            current = self.tasks.get(key)
+            if current is None:
+                self._add(self._watch_for(cfg, SOURCE_CONFIG, self._record(key)))
+                added.append(key)
+            elif key not in old_tasks or cfg != old_tasks[key]:
+                self._update(current, cfg, new)
+                current.source = SOURCE_CONFIG
+                changed.append(key)
+        for key in old_tasks.keys() - new_tasks.keys():
+            task = self.tasks.get(key)
+            if task is not None and task.source == SOURCE_CONFIG:
+                self._drop(task)
+                removed.append(key)
+        self._log(
+            ev.CONFIG_RELOADED,
+            added=sorted(added),
+            removed=sorted(removed),
+            changed=sorted(changed),
+            restart_required=restart_required,
+        )
+        self._check_all_done()
+
+    def _apply_polling(self, old: Config, new: Config) -> None:
+        for task in self.tasks.values():
+            cfg_interval = next((t.interval_seconds for t in new.tasks if t.key == task.key), None)
+            if cfg_interval is None and task.interval_s == old.polling.interval_seconds:
+                task.interval_s = new.polling.interval_seconds
+        if self.scheduler is not None:
+            self.scheduler.max_in_flight = new.polling.max_concurrency
+        if self._poller is not None:
+            self._poller.polling = new.polling
+        if self._gate is not None:
+            self._gate.set_rate(new.polling.max_requests_per_second)
+
+    def _update(self, task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
+        task.task_id = cfg.task_id
+        task.dataset = cfg.dataset
+        task.labels = dict(cfg.labels)
+        task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
+        task.deadline_s = cfg.deadline_seconds
+
+    def _record(self, key: str) -> TaskRecord | None:
+        assert self.store is not None
+        return self.store.load_tasks().get(key)
+
+    def _add(self, task: TaskWatch) -> None:
+        self.tasks[task.key] = task
+        if not task.done and self.scheduler is not None and not self._stop.is_set():
+            self.scheduler.add(task)
+
+    def _drop(self, task: TaskWatch) -> None:
+        self.tasks.pop(task.key, None)
+        if self.scheduler is not None:
+            self.scheduler.remove(task)
+
+    # -- the admin backend -----------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        stalled = self.clock.monotonic() - self._beat
+        if self.ready.is_set() and stalled > STALL_LIMIT_S:
+            return False, f"the scheduler has not run for {stalled:.0f} s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.auth_failed:
+            return False, "the API rejected the key"
+        if self._stop.is_set():
+            return False, "shutting down"
+        if not self.ready.is_set():
+            return False, "starting"
+        return True, "ok"
+
+    def metrics_body(self) -> bytes:
+        return self.metrics.render()
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        return [self._describe(t) for t in self.tasks.values()]
+
+    def _describe(self, task: TaskWatch) -> dict[str, Any]:
+        rec = task.record
+        next_poll = None
+        if task.next_due is not None:
+            delta = task.next_due - self.clock.monotonic()
+            next_poll = ev.rfc3339(self.clock.now() + timedelta(seconds=delta))
+        return {
+            "task_key": task.key,
+            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
+            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "labels": task.labels,
+            "source": task.source,
+            "status": rec.last_status,
+            "unknown_status": rec.last_unknown_status,
+            "outcome": rec.outcome,
+            "polls": rec.polls,
+            "consecutive_failures": task.failures,
+            "last_error": task.last_error,
+            "next_poll_at": next_poll,
+            "interval_seconds": task.interval_s,
+            "deadline_seconds": task.deadline_s,
+            "seq": rec.seq,
+        }
+
+    def add_task(self, entry: object) -> dict[str, Any]:
+        cfg = validate_task_entry(entry)
+        if cfg.key in self.tasks:
+            raise TaskExists(f"the task {cfg.key} is already watched")
+        assert self.store is not None
+        task = self._watch_for(cfg, SOURCE_API, self._record(cfg.key))
+        self.store.set_task_spec(cfg.key, cfg.model_dump(mode="json", exclude_none=True))
+        self._add(task)
+        return self._describe(task)
+
+    def remove_task(self, task_key: str) -> bool:
+        task = self.tasks.get(task_key)
+        if task is None:
+            return False
+        self._drop(task)
+        if task.source == SOURCE_API and self.store is not None:
+            self.store.set_task_spec(task_key, None)
+        self._check_all_done()
+        return True
+
+
+def orjson_event(body: bytes) -> Mapping[str, Any]:
+    """A journaled event body, or an empty mapping if it is not an object."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def fetch_status(
@@ -244,3 +535,6 @@ def status_exit_code(err: EnkwatchError) -> int:
     if isinstance(err, ConfigError):
         return EXIT_USAGE
     return EXIT_UNREACHABLE
+
+
+__all__ = ["Service", "exit_code", "fetch_status", "status_exit_code"]

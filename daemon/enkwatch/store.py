@@ -9,7 +9,8 @@ writing was not confirmed is replayed on the next start (at least once, never lo
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +42,17 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (task_key, seq)
 );
 CREATE INDEX IF NOT EXISTS events_unwritten ON events (written) WHERE written = 0;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink TEXT NOT NULL,
+    task_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
 """
 
 
@@ -75,6 +87,19 @@ class JournaledEvent:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending delivery."""
+
+    id: int
+    sink: str
+    task_key: str
+    body: bytes
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+
+
 class Store(Protocol):
     """The interface a state backend implements."""
 
@@ -82,7 +107,23 @@ class Store(Protocol):
 
     def add_task(self, record: TaskRecord) -> None: ...
 
-    def record_event(self, record: TaskRecord, event: Mapping[str, Any]) -> None: ...
+    def record_event(
+        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
+    ) -> None: ...
+
+    def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
+
+    def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
+
+    def delivery_done(self, row_id: int) -> None: ...
+
+    def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
+
+    def delivery_dead(self, row_id: int) -> None: ...
+
+    def outbox_stats(self) -> tuple[int, float | None]: ...
+
+    def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
 
     def mark_written(self, task_key: str, seq: int) -> None: ...
 
@@ -168,8 +209,10 @@ class SqliteStore:
                 ),
             )
 
-    def record_event(self, record: TaskRecord, event: Mapping[str, Any]) -> None:
-        """Store the task's new state and its event in one transaction."""
+    def record_event(
+        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
+    ) -> None:
+        """Store the task's new state, its event and its webhook deliveries in one transaction."""
         with self._tx():
             self._db.execute(
                 "UPDATE tasks SET last_status = ?, last_unknown_status = ?, seen_dataset = ?, "
@@ -189,6 +232,55 @@ class SqliteStore:
                 "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)",
                 (record.task_key, record.seq, orjson.dumps(dict(event)).decode()),
             )
+            if sinks:
+                self._enqueue(sinks, record.task_key, event)
+
+    def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
+        """Queue webhook deliveries of an event that is not about a task."""
+        if sinks:
+            with self._tx():
+                self._enqueue(sinks, "", event)
+
+    def _enqueue(self, sinks: Sequence[str], task_key: str, event: Mapping[str, Any]) -> None:
+        body = orjson.dumps(dict(event))
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(sink, task_key, body, now, now) for sink in sinks],
+        )
+
+    def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
+        rows = self._db.execute(
+            "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
+            "WHERE sink = ? AND state = 'pending' ORDER BY id LIMIT ?",
+            (sink, limit),
+        ).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    def delivery_done(self, row_id: int) -> None:
+        self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
+        self._db.execute(
+            "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+            (attempts, next_attempt_at, row_id),
+        )
+
+    def delivery_dead(self, row_id: int) -> None:
+        self._db.execute("UPDATE outbox SET state = 'dead' WHERE id = ?", (row_id,))
+
+    def outbox_stats(self) -> tuple[int, float | None]:
+        """Pending deliveries and the age in seconds of the oldest."""
+        count, oldest = self._db.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
+        ).fetchone()
+        return int(count), (time.time() - oldest) if oldest is not None else None
+
+    def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
+        """Persist (or, with None, forget) a task added through the admin API."""
+        value = orjson.dumps(dict(spec)).decode() if spec is not None else None
+        self._db.execute("UPDATE tasks SET spec = ? WHERE task_key = ?", (value, task_key))
 
     def mark_written(self, task_key: str, seq: int) -> None:
         self._db.execute(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -94,10 +94,15 @@ class Poller:
         self._client = client
         self._store = store
         self._clock = clock
-        self._polling = polling
+        self.polling = polling
         self._rng = rng or random.Random()
         self._sleep = sleep
+        # called after each event is written (metrics, webhook wake-up)
         self.hooks: list[EventHook] = []
+        # called with (outcome, seconds) after each request: "ok" or the error kind
+        self.observe_poll: Callable[[str, float], None] | None = None
+        # the webhook sinks that take an event, by name; their deliveries are journaled with it
+        self.sinks_for: Callable[[str], Sequence[str]] = lambda name: ()
 
     # -- the poll ---------------------------------------------------------------------
 
@@ -106,13 +111,24 @@ class Poller:
 
         Raises AuthError when the API confirms that it rejects the key.
         """
+        started = self._clock.monotonic()
         try:
             obs = await self._request(task)
         except NotFound as err:
+            self._observe("not_found", started)
             return self._not_found(task, err)
         except PollError as err:
+            self._observe(err.kind, started)
             return self._failed(task, err)
+        except AuthError:
+            self._observe("unauthorized", started)
+            raise
+        self._observe("ok", started)
         return self._observed(task, obs)
+
+    def _observe(self, outcome: str, started: float) -> None:
+        if self.observe_poll is not None:
+            self.observe_poll(outcome, self._clock.monotonic() - started)
 
     async def _request(self, task: TaskWatch) -> Observation:
         task.record.polls += 1
@@ -168,7 +184,7 @@ class Poller:
 
     def _not_found(self, task: TaskWatch, err: NotFound) -> float | None:
         task.not_found += 1
-        if task.not_found >= self._polling.not_found_attempts:
+        if task.not_found >= self.polling.not_found_attempts:
             task.failures += 1
             task.last_error = err.kind
             self._give_up(task, ev.GAVE_UP_NOT_FOUND)
@@ -223,13 +239,13 @@ class Poller:
 
     def next_interval(self, task: TaskWatch) -> float:
         """interval x (1 + u), u uniform in [-jitter, +jitter]."""
-        jitter = self._polling.jitter
+        jitter = self.polling.jitter
         return task.interval_s * (1.0 + self._rng.uniform(-jitter, jitter))
 
     def backoff(self, task: TaskWatch) -> float:
         """Full jitter: uniform in [0, min(max_backoff, interval x 2^attempt)], floored."""
         exponent = min(task.failures, 32)
-        ceiling = min(self._polling.max_backoff_seconds, task.interval_s * 2.0**exponent)
+        ceiling = min(self.polling.max_backoff_seconds, task.interval_s * 2.0**exponent)
         # never hammer: at least a tenth of the ceiling
         return max(self._rng.uniform(0.0, ceiling), ceiling / 10.0)
 
@@ -269,7 +285,7 @@ class Poller:
         if task.labels:
             body["labels"] = task.labels
         body.update(fields)
-        self._store.record_event(rec, body)
+        self._store.record_event(rec, body, self.sinks_for(name))
         ev.emit(body)
         self._store.mark_written(task.key, rec.seq)
         for hook in self.hooks:

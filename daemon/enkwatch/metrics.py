@@ -1,0 +1,193 @@
+"""Prometheus metrics (the official client, a registry per service); no label holds a secret."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from enkwatch import events as ev
+from enkwatch.client import RequestGate
+from enkwatch.models import KNOWN_STATUSES
+from enkwatch.watch import TaskWatch
+
+OUTCOME_OK: Final = "ok"
+OUTCOME_NOT_FOUND: Final = "not_found"
+OUTCOME_UNAUTHORIZED: Final = "unauthorized"
+
+_LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
+
+
+class Metrics:
+    """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.polls = Counter(
+            "enkwatch_polls",
+            "Polls (requests) by outcome: ok or the error kind.",
+            ["outcome"],
+            registry=r,
+        )
+        self.poll_latency = Histogram(
+            "enkwatch_poll_duration_seconds",
+            "Time from sending a request to its classified answer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "enkwatch_transitions",
+            "Status transitions emitted, by previous and new status.",
+            ["from_status", "to_status"],
+            registry=r,
+        )
+        self.events = Counter("enkwatch_events", "Events emitted, by name.", ["event"], registry=r)
+        self.time_to_terminal = Histogram(
+            "enkwatch_task_time_to_terminal_seconds",
+            "From a task's created_at to the poll that saw it Finished or Failed.",
+            ["status"],
+            buckets=_TERMINAL_BUCKETS,
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "enkwatch_webhook_deliveries",
+            "Webhook POSTs by sink and outcome (delivered, failed, dead_lettered).",
+            ["sink", "outcome"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "enkwatch_config_reloads",
+            "Config reloads by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+        self._state = _StateCollector()
+        r.register(self._state)
+
+    def bind(
+        self,
+        tasks: Callable[[], Iterable[TaskWatch]],
+        gate: Callable[[], RequestGate | None],
+        in_flight: Callable[[], int],
+        outbox: Callable[[], tuple[int, float | None]],
+    ) -> None:
+        """Tell the scrape-time collector where the live state is."""
+        self._state.tasks = tasks
+        self._state.gate = gate
+        self._state.in_flight = in_flight
+        self._state.outbox = outbox
+
+    def observe_poll(self, outcome: str, seconds: float) -> None:
+        self.polls.labels(outcome).inc()
+        self.poll_latency.observe(seconds)
+
+    def observe_event(self, _task: TaskWatch | None, body: dict[str, Any]) -> None:
+        name = body.get("event", "")
+        self.events.labels(name).inc()
+        if name != ev.TASK_TRANSITION:
+            return
+        previous = body.get("previous_status") or "none"
+        status = body.get("status") or "none"
+        self.transitions.labels(previous, status).inc()
+        if body.get("terminal"):
+            created = _parse_time(body.get("created_at"))
+            seen = _parse_time(body.get("timestamp"))
+            if created is not None and seen is not None:
+                self.time_to_terminal.labels(status).observe(
+                    max(0.0, (seen - created).total_seconds())
+                )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the live state at scrape time (cheap: one pass over the tasks)."""
+
+    def __init__(self) -> None:
+        self.tasks: Callable[[], Iterable[TaskWatch]] = list
+        self.gate: Callable[[], RequestGate | None] = lambda: None
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.outbox: Callable[[], tuple[int, float | None]] = lambda: (0, None)
+
+    def collect(self) -> Iterator[Metric]:
+        by_status: Tally[str] = Tally()
+        failing = 0
+        worst = 0
+        for task in self.tasks():
+            by_status[_status_label(task)] += 1
+            if task.failures:
+                failing += 1
+                worst = max(worst, task.failures)
+        tasks = GaugeMetricFamily(
+            "enkwatch_tasks", "Watched tasks by current status.", labels=["status"]
+        )
+        for status in (*sorted(KNOWN_STATUSES), "unknown", "none", "gave_up"):
+            tasks.add_metric([status], by_status.get(status, 0))
+        yield tasks
+        yield GaugeMetricFamily(
+            "enkwatch_tasks_failing", "Tasks whose last poll failed.", value=failing
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_consecutive_failures_max",
+            "The longest run of consecutive failed polls of any task.",
+            value=worst,
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
+        )
+        gate = self.gate()
+        waits = CounterMetricFamily(
+            "enkwatch_rate_limit_waits",
+            "Requests that waited for the requests-per-second limit.",
+            value=gate.limit_waits if gate else 0,
+        )
+        yield waits
+        yield CounterMetricFamily(
+            "enkwatch_rate_limit_wait_seconds",
+            "Time requests spent waiting for the rate limit or a Retry-After pause.",
+            value=gate.wait_seconds if gate else 0.0,
+        )
+        yield CounterMetricFamily(
+            "enkwatch_retry_after_pauses",
+            "Retry-After answers that paused every task.",
+            value=gate.pauses if gate else 0,
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_retry_after_remaining_seconds",
+            "Seconds left in the current Retry-After pause.",
+            value=gate.pause_remaining() if gate else 0.0,
+        )
+        pending, oldest = self.outbox()
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered webhook delivery (0 when none).",
+            value=oldest or 0.0,
+        )
+
+
+def _status_label(task: TaskWatch) -> str:
+    if task.gave_up:
+        return "gave_up"
+    if task.record.last_unknown_status is not None:
+        return "unknown"
+    return task.record.last_status or "none"
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
