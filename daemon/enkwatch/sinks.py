@@ -119,7 +119,9 @@ class Outbox:
         on_result: Callable[[Sink, str], None] = lambda s, o: None,
         on_dead: Callable[[Sink, OutboxRow, str], None] = lambda s, r, e: None,
         rng: random.Random | None = None,
+        retry_base_s: float = RETRY_BASE_S,
     ) -> None:
+        self._retry_base_s = retry_base_s
         self._store = store
         self.sinks = list(sinks)
         self._clock = clock
@@ -216,7 +218,7 @@ class Outbox:
             self._on_dead(sink, row, error)
             return
         attempts = row.attempts + 1
-        ceiling = min(RETRY_MAX_S, RETRY_BASE_S * 2.0 ** min(attempts, 20))
+        ceiling = min(RETRY_MAX_S, self._retry_base_s * 2.0 ** min(attempts, 20))
         delay = max(ceiling / 10, self._rng.uniform(0, ceiling))
         self._store.delivery_retry(row.id, attempts, now + delay)
         self._on_result(sink, "failed")

@@ -1,0 +1,240 @@
+"""Webhook delivery: signatures, at-least-once from the outbox, order per task, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from enkwatch.clock import SystemClock
+from enkwatch.config import SinksConfig, WebhookConfig, parse_config
+from enkwatch.errors import ConfigError
+from enkwatch.sinks import Outbox, Sink, build_sinks, sink_id
+from enkwatch.store import OutboxRow, SqliteStore, TaskRecord
+
+SECRET = "whsec-test-123"
+
+
+class Receiver:
+    """A real HTTP receiver that fails the first `fail_first` POSTs of each event."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.tries: dict[str, int] = {}
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.got = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event_id = json.loads(body).get("event_id") or json.loads(body)["event"]
+        self.tries[event_id] = self.tries.get(event_id, 0) + 1
+        if self.tries[event_id] <= self.fail_first:
+            return web.Response(status=503)
+        self.received.append((dict(request.headers), body))
+        self.got.set()
+        return web.Response(status=204)
+
+
+def verify(secret: str, header: str, body: bytes) -> bool:
+    """An independent check of `X-Enkwatch-Signature`, as a receiver would write it."""
+    parts = dict(item.split("=", 1) for item in header.split(","))
+    expected = hmac.new(secret.encode(), parts["t"].encode() + b"." + body, "sha256").hexdigest()
+    return hmac.compare_digest(expected, parts["v1"])
+
+
+async def serve(aiohttp_server: Any, receiver: Receiver) -> TestServer:
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+def make_sink(url: str, **kw: Any) -> Sink:
+    values: dict[str, Any] = {
+        "id": "test",
+        "url": url,
+        "secret": SECRET.encode(),
+        "events": frozenset({"task.transition", "task.gave_up"}),
+        "timeout_s": 2.0,
+        "max_age_s": 3600.0,
+    }
+    values.update(kw)
+    return Sink(**values)
+
+
+def journal(store: SqliteStore, key: str, seq: int, sinks: list[str], **fields: Any) -> None:
+    records = store.load_tasks()
+    record = records.get(key) or TaskRecord(key, key, None, 0.0)
+    if key not in records:
+        store.add_task(record)
+    record.seq = seq
+    body = {"event": "task.transition", "task_key": key, "seq": seq, "event_id": f"{key}:{seq}"}
+    store.record_event(record, body | fields, sinks)
+
+
+async def wait_for(predicate: Any, within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 - polling a condition other code changes
+            await asyncio.sleep(0.01)
+
+
+async def test_signature_verifies_independently_and_idempotency_key(aiohttp_server: Any) -> None:
+    receiver = Receiver()
+    server = await serve(aiohttp_server, receiver)
+    store = SqliteStore(":memory:")
+    outbox = Outbox(store, [make_sink(str(server.make_url("/hook")))], SystemClock())
+    journal(store, "t1", 1, ["test"], status="Queued")
+    await outbox.start()
+    try:
+        await asyncio.wait_for(receiver.got.wait(), 10)
+    finally:
+        await outbox.close()
+    [(headers, body)] = receiver.received
+    assert verify(SECRET, headers["X-Enkwatch-Signature"], body)
+    assert not verify("other-secret", headers["X-Enkwatch-Signature"], body)
+    timestamp = int(dict(p.split("=") for p in headers["X-Enkwatch-Signature"].split(","))["t"])
+    assert abs(timestamp - SystemClock().now().timestamp()) < 60
+    assert headers["Idempotency-Key"] == "t1:1"
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["status"] == "Queued"
+    assert store.outbox_stats() == (0, None)
+
+
+async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> None:
+    receiver = Receiver(fail_first=2)
+    server = await serve(aiohttp_server, receiver)
+    store = SqliteStore(":memory:")
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [make_sink(str(server.make_url("/hook")))],
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+        retry_base_s=0.01,
+    )
+    for seq in (1, 2, 3):
+        journal(store, "a", seq, ["test"])
+        journal(store, "b", seq, ["test"])
+    await outbox.start()
+    try:
+        await wait_for(lambda: len(receiver.received) == 6)
+    finally:
+        await outbox.close()
+    order = [json.loads(body)["event_id"] for _, body in receiver.received]
+    assert [e for e in order if e.startswith("a:")] == ["a:1", "a:2", "a:3"]
+    assert [e for e in order if e.startswith("b:")] == ["b:1", "b:2", "b:3"]
+    assert all(tries == 3 for tries in receiver.tries.values())
+    assert results.count("failed") == 12 and results.count("delivered") == 6
+
+
+async def test_outbox_survives_a_restart(aiohttp_server: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    store = SqliteStore(path)
+    journal(store, "a", 1, ["test"])
+    journal(store, "a", 2, ["test"])
+    store.close()  # the process dies before delivering anything
+
+    receiver = Receiver()
+    server = await serve(aiohttp_server, receiver)
+    store = SqliteStore(path)
+    assert store.outbox_stats()[0] == 2
+    outbox = Outbox(store, [make_sink(str(server.make_url("/hook")))], SystemClock())
+    await outbox.start()
+    try:
+        assert await outbox.wait_idle(10)
+    finally:
+        await outbox.close()
+    assert [json.loads(b)["event_id"] for _, b in receiver.received] == ["a:1", "a:2"]
+
+
+async def test_dead_letter_after_max_age(aiohttp_server: Any) -> None:
+    receiver = Receiver(fail_first=10**6)
+    server = await serve(aiohttp_server, receiver)
+    store = SqliteStore(":memory:")
+    dead: list[tuple[str, OutboxRow, str]] = []
+    outbox = Outbox(
+        store,
+        [make_sink(str(server.make_url("/hook")), max_age_s=0.2)],
+        SystemClock(),
+        on_dead=lambda s, r, e: dead.append((s.id, r, e)),
+        retry_base_s=0.01,
+    )
+    journal(store, "a", 1, ["test"])
+    journal(store, "a", 2, ["test"])
+    await outbox.start()
+    try:
+        await wait_for(lambda: len(dead) == 2)
+    finally:
+        await outbox.close()
+    assert [r.task_key for _, r, _ in dead] == ["a", "a"]
+    assert dead[0][2] == "HTTP 503"
+    assert store.outbox_stats() == (0, None)
+
+
+async def test_unreachable_receiver_is_retried_not_fatal() -> None:
+    store = SqliteStore(":memory:")
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [make_sink("http://127.0.0.1:9/hook")],  # discard port: nothing listens
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+        retry_base_s=0.01,
+    )
+    journal(store, "a", 1, ["test"])
+    await outbox.start()
+    try:
+        await wait_for(lambda: len(results) >= 2)
+        assert not await outbox.wait_idle(0.05)
+    finally:
+        await outbox.close()
+    assert set(results) == {"failed"}
+    assert store.outbox_stats()[0] == 1
+
+
+def test_sink_ids_do_not_reveal_urls() -> None:
+    url = "https://hooks.slack.example/services/T000/B000/XXXXSECRET"
+    assert "SECRET" not in sink_id(WebhookConfig(url=url))
+    assert sink_id(WebhookConfig(url=url, name="slack")) == "slack"
+
+
+def test_missing_secret_variable_is_a_config_error() -> None:
+    config = SinksConfig(webhooks=[WebhookConfig(url="https://h.example/x", secret_env="NOPE")])
+    with pytest.raises(ConfigError) as info:
+        build_sinks(config, {})
+    assert info.value.problems == ["sinks.webhooks[0].secret_env: the variable NOPE is not set"]
+    [sink] = build_sinks(config, {"NOPE": "s3cret"})
+    assert sink.secret == b"s3cret"
+
+
+def test_webhook_config_validation_names_paths_without_echoing_urls() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "sinks": {
+                    "webhooks": [
+                        {"url": "ftp://token@x", "events": ["task.nope"]},
+                        {"url": "https://h.example", "max_age_seconds": 0},
+                    ]
+                }
+            },
+            environ={},
+        )
+    text = "\n".join(info.value.problems)
+    assert "sinks.webhooks[0].url" in text and "token" not in text
+    assert "sinks.webhooks[0].events: unknown event(s) task.nope" in text
+    assert "sinks.webhooks[1].max_age_seconds" in text
+
+
+def test_webhook_event_names_match_the_vocabulary() -> None:
+    from enkwatch import events as ev
+    from enkwatch.config import WEBHOOK_EVENTS
+
+    names = {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str) and "." in v}
+    assert names >= WEBHOOK_EVENTS
