@@ -71,6 +71,7 @@ async def test_health_ready_and_metrics(tmp_path: Path) -> None:
         "enkwatch_consecutive_failures_max",
         "enkwatch_task_time_to_terminal_seconds",
         "enkwatch_outbox_pending",
+        'enkwatch_task_status_age_seconds_max{status="Queued"}',
     ):
         assert name in text, name
     assert API_KEY not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -119,10 +120,16 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         by_status: Tally[str] = Tally()
+        age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
+        now = time.time()
         for task in self.tasks():
-            by_status[_status_label(task)] += 1
+            label = _status_label(task)
+            by_status[label] += 1
+            if not task.done:
+                since = task.status_since or task.record.watch_started_at
+                age_by_status[label] = max(age_by_status.get(label, 0.0), now - since)
             if task.failures:
                 failing += 1
                 worst = max(worst, task.failures)
@@ -132,6 +139,14 @@ class _StateCollector(Collector):
         for status in (*sorted(KNOWN_STATUSES), "unknown", "none", "gave_up"):
             tasks.add_metric([status], by_status.get(status, 0))
         yield tasks
+        age = GaugeMetricFamily(
+            "enkwatch_task_status_age_seconds_max",
+            "The longest time any watched, non-terminal task has been in its current status.",
+            labels=["status"],
+        )
+        for status, seconds in sorted(age_by_status.items()):
+            age.add_metric([status], seconds)
+        yield age
         yield GaugeMetricFamily(
             "enkwatch_tasks_failing", "Tasks whose last poll failed.", value=failing
         )

@@ -46,6 +46,8 @@ class TaskWatch:
     not_found: int = 0
     last_error: str | None = None
     next_due: float | None = None
+    # wall time of the last transition seen by this process (for "stuck in Queued" alerts)
+    status_since: float | None = None
     # the scheduler's generation of this task's heap entry (lazy deletion)
     sched_gen: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -163,6 +165,7 @@ class Poller:
                 rec.last_unknown_status = None
                 if obs.terminal:
                     rec.outcome = obs.status
+                task.status_since = self._clock.now().timestamp()
                 self._emit(
                     task,
                     ev.TASK_TRANSITION,
