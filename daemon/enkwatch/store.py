@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
 """
+_TASK_COLUMNS = (
+    "task_key, task_id, dataset, watch_started_at, last_status, "
+    "last_unknown_status, seen_dataset, seen_task_id, seq, polls, outcome, spec"
+)
 
 
 class StateError(Exception):
@@ -149,6 +153,9 @@ class SqliteStore:
             # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
+            # a table of the same name from another program fails here, before we stamp it
+            self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks LIMIT 0")
+            self._db.execute("SELECT task_key, seq, body, written FROM events LIMIT 0")
             self._check_version()
         except sqlite3.DatabaseError as err:
             raise StateError(f"{path}: cannot open the state database: {err}") from None
@@ -159,6 +166,8 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+        elif not str(row[0]).isdigit():
+            raise StateError(f"{self.path}: not an enkwatch state database (schema {row[0]!r})")
         elif int(row[0]) > SCHEMA_VERSION:
             raise StateError(
                 f"{self.path}: written by a newer enkwatch (schema {row[0]}, "
@@ -169,10 +178,7 @@ class SqliteStore:
         return _Transaction(self._db)
 
     def load_tasks(self) -> dict[str, TaskRecord]:
-        rows = self._db.execute(
-            "SELECT task_key, task_id, dataset, watch_started_at, last_status, "
-            "last_unknown_status, seen_dataset, seen_task_id, seq, polls, outcome, spec FROM tasks"
-        ).fetchall()
+        rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks").fetchall()
         out = {}
         for row in rows:
             spec = orjson.loads(row[11]) if row[11] else None

@@ -1,0 +1,298 @@
+"""The SQLite state store: schema, WAL, the event journal, and refusing what is not ours."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enkwatch.store import (
+    SCHEMA_VERSION,
+    JournaledEvent,
+    SqliteStore,
+    StateError,
+    TaskRecord,
+    open_store,
+)
+
+TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
+
+
+def record(key: str = TASK_ID, **changes: Any) -> TaskRecord:
+    fields: dict[str, Any] = {
+        "task_key": key,
+        "task_id": key if not key.startswith("dataset:") else None,
+        "dataset": "Election2",
+        "watch_started_at": 1_767_225_600.5,
+    }
+    fields.update(changes)
+    return TaskRecord(**fields)
+
+
+def event(rec: TaskRecord, **extra: Any) -> dict[str, Any]:
+    return {
+        "event": "task.transition",
+        "level": "info",
+        "timestamp": "2026-01-01T00:00:00.000000Z",
+        "task_key": rec.task_key,
+        "seq": rec.seq,
+        "event_id": f"{rec.task_key}:{rec.seq}",
+        **extra,
+    }
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    opened = SqliteStore(str(db_path))
+    yield opened
+    opened.close()
+
+
+def raw_connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), isolation_level=None)
+
+
+def test_tables_are_created(store: SqliteStore, db_path: Path) -> None:
+    with closing(raw_connect(db_path)) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert {"meta", "tasks", "events", "events_unwritten"} <= names
+    assert version == (str(SCHEMA_VERSION),)
+
+
+def test_wal_mode_is_on(store: SqliteStore, db_path: Path) -> None:
+    db = raw_connect(db_path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+def test_open_store_gives_a_sqlite_store(db_path: Path) -> None:
+    opened = open_store(str(db_path))
+    try:
+        assert isinstance(opened, SqliteStore)
+    finally:
+        opened.close()
+
+
+def test_add_task_and_load_it_back(store: SqliteStore) -> None:
+    spec = {"task_id": TASK_ID, "labels": {"team": "safety"}, "deadline_seconds": 60.0}
+    store.add_task(record(spec=spec))
+    store.add_task(record("dataset:FinanceQA", dataset="FinanceQA"))
+    tasks = store.load_tasks()
+    assert tasks == {
+        TASK_ID: record(spec=spec),
+        "dataset:FinanceQA": record("dataset:FinanceQA", dataset="FinanceQA"),
+    }
+
+
+def test_add_task_is_idempotent(store: SqliteStore) -> None:
+    store.add_task(record())
+    rec = record(last_status="Running", seq=1)
+    store.record_event(rec, event(rec))
+    # adding the task again (a restart, a config reload) keeps what is known
+    store.add_task(record(watch_started_at=9.0, dataset="Other", seq=0))
+    [loaded] = store.load_tasks().values()
+    assert loaded.watch_started_at == 1_767_225_600.5
+    assert loaded.dataset == "Election2"
+    assert loaded.last_status == "Running"
+    assert loaded.seq == 1
+
+
+def test_record_event_persists_the_task_and_the_event(db_path: Path) -> None:
+    store = SqliteStore(str(db_path))
+    store.add_task(record())
+    rec = record(
+        last_status="Failed",
+        last_unknown_status="Paused",
+        seen_dataset="Election2",
+        seen_task_id=TASK_ID,
+        seq=3,
+        polls=12,
+        outcome="failed",
+    )
+    body = event(rec, status="Failed", previous_status="Running", labels={"team": "é"})
+    store.record_event(rec, body)
+    store.close()  # no explicit flush: each call is its own committed transaction
+
+    reopened = SqliteStore(str(db_path))
+    try:
+        assert reopened.load_tasks() == {TASK_ID: rec}
+        assert reopened.events(TASK_ID) == [body]
+        assert reopened.unwritten_events() == [JournaledEvent(TASK_ID, 3, body)]
+    finally:
+        reopened.close()
+
+
+def test_record_event_is_one_transaction(store: SqliteStore) -> None:
+    store.add_task(record())
+    first = record(last_status="Queued", seq=1, polls=1)
+    store.record_event(first, event(first))
+    # the same seq again: the event cannot be journaled, so the task row must not change
+    clash = record(last_status="Running", seq=1, polls=2)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record_event(clash, event(clash))
+    assert store.load_tasks()[TASK_ID] == first
+    assert store.events(TASK_ID) == [event(first)]
+    # and the store is still usable
+    second = record(last_status="Running", seq=2, polls=2)
+    store.record_event(second, event(second))
+    assert store.load_tasks()[TASK_ID] == second
+
+
+def test_unwritten_events_in_order_with_identical_bodies(store: SqliteStore) -> None:
+    a, b = record("task-a"), record("dataset:b", dataset="b")
+    store.add_task(a)
+    store.add_task(b)
+    journal: list[JournaledEvent] = []
+    for n, (key, extra) in enumerate(
+        [
+            ("task-a", {"status": "Queued", "previous_status": None}),
+            ("dataset:b", {"status": "Running", "labels": {"k": "ü — 日本"}}),
+            ("task-a", {"status": "Running", "polls": 7, "watched_seconds": 1.25}),
+            ("dataset:b", {"status": "Whatever", "nested": {"list": [1, 2.5, True, None]}}),
+            ("task-a", {"status": "Finished", "terminal": True}),
+        ],
+        start=1,
+    ):
+        rec = record(key, dataset="b" if key == "dataset:b" else "Election2", seq=n)
+        body = event(rec, **extra)
+        store.record_event(rec, body)
+        journal.append(JournaledEvent(key, n, body))
+    assert store.unwritten_events() == journal
+
+    store.mark_written("task-a", 1)
+    store.mark_written("dataset:b", 4)
+    store.mark_written("nope", 99)  # unknown: nothing happens
+    assert store.unwritten_events() == [journal[1], journal[2], journal[4]]
+    for item in journal:
+        store.mark_written(item.task_key, item.seq)
+    assert store.unwritten_events() == []
+    # written events stay in the journal
+    assert [e["seq"] for e in store.events("task-a")] == [1, 3, 5]
+
+
+def test_marks_survive_a_restart(db_path: Path) -> None:
+    store = SqliteStore(str(db_path))
+    store.add_task(record())
+    for seq in (1, 2):
+        rec = record(seq=seq)
+        store.record_event(rec, event(rec))
+    store.mark_written(TASK_ID, 1)
+    store.close()
+    reopened = SqliteStore(str(db_path))
+    try:
+        assert [(e.task_key, e.seq) for e in reopened.unwritten_events()] == [(TASK_ID, 2)]
+    finally:
+        reopened.close()
+
+
+def test_checkpoint_polls(db_path: Path) -> None:
+    store = SqliteStore(str(db_path))
+    store.add_task(record("a"))
+    store.add_task(record("b"))
+    store.checkpoint_polls([("a", 5), ("b", 9), ("unknown", 1)])
+    store.checkpoint_polls(iter([("a", 6)]))
+    store.close()
+    reopened = SqliteStore(str(db_path))
+    try:
+        tasks = reopened.load_tasks()
+        assert (tasks["a"].polls, tasks["b"].polls) == (6, 9)
+        assert set(tasks) == {"a", "b"}
+    finally:
+        reopened.close()
+
+
+def test_memory_store_works() -> None:
+    store = SqliteStore(":memory:")
+    try:
+        store.add_task(record())
+        rec = record(last_status="Queued", seq=1)
+        store.record_event(rec, event(rec))
+        store.checkpoint_polls([(TASK_ID, 4)])
+        assert store.load_tasks()[TASK_ID].polls == 4
+        assert store.unwritten_events() == [JournaledEvent(TASK_ID, 1, event(rec))]
+        store.mark_written(TASK_ID, 1)
+        assert store.unwritten_events() == []
+    finally:
+        store.close()
+
+
+def test_reopening_keeps_the_schema_version(db_path: Path) -> None:
+    SqliteStore(str(db_path)).close()
+    SqliteStore(str(db_path)).close()
+    with closing(raw_connect(db_path)) as db:
+        rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+    assert rows == [(str(SCHEMA_VERSION),)]
+
+
+def set_schema_version(path: Path, value: str) -> None:
+    db = raw_connect(path)
+    try:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (value,))
+    finally:
+        db.close()
+
+
+def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    SqliteStore(str(db_path)).close()
+    set_schema_version(db_path, str(SCHEMA_VERSION + 1))
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(db_path))
+    assert str(db_path) in str(info.value)
+    assert "newer" in str(info.value)
+
+
+def test_a_schema_version_that_is_not_a_number_is_refused(db_path: Path) -> None:
+    SqliteStore(str(db_path)).close()
+    set_schema_version(db_path, "banana")
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(db_path))
+    assert str(db_path) in str(info.value)
+
+
+@pytest.mark.parametrize("size", [16, 100, 4096, 65536])
+def test_a_corrupt_file_is_refused_with_its_path(db_path: Path, size: int) -> None:
+    db_path.write_bytes(random.Random(size).randbytes(size))
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(db_path))
+    assert str(db_path) in str(info.value)
+
+
+def test_a_directory_is_refused_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_a_missing_directory_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "state.db"
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_another_programs_database_is_refused(db_path: Path) -> None:
+    db = raw_connect(db_path)
+    db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT)")
+    db.execute("INSERT INTO tasks (title) VALUES ('buy milk')")
+    db.close()
+    with pytest.raises(StateError) as info:
+        SqliteStore(str(db_path))
+    assert str(db_path) in str(info.value)
+    # and it was not stamped as ours
+    with closing(raw_connect(db_path)) as db:
+        stamped = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        assert db.execute("SELECT title FROM tasks").fetchall() == [("buy milk",)]
+    assert stamped == []
