@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import traceback
+import urllib.request
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -111,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the simulator and the daemon on the bundled demo config")
 
-    for child in (run, watch, status, check, sim, sub.choices["demo"]):
+    health = sub.add_parser(
+        "healthcheck", help="ask a running daemon's /healthz (for a container HEALTHCHECK)"
+    )
+    health.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+    health.add_argument("--url", help="the URL to ask (default: http://<admin.listen>/healthz)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+    for child in (run, watch, status, check, sim, sub.choices["demo"], health):
         _common_options(child, top=False)
     return parser
 
@@ -169,6 +177,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check_config(args)
     if command == "simulate":
         return asyncio.run(_simulate(args))
+    if command == "healthcheck":
+        return _healthcheck(args)
     if command == "demo":
         from enkwatch.demo import run_demo
 
@@ -239,6 +249,26 @@ async def _status(args: argparse.Namespace) -> int:
         return status_exit_code(err)
     print(json.dumps(obs.data, indent=2, ensure_ascii=False), flush=True)
     return EXIT_OK
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    url: str | None = args.url
+    if url is None:
+        config = load_config(_config_path(args))
+        listen = config.admin.host_port
+        if listen is None:
+            raise ConfigError(["admin.listen: not set, so there is no /healthz to ask"])
+        host, port = listen
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            healthy = resp.status == 200
+    except (OSError, ValueError) as err:
+        print(f"enkwatch: unhealthy: {url}: {err}", file=sys.stderr)
+        return 1
+    return EXIT_OK if healthy else 1
 
 
 def _check_config(args: argparse.Namespace) -> int:
