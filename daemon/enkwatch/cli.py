@@ -209,13 +209,21 @@ def _adhoc_config(args: argparse.Namespace, need_tasks: bool) -> Config:
     try:
         return parse_config(raw, os.environ, source="the command line", overrides=overrides)
     except ConfigError as err:
-        names = {"task_id": "--task-id", "dataset": "--dataset"}
+        fields = {
+            "task_id": "--task-id",
+            "dataset": "--dataset",
+            "deadline_seconds": "--deadline",
+            "interval_seconds": "--interval",
+        }
         problems = []
         for problem in err.problems:
             for i, (kind, _) in enumerate(targets):
                 prefix = f"tasks[{i}]"
                 if problem.startswith(prefix):
-                    problem = f"argument {i + 1} ({names[kind]}){problem[len(prefix) :]}"
+                    rest = problem[len(prefix) :]
+                    field, _, message = rest.lstrip(".").partition(":")
+                    option = fields.get(field.strip(), fields[kind])
+                    problem = f"{option} (task {i + 1} on the command line):{message}"
             problems.append(problem.replace("polling.interval_seconds", "--interval"))
         raise ConfigError(problems, "the command line") from None
 

@@ -7,7 +7,7 @@ import email.utils
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -72,6 +72,9 @@ class RequestGate:
         # for metrics: requests that had to wait, and how long all waits took together
         self.limit_waits = 0
         self.wait_seconds = 0.0
+        # the tasks waiting their turn in acquire(): close() cancels them
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self.closed = False
 
     def set_rate(self, max_requests_per_second: float) -> None:
         """(Re)set the limit; 0 = none."""
@@ -90,8 +93,35 @@ class RequestGate:
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self._clock.monotonic())
 
+    def close(self) -> int:
+        """Let no more requests through (shutdown): cancel the tasks waiting their turn; how many.
+
+        A poll held by the rate limit or a Retry-After pause has sent nothing yet: sending it
+        after SIGTERM would be a new request, and waiting for it would hold up the exit.
+        """
+        self.closed = True
+        waiting = [task for task in self._waiting if not task.done()]
+        for task in waiting:
+            task.cancel()
+        return len(waiting)
+
     async def acquire(self) -> None:
-        """Wait for the global pause to end and for a slot in the rate limit."""
+        """Wait for the global pause to end and for a slot in the rate limit.
+
+        After close() nothing goes through: the caller is cancelled instead.
+        """
+        if self.closed:
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        if task is not None:
+            self._waiting.add(task)
+        try:
+            await self._wait_turn()
+        finally:
+            if task is not None:
+                self._waiting.discard(task)
+
+    async def _wait_turn(self) -> None:
         # a loop, not an Event: another Retry-After may extend the pause while we wait
         while (wait := self.pause_remaining()) > 0:
             self.wait_seconds += wait

@@ -235,6 +235,7 @@ class Service:
             self._log(ev.DAEMON_STOPPING, reason=reason)
             sched.stop()
             aps.pause()
+            gate.close()  # polls still waiting for the rate limit or a pause send nothing
             cancelled = await sched.drain(min(self.config.api.timeout_seconds, MAX_DRAIN_S))
             self._checkpoint_now()
             if reason == REASON_ALL_DONE:
