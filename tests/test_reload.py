@@ -46,7 +46,7 @@ async def test_reload_applies_the_difference(tmp_path: Path) -> None:
                 await until(lambda: len(events_named(logs, ev.TASK_TRANSITION)) == 2)
                 a_before = svc.tasks["a"]
                 write_config(cfg, url, [{"task_id": "a", "labels": {"x": "1"}}, {"task_id": "c"}])
-                svc.reload()
+                await svc.reload()
                 [reloaded] = events_named(logs, ev.CONFIG_RELOADED)
                 assert reloaded["added"] == ["c"]
                 assert reloaded["removed"] == ["b"]
@@ -70,7 +70,7 @@ async def test_invalid_new_config_keeps_the_old_one_running(tmp_path: Path) -> N
             async with running(load_config(cfg), config_path=str(cfg)) as svc:
                 config_before = svc.config
                 cfg.write_text("polling: {interval_seconds: -1, bogus: 2}\ntasks: [{}]\n")
-                svc.reload()
+                await svc.reload()
                 [failed] = events_named(logs, ev.CONFIG_RELOAD_FAILED)
                 assert failed["log_level"] == "error"
                 assert any("polling.interval_seconds" in e for e in failed["errors"])
@@ -87,9 +87,9 @@ async def test_reload_keeps_tasks_added_through_the_api(tmp_path: Path) -> None:
         write_config(cfg, url, [{"task_id": "a"}])
         with capture_logs() as logs:
             async with running(load_config(cfg), config_path=str(cfg)) as svc:
-                svc.add_task({"task_id": "b"})
+                await svc.add_task({"task_id": "b"})
                 write_config(cfg, url, [])
-                svc.reload()
+                await svc.reload()
                 [reloaded] = events_named(logs, ev.CONFIG_RELOADED)
                 assert reloaded["removed"] == ["a"]
                 assert set(svc.tasks) == {"b"}
@@ -125,6 +125,6 @@ async def test_polling_changes_apply_live(tmp_path: Path) -> None:
         write_config(cfg, url, [{"task_id": "a"}])
         async with running(load_config(cfg), config_path=str(cfg)) as svc:
             write_config(cfg, url, [{"task_id": "a"}], interval_seconds=0.5, max_concurrency=3)
-            svc.reload()
+            await svc.reload()
             assert svc.tasks["a"].interval_s == 0.5
             assert svc.scheduler is not None and svc.scheduler.max_in_flight == 3

@@ -68,14 +68,14 @@ def make_sink(url: str, **kw: Any) -> Sink:
     return Sink(**values)
 
 
-def journal(store: SqliteStore, key: str, seq: int, sinks: list[str], **fields: Any) -> None:
-    records = store.load_tasks()
+async def journal(store: SqliteStore, key: str, seq: int, sinks: list[str], **fields: Any) -> None:
+    records = await store.load_tasks()
     record = records.get(key) or TaskRecord(key, key, None, 0.0)
     if key not in records:
-        store.add_task(record)
+        await store.add_task(record)
     record.seq = seq
     body = {"event": "task.transition", "task_key": key, "seq": seq, "event_id": f"{key}:{seq}"}
-    store.record_event(record, body | fields, sinks)
+    await store.record_event(record, body | fields, sinks)
 
 
 async def wait_for(predicate: Any, within_s: float = 10.0) -> None:
@@ -89,7 +89,7 @@ async def test_signature_verifies_independently_and_idempotency_key(aiohttp_serv
     server = await serve(aiohttp_server, receiver)
     store = SqliteStore(":memory:")
     outbox = Outbox(store, [make_sink(str(server.make_url("/hook")))], SystemClock())
-    journal(store, "t1", 1, ["test"], status="Queued")
+    await journal(store, "t1", 1, ["test"], status="Queued")
     await outbox.start()
     try:
         await asyncio.wait_for(receiver.got.wait(), 10)
@@ -119,8 +119,8 @@ async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> No
         retry_base_s=0.01,
     )
     for seq in (1, 2, 3):
-        journal(store, "a", seq, ["test"])
-        journal(store, "b", seq, ["test"])
+        await journal(store, "a", seq, ["test"])
+        await journal(store, "b", seq, ["test"])
     await outbox.start()
     try:
         await wait_for(lambda: len(receiver.received) == 6)
@@ -136,9 +136,9 @@ async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> No
 async def test_outbox_survives_a_restart(aiohttp_server: Any, tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = SqliteStore(path)
-    journal(store, "a", 1, ["test"])
-    journal(store, "a", 2, ["test"])
-    store.close()  # the process dies before delivering anything
+    await journal(store, "a", 1, ["test"])
+    await journal(store, "a", 2, ["test"])
+    await store.close()  # the process dies before delivering anything
 
     receiver = Receiver()
     server = await serve(aiohttp_server, receiver)
@@ -165,8 +165,8 @@ async def test_dead_letter_after_max_age(aiohttp_server: Any) -> None:
         on_dead=lambda s, r, e: dead.append((s.id, r, e)),
         retry_base_s=0.01,
     )
-    journal(store, "a", 1, ["test"])
-    journal(store, "a", 2, ["test"])
+    await journal(store, "a", 1, ["test"])
+    await journal(store, "a", 2, ["test"])
     await outbox.start()
     try:
         await wait_for(lambda: len(dead) == 2)
@@ -187,7 +187,7 @@ async def test_unreachable_receiver_is_retried_not_fatal() -> None:
         on_result=lambda s, o: results.append(o),
         retry_base_s=0.01,
     )
-    journal(store, "a", 1, ["test"])
+    await journal(store, "a", 1, ["test"])
     await outbox.start()
     try:
         await wait_for(lambda: len(results) >= 2)

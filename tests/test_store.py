@@ -52,10 +52,10 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteStore]:
+async def store(db_path: Path) -> Iterator[SqliteStore]:
     opened = SqliteStore(str(db_path))
     yield opened
-    opened.close()
+    await opened.close()
 
 
 def raw_connect(path: Path) -> sqlite3.Connection:
@@ -78,41 +78,41 @@ def test_wal_mode_is_on(store: SqliteStore, db_path: Path) -> None:
         db.close()
 
 
-def test_open_store_gives_a_sqlite_store(db_path: Path) -> None:
+async def test_open_store_gives_a_sqlite_store(db_path: Path) -> None:
     opened = open_store(str(db_path))
     try:
         assert isinstance(opened, SqliteStore)
     finally:
-        opened.close()
+        await opened.close()
 
 
-def test_add_task_and_load_it_back(store: SqliteStore) -> None:
+async def test_add_task_and_load_it_back(store: SqliteStore) -> None:
     spec = {"task_id": TASK_ID, "labels": {"team": "safety"}, "deadline_seconds": 60.0}
-    store.add_task(record(spec=spec))
-    store.add_task(record("dataset:FinanceQA", dataset="FinanceQA"))
-    tasks = store.load_tasks()
+    await store.add_task(record(spec=spec))
+    await store.add_task(record("dataset:FinanceQA", dataset="FinanceQA"))
+    tasks = await store.load_tasks()
     assert tasks == {
         TASK_ID: record(spec=spec),
         "dataset:FinanceQA": record("dataset:FinanceQA", dataset="FinanceQA"),
     }
 
 
-def test_add_task_is_idempotent(store: SqliteStore) -> None:
-    store.add_task(record())
+async def test_add_task_is_idempotent(store: SqliteStore) -> None:
+    await store.add_task(record())
     rec = record(last_status="Running", seq=1)
-    store.record_event(rec, event(rec))
+    await store.record_event(rec, event(rec))
     # adding the task again (a restart, a config reload) keeps what is known
-    store.add_task(record(watch_started_at=9.0, dataset="Other", seq=0))
-    [loaded] = store.load_tasks().values()
+    await store.add_task(record(watch_started_at=9.0, dataset="Other", seq=0))
+    [loaded] = (await store.load_tasks()).values()
     assert loaded.watch_started_at == 1_767_225_600.5
     assert loaded.dataset == "Election2"
     assert loaded.last_status == "Running"
     assert loaded.seq == 1
 
 
-def test_record_event_persists_the_task_and_the_event(db_path: Path) -> None:
+async def test_record_event_persists_the_task_and_the_event(db_path: Path) -> None:
     store = SqliteStore(str(db_path))
-    store.add_task(record())
+    await store.add_task(record())
     rec = record(
         last_status="Failed",
         last_unknown_status="Paused",
@@ -123,38 +123,38 @@ def test_record_event_persists_the_task_and_the_event(db_path: Path) -> None:
         outcome="failed",
     )
     body = event(rec, status="Failed", previous_status="Running", labels={"team": "é"})
-    store.record_event(rec, body)
-    store.close()  # no explicit flush: each call is its own committed transaction
+    await store.record_event(rec, body)
+    await store.close()  # no explicit flush: each call is its own committed transaction
 
     reopened = SqliteStore(str(db_path))
     try:
-        assert reopened.load_tasks() == {TASK_ID: rec}
+        assert await reopened.load_tasks() == {TASK_ID: rec}
         assert reopened.events(TASK_ID) == [body]
-        assert reopened.unwritten_events() == [JournaledEvent(TASK_ID, 3, body)]
+        assert await reopened.unwritten_events() == [JournaledEvent(TASK_ID, 3, body)]
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_record_event_is_one_transaction(store: SqliteStore) -> None:
-    store.add_task(record())
+async def test_record_event_is_one_transaction(store: SqliteStore) -> None:
+    await store.add_task(record())
     first = record(last_status="Queued", seq=1, polls=1)
-    store.record_event(first, event(first))
+    await store.record_event(first, event(first))
     # the same seq again: the event cannot be journaled, so the task row must not change
     clash = record(last_status="Running", seq=1, polls=2)
     with pytest.raises(sqlite3.IntegrityError):
-        store.record_event(clash, event(clash))
-    assert store.load_tasks()[TASK_ID] == first
+        await store.record_event(clash, event(clash))
+    assert (await store.load_tasks())[TASK_ID] == first
     assert store.events(TASK_ID) == [event(first)]
     # and the store is still usable
     second = record(last_status="Running", seq=2, polls=2)
-    store.record_event(second, event(second))
-    assert store.load_tasks()[TASK_ID] == second
+    await store.record_event(second, event(second))
+    assert (await store.load_tasks())[TASK_ID] == second
 
 
-def test_unwritten_events_in_order_with_identical_bodies(store: SqliteStore) -> None:
+async def test_unwritten_events_in_order_with_identical_bodies(store: SqliteStore) -> None:
     a, b = record("task-a"), record("dataset:b", dataset="b")
-    store.add_task(a)
-    store.add_task(b)
+    await store.add_task(a)
+    await store.add_task(b)
     journal: list[JournaledEvent] = []
     for n, (key, extra) in enumerate(
         [
@@ -168,70 +168,70 @@ def test_unwritten_events_in_order_with_identical_bodies(store: SqliteStore) -> 
     ):
         rec = record(key, dataset="b" if key == "dataset:b" else "Election2", seq=n)
         body = event(rec, **extra)
-        store.record_event(rec, body)
+        await store.record_event(rec, body)
         journal.append(JournaledEvent(key, n, body))
-    assert store.unwritten_events() == journal
+    assert await store.unwritten_events() == journal
 
-    store.mark_written("task-a", 1)
-    store.mark_written("dataset:b", 4)
-    store.mark_written("nope", 99)  # unknown: nothing happens
-    assert store.unwritten_events() == [journal[1], journal[2], journal[4]]
+    await store.mark_written("task-a", 1)
+    await store.mark_written("dataset:b", 4)
+    await store.mark_written("nope", 99)  # unknown: nothing happens
+    assert await store.unwritten_events() == [journal[1], journal[2], journal[4]]
     for item in journal:
-        store.mark_written(item.task_key, item.seq)
-    assert store.unwritten_events() == []
+        await store.mark_written(item.task_key, item.seq)
+    assert await store.unwritten_events() == []
     # written events stay in the journal
     assert [e["seq"] for e in store.events("task-a")] == [1, 3, 5]
 
 
-def test_marks_survive_a_restart(db_path: Path) -> None:
+async def test_marks_survive_a_restart(db_path: Path) -> None:
     store = SqliteStore(str(db_path))
-    store.add_task(record())
+    await store.add_task(record())
     for seq in (1, 2):
         rec = record(seq=seq)
-        store.record_event(rec, event(rec))
-    store.mark_written(TASK_ID, 1)
-    store.close()
+        await store.record_event(rec, event(rec))
+    await store.mark_written(TASK_ID, 1)
+    await store.close()
     reopened = SqliteStore(str(db_path))
     try:
-        assert [(e.task_key, e.seq) for e in reopened.unwritten_events()] == [(TASK_ID, 2)]
+        assert [(e.task_key, e.seq) for e in await reopened.unwritten_events()] == [(TASK_ID, 2)]
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_checkpoint_polls(db_path: Path) -> None:
+async def test_checkpoint_polls(db_path: Path) -> None:
     store = SqliteStore(str(db_path))
-    store.add_task(record("a"))
-    store.add_task(record("b"))
-    store.checkpoint_polls([("a", 5), ("b", 9), ("unknown", 1)])
-    store.checkpoint_polls(iter([("a", 6)]))
-    store.close()
+    await store.add_task(record("a"))
+    await store.add_task(record("b"))
+    await store.checkpoint_polls([("a", 5), ("b", 9), ("unknown", 1)])
+    await store.checkpoint_polls(iter([("a", 6)]))
+    await store.close()
     reopened = SqliteStore(str(db_path))
     try:
-        tasks = reopened.load_tasks()
+        tasks = await reopened.load_tasks()
         assert (tasks["a"].polls, tasks["b"].polls) == (6, 9)
         assert set(tasks) == {"a", "b"}
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_memory_store_works() -> None:
+async def test_memory_store_works() -> None:
     store = SqliteStore(":memory:")
     try:
-        store.add_task(record())
+        await store.add_task(record())
         rec = record(last_status="Queued", seq=1)
-        store.record_event(rec, event(rec))
-        store.checkpoint_polls([(TASK_ID, 4)])
-        assert store.load_tasks()[TASK_ID].polls == 4
-        assert store.unwritten_events() == [JournaledEvent(TASK_ID, 1, event(rec))]
-        store.mark_written(TASK_ID, 1)
-        assert store.unwritten_events() == []
+        await store.record_event(rec, event(rec))
+        await store.checkpoint_polls([(TASK_ID, 4)])
+        assert (await store.load_tasks())[TASK_ID].polls == 4
+        assert await store.unwritten_events() == [JournaledEvent(TASK_ID, 1, event(rec))]
+        await store.mark_written(TASK_ID, 1)
+        assert await store.unwritten_events() == []
     finally:
-        store.close()
+        await store.close()
 
 
-def test_reopening_keeps_the_schema_version(db_path: Path) -> None:
-    SqliteStore(str(db_path)).close()
-    SqliteStore(str(db_path)).close()
+async def test_reopening_keeps_the_schema_version(db_path: Path) -> None:
+    await SqliteStore(str(db_path)).close()
+    await SqliteStore(str(db_path)).close()
     with closing(raw_connect(db_path)) as db:
         rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
     assert rows == [(str(SCHEMA_VERSION),)]
@@ -245,8 +245,8 @@ def set_schema_version(path: Path, value: str) -> None:
         db.close()
 
 
-def test_a_newer_schema_is_refused(db_path: Path) -> None:
-    SqliteStore(str(db_path)).close()
+async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    await SqliteStore(str(db_path)).close()
     set_schema_version(db_path, str(SCHEMA_VERSION + 1))
     with pytest.raises(StateError) as info:
         SqliteStore(str(db_path))
@@ -254,8 +254,8 @@ def test_a_newer_schema_is_refused(db_path: Path) -> None:
     assert "newer" in str(info.value)
 
 
-def test_a_schema_version_that_is_not_a_number_is_refused(db_path: Path) -> None:
-    SqliteStore(str(db_path)).close()
+async def test_a_schema_version_that_is_not_a_number_is_refused(db_path: Path) -> None:
+    await SqliteStore(str(db_path)).close()
     set_schema_version(db_path, "banana")
     with pytest.raises(StateError) as info:
         SqliteStore(str(db_path))

@@ -70,7 +70,7 @@ class Harness:
         self.clock = clock
         self.sleeps: list[float] = []
 
-    def task(self, **cfg: Any) -> TaskWatch:
+    async def task(self, **cfg: Any) -> TaskWatch:
         config = TaskConfig(**({"task_id": TASK_ID} | cfg))
         record = TaskRecord(
             config.key,
@@ -78,7 +78,7 @@ class Harness:
             config.dataset,
             watch_started_at=self.clock.now().timestamp(),
         )
-        self.store.add_task(record)
+        await self.store.add_task(record)
         return TaskWatch.from_config(config, self.poller_polling, record)
 
     @property
@@ -113,7 +113,7 @@ async def harness(aiohttp_server: Any) -> AsyncIterator[Harness]:
         h = Harness(api, poller, store, clock)
         h.sleeps = sleeps
         yield h
-    store.close()
+    await store.close()
 
 
 def names(logs: list[dict[str, Any]]) -> list[str]:
@@ -122,7 +122,7 @@ def names(logs: list[dict[str, Any]]) -> list[str]:
 
 async def test_first_observation_is_a_transition_from_null(harness: Harness) -> None:
     harness.api.script(ok("Queued"))
-    task = harness.task(labels={"team": "safety"})
+    task = await harness.task(labels={"team": "safety"})
     with capture_logs() as logs:
         delay = await harness.poller.poll(task)
     assert delay is not None and 9.0 <= delay <= 11.0
@@ -145,8 +145,8 @@ async def test_first_observation_is_a_transition_from_null(harness: Harness) -> 
 
 async def test_request_carries_the_contract_headers(harness: Harness) -> None:
     harness.api.script(ok("Queued"))
-    await harness.poller.poll(harness.task())
-    await harness.poller.poll(harness.task(task_id=None, dataset="Election2"))
+    await harness.poller.poll(await harness.task())
+    await harness.poller.poll(await harness.task(task_id=None, dataset="Election2"))
     first, second = harness.api.requests
     assert first["apikey"] == SECRET
     assert first["X-Enkrypt-Task-ID"] == TASK_ID
@@ -159,7 +159,7 @@ async def test_request_carries_the_contract_headers(harness: Harness) -> None:
 
 async def test_unchanged_status_emits_and_writes_nothing(harness: Harness) -> None:
     harness.api.script(ok("Running"))
-    task = harness.task()
+    task = await harness.task()
     await harness.poller.poll(task)
     journal = harness.store.events(task.key)
     with capture_logs() as logs:
@@ -172,7 +172,7 @@ async def test_unchanged_status_emits_and_writes_nothing(harness: Harness) -> No
 
 async def test_every_change_once_and_terminal_stops(harness: Harness) -> None:
     harness.api.script(ok("Queued"), ok("Queued"), ok("Running"), ok("Running"), ok("Finished"))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(5)]
     assert delays[-1] is None and all(d is not None for d in delays[:-1])
@@ -181,13 +181,13 @@ async def test_every_change_once_and_terminal_stops(harness: Harness) -> None:
     assert [e["seq"] for e in logs] == [1, 2, 3]
     assert logs[-1]["terminal"] is True
     assert task.done and task.record.outcome == "Finished"
-    stored = harness.store.load_tasks()[task.key]
+    stored = (await harness.store.load_tasks())[task.key]
     assert stored.last_status == "Finished" and stored.seq == 3 and stored.outcome == "Finished"
 
 
 async def test_failed_is_a_warning(harness: Harness) -> None:
     harness.api.script(ok("Failed"))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         assert await harness.poller.poll(task) is None
     assert logs[0]["log_level"] == "warning"
@@ -198,7 +198,7 @@ async def test_unknown_status_once_per_change_not_a_transition(harness: Harness)
     harness.api.script(
         ok("Running"), ok("Paused"), ok("Paused"), ok("Suspended"), ok("Paused"), ok("Finished")
     )
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         for _ in range(6):
             await harness.poller.poll(task)
@@ -215,7 +215,7 @@ async def test_unknown_status_once_per_change_not_a_transition(harness: Harness)
 
 async def test_failures_back_off_and_count_attempts(harness: Harness) -> None:
     harness.api.script(http(500), http(502), http(500), ok("Running"), http(500))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(5)]
     failed = [e for e in logs if e["event"] == ev.TASK_POLL_FAILED]
@@ -230,13 +230,13 @@ async def test_failures_back_off_and_count_attempts(harness: Harness) -> None:
 
 
 async def test_backoff_is_capped(harness: Harness) -> None:
-    task = harness.task()
+    task = await harness.task()
     task.failures = 40
     assert all(harness.poller.backoff(task) <= 60.0 for _ in range(100))
 
 
 async def test_jitter_stays_in_bounds_and_varies(harness: Harness) -> None:
-    task = harness.task()
+    task = await harness.task()
     draws = [harness.poller.next_interval(task) for _ in range(500)]
     assert min(draws) >= 9.0 and max(draws) <= 11.0
     assert max(draws) - min(draws) > 1.5
@@ -244,7 +244,7 @@ async def test_jitter_stays_in_bounds_and_varies(harness: Harness) -> None:
 
 async def test_retry_after_is_a_floor_for_the_retry(harness: Harness) -> None:
     harness.api.script(http(429, {"Retry-After": "120"}))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delay = await harness.poller.poll(task)
     assert delay == pytest.approx(120.0)
@@ -253,7 +253,7 @@ async def test_retry_after_is_a_floor_for_the_retry(harness: Harness) -> None:
 
 async def test_not_found_counts_then_gives_up(harness: Harness) -> None:
     harness.api.script(http(404), http(404), ok("Queued"), http(404), http(404), http(404))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(6)]
     assert delays[:5] != [None] * 5 and delays[5] is None
@@ -274,7 +274,7 @@ async def test_not_found_counts_then_gives_up(harness: Harness) -> None:
 
 async def test_error_200_not_found_counts_too(harness: Harness) -> None:
     harness.api.script(lambda: web.json_response({"error": "Task NOT FOUND for this user"}))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(3)]
     assert delays[2] is None
@@ -283,7 +283,7 @@ async def test_error_200_not_found_counts_too(harness: Harness) -> None:
 
 async def test_deadline_gives_up_with_last_status(harness: Harness) -> None:
     harness.api.script(ok("Running"))
-    task = harness.task(deadline_seconds=25)
+    task = await harness.task(deadline_seconds=25)
     first = await harness.poller.poll(task)
     assert first is not None and first <= 11.0
     harness.clock.advance(20)
@@ -300,7 +300,7 @@ async def test_deadline_gives_up_with_last_status(harness: Harness) -> None:
 
 async def test_terminal_at_the_deadline_is_a_transition(harness: Harness) -> None:
     harness.api.script(ok("Finished"))
-    task = harness.task(deadline_seconds=5)
+    task = await harness.task(deadline_seconds=5)
     harness.clock.advance(100)
     with capture_logs() as logs:
         assert await harness.poller.poll(task) is None
@@ -310,7 +310,7 @@ async def test_terminal_at_the_deadline_is_a_transition(harness: Harness) -> Non
 
 async def test_auth_rejection_confirmed_raises(harness: Harness) -> None:
     harness.api.script(http(401), http(403))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs, pytest.raises(AuthError) as info:
         await harness.poller.poll(task)
     assert info.value.http_status == 403
@@ -322,7 +322,7 @@ async def test_auth_rejection_confirmed_raises(harness: Harness) -> None:
 
 async def test_unconfirmed_auth_rejection_is_an_ordinary_failure(harness: Harness) -> None:
     harness.api.script(http(401), ok("Running"))
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delay = await harness.poller.poll(task)
     assert delay is not None
@@ -333,7 +333,7 @@ async def test_unconfirmed_auth_rejection_is_an_ordinary_failure(harness: Harnes
 
 async def test_seq_continues_from_the_record(harness: Harness) -> None:
     harness.api.script(ok("Running"))
-    task = harness.task()
+    task = await harness.task()
     task.record.seq = 41
     task.record.last_status = "Queued"
     with capture_logs() as logs:
@@ -344,12 +344,12 @@ async def test_seq_continues_from_the_record(harness: Harness) -> None:
 
 async def test_events_are_journaled_and_confirmed(harness: Harness) -> None:
     harness.api.script(ok("Queued"), ok("Running"))
-    task = harness.task()
+    task = await harness.task()
     await harness.poller.poll(task)
     await harness.poller.poll(task)
     journal = harness.store.events(task.key)
     assert [e["status"] for e in journal] == ["Queued", "Running"]
-    assert harness.store.unwritten_events() == []
+    assert await harness.store.unwritten_events() == []
     assert SECRET.encode() not in orjson.dumps(journal)
 
 
@@ -361,7 +361,7 @@ async def test_invalid_answers_are_failures_not_crashes(harness: Harness) -> Non
         lambda: web.Response(body=b'{"data": {"stat', content_type="application/json"),
         ok("Finished"),
     )
-    task = harness.task()
+    task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(5)]
     assert delays[-1] is None

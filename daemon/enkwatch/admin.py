@@ -28,11 +28,11 @@ class AdminBackend(Protocol):
 
     def metrics_body(self) -> bytes: ...
 
-    def list_tasks(self) -> list[dict[str, Any]]: ...
+    async def list_tasks(self) -> list[dict[str, Any]]: ...
 
-    def add_task(self, entry: object) -> dict[str, Any]: ...
+    async def add_task(self, entry: object) -> dict[str, Any]: ...
 
-    def remove_task(self, task_key: str) -> bool: ...
+    async def remove_task(self, task_key: str) -> bool: ...
 
 
 BACKEND: Final = web.AppKey("backend", AdminBackend)
@@ -59,7 +59,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    return _json({"tasks": request.app[BACKEND].list_tasks()})
+    return _json({"tasks": await request.app[BACKEND].list_tasks()})
 
 
 def _authorize(request: web.Request) -> web.Response | None:
@@ -90,7 +90,7 @@ async def add_task(request: web.Request) -> web.Response:
     except ValueError:
         return _json({"errors": ["(body): not valid JSON"]}, 400)
     try:
-        task = request.app[BACKEND].add_task(entry)
+        task = await request.app[BACKEND].add_task(entry)
     except ConfigError as err:
         return _json({"errors": err.problems}, 400)
     except TaskExists as err:
@@ -102,7 +102,7 @@ async def remove_task(request: web.Request) -> web.Response:
     if (denied := _authorize(request)) is not None:
         return denied
     key = request.match_info["task_key"]
-    if not request.app[BACKEND].remove_task(key):
+    if not await request.app[BACKEND].remove_task(key):
         return _json({"error": f"no watched task {key}"}, 404)
     return web.Response(status=204)
 

@@ -76,3 +76,20 @@ class UnauthorizedAnswer(PollError):
     """A single 401/403: confirmed by a second try before it becomes an AuthError."""
 
     kind = "http_status"
+
+
+class LeaseLost(EnkwatchError):
+    """This replica may not poll or emit for a task (its partition's lease is gone, or another
+    writer moved the task on): nothing was emitted; the task is dropped here."""
+
+    def __init__(self, task_key: str, why: str) -> None:
+        self.task_key = task_key
+        super().__init__(f"{task_key}: {why}")
+
+
+class StateUnavailable(EnkwatchError):
+    """The shared state database could not be reached; what was being written is unknown."""
+
+    def __init__(self, task_key: str | None, why: str) -> None:
+        self.task_key = task_key
+        super().__init__(f"the state database is unavailable: {why}")

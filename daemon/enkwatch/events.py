@@ -25,6 +25,8 @@ DAEMON_ALL_DONE: Final = "daemon.all_done"
 DAEMON_STOPPING: Final = "daemon.stopping"
 DAEMON_STOPPED: Final = "daemon.stopped"
 SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
+STATE_UNAVAILABLE: Final = "state.unavailable"
+STATE_RECOVERED: Final = "state.recovered"
 
 # levels
 INFO: Final = "info"

@@ -7,6 +7,8 @@ import contextlib
 import os
 import random
 import signal
+import socket
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -24,14 +26,16 @@ from enkwatch.errors import (
     AuthError,
     ConfigError,
     EnkwatchError,
+    LeaseLost,
     NotFound,
+    StateUnavailable,
     UnauthorizedAnswer,
 )
 from enkwatch.metrics import Metrics
 from enkwatch.models import FAILED, FINISHED, Observation
 from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
 from enkwatch.sinks import Outbox, Sink
-from enkwatch.store import OutboxRow, StateError, Store, TaskRecord, open_store
+from enkwatch.store import JournaledEvent, OutboxRow, StateError, Store, TaskRecord, open_store
 from enkwatch.watch import Poller, TaskWatch
 
 EXIT_OK: Final = 0
@@ -121,6 +125,9 @@ class Service:
         self.outbox: Outbox | None = None
         self._gate: RequestGate | None = None
         self._poller: Poller | None = None
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.coordinator: Any = None  # replicas.Coordinator with a postgresql:// state
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- control -------------------------------------------------------------------------
 
@@ -138,7 +145,7 @@ class Service:
                 loop.add_signal_handler(sig, self.request_stop, f"{REASON_SIGNAL}:{sig.name}")
                 installed.append(sig)
         with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
             installed.append(signal.SIGHUP)
         return installed
 
@@ -152,11 +159,16 @@ class Service:
                 for sig in self._install_signals():
                     stack.callback(loop.remove_signal_handler, sig)
             try:
-                store = open_store(self.config.state.path)
+                store = open_store(self.config.state.path, self.replica_id)
+                await store.open()
             except StateError as err:
                 raise ConfigError([f"state.path: {err}"]) from None
             self.store = store
-            stack.callback(store.close)
+            stack.push_async_callback(store.close)
+            if store.shared and self.exit_when_done:
+                raise ConfigError(
+                    ["--exit-when-done: not with a shared (postgresql://) state; replicas serve"]
+                )
             outbox = Outbox(
                 store,
                 self._sinks,
@@ -166,8 +178,12 @@ class Service:
                 rng=self._rng,
             )
             self.outbox = outbox
-            self._replay(store)
-            self._load_tasks(store)
+            if store.shared:
+                await self._register_config_tasks(store)
+            else:
+                self.replay(await store.unwritten_events())
+                await self._mark_replayed(store)
+                await self._load_tasks(store)
 
             polling = self.config.polling
             gate = RequestGate(polling.max_requests_per_second, self.clock)
@@ -188,6 +204,11 @@ class Service:
             poller.hooks.append(self.metrics.observe_event)
             poller.hooks.append(lambda task, body: outbox.notify())
             self._poller = poller
+            if store.shared:
+                from enkwatch.replicas import Coordinator
+
+                self.coordinator = Coordinator(store, self, self.clock.monotonic)  # type: ignore[arg-type]
+                poller.may_poll = lambda task: store.usable(task.key)  # type: ignore[attr-defined]
             sched = PollScheduler(
                 poller.poll,
                 self.clock,
@@ -211,6 +232,12 @@ class Service:
             sched.wakeup = ApschedulerWakeup(aps, sched, self.clock)
             aps.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="checkpoint")
             aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")
+            if self.coordinator is not None:
+                from enkwatch.pgstore import RENEW_EVERY_S
+
+                await self.coordinator.tick()
+                aps.add_job(self.coordinator.tick, "interval", seconds=RENEW_EVERY_S, id="leases")
+                await store.listen(self.coordinator.notified)  # type: ignore[attr-defined]
             if self.config_path:
                 aps.add_job(
                     self._check_config_file,
@@ -223,7 +250,7 @@ class Service:
                 runner, self.admin_port = await start_admin(app, *listen)
                 stack.push_async_callback(runner.cleanup)
 
-            self._log(ev.DAEMON_STARTED, version=__version__, tasks=len(self.tasks))
+            self.log(ev.DAEMON_STARTED, version=__version__, tasks=len(self.tasks))
             for task in self.tasks.values():
                 if not task.done:
                     sched.add(task)
@@ -232,22 +259,26 @@ class Service:
 
             await self._stop.wait()
             reason = self._stop_reason
-            self._log(ev.DAEMON_STOPPING, reason=reason)
+            self.log(ev.DAEMON_STOPPING, reason=reason)
             sched.stop()
             aps.pause()
             gate.close()  # polls still waiting for the rate limit or a pause send nothing
             cancelled = await sched.drain(min(self.config.api.timeout_seconds, MAX_DRAIN_S))
-            self._checkpoint_now()
+            await self._checkpoint()
+            if self.coordinator is not None:
+                await self.coordinator.release()
             if reason == REASON_ALL_DONE:
                 await outbox.wait_idle(OUTBOX_FLUSH_S)
-            stack.callback(self._log, ev.DAEMON_STOPPED, reason=reason, cancelled_polls=cancelled)
+            for job in list(self._background):
+                job.cancel()
+            stack.callback(self.log, ev.DAEMON_STOPPED, reason=reason, cancelled_polls=cancelled)
         if self._crash is not None:
             raise self._crash
         if reason.startswith(REASON_SIGNAL) or reason == REASON_STOP:
             return EXIT_AUTH if self.auth_failed else EXIT_OK
         return exit_code(self.tasks.values(), self.auth_failed)
 
-    def _log(self, name: str, level: str = ev.INFO, **fields: Any) -> None:
+    def log(self, name: str, level: str = ev.INFO, **fields: Any) -> None:
         """An event that is not about a task: written, counted, and queued for webhooks."""
         body: dict[str, Any] = {
             "timestamp": ev.rfc3339(self.clock.now()),
@@ -260,35 +291,77 @@ class Service:
         if self.outbox is not None and self.store is not None:
             sinks = self.outbox.sinks_for(name)
             if sinks:
-                self.store.enqueue(sinks, body)
-                self.outbox.notify()
+                self._spawn(self._enqueue(sinks, body))
 
-    def _replay(self, store: Store) -> None:
-        """Write again every event that was journaled but not confirmed written."""
-        for item in store.unwritten_events():
+    async def _enqueue(self, sinks: list[str], body: dict[str, Any]) -> None:
+        assert self.store is not None and self.outbox is not None
+        try:
+            await self.store.enqueue(sinks, body)
+        except StateUnavailable:
+            return  # a daemon-level event; the store is down: it was written to stdout
+        self.outbox.notify()
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.ensure_future(coro)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    def replay(self, events: Iterable[JournaledEvent]) -> None:
+        """Write again events that were journaled but not confirmed written (same event_id)."""
+        self._replayed = list(events)
+        for item in self._replayed:
             ev.emit(item.body)
-            store.mark_written(item.task_key, item.seq)
 
-    def _load_tasks(self, store: Store) -> None:
-        records = store.load_tasks()
+    async def _mark_replayed(self, store: Store) -> None:
+        for item in self._replayed:
+            await store.mark_written(item.task_key, item.seq)
+        self._replayed = []
+
+    async def _load_tasks(self, store: Store) -> None:
+        records = await store.load_tasks()
         for cfg in self.config.tasks:
-            self.tasks[cfg.key] = self._watch_for(cfg, SOURCE_CONFIG, records.get(cfg.key))
+            self.tasks[cfg.key] = await self._watch_for(cfg, SOURCE_CONFIG, records.get(cfg.key))
         # tasks added through the admin API survive restarts
         for key, record in records.items():
-            if record.spec is not None and key not in self.tasks:
-                try:
-                    cfg = validate_task_entry(record.spec)
-                except ConfigError:
-                    continue
-                self.tasks[key] = self._watch_for(cfg, SOURCE_API, record)
+            if key not in self.tasks and (task := self.watch_for_record(record)) is not None:
+                self.tasks[key] = task
 
-    def _watch_for(self, cfg: TaskConfig, source: str, record: TaskRecord | None) -> TaskWatch:
+    async def _register_config_tasks(self, store: Store) -> None:
+        """Shared state: make sure every task of our config has its row (idempotent)."""
+        now = self.clock.now().timestamp()
+        for cfg in self.config.tasks:
+            await store.add_task(TaskRecord(cfg.key, cfg.task_id, cfg.dataset, now))
+
+    def watch_for_record(self, record: TaskRecord) -> TaskWatch | None:
+        """The watch of a stored task: from our config, else from its API spec; else None."""
+        for cfg in self.config.tasks:
+            if cfg.key == record.task_key:
+                return TaskWatch.from_config(cfg, self.config.polling, record, SOURCE_CONFIG)
+        if record.spec is None:
+            return None
+        try:
+            cfg = validate_task_entry(record.spec)
+        except ConfigError:
+            return None
+        return TaskWatch.from_config(cfg, self.config.polling, record, SOURCE_API)
+
+    async def _watch_for(
+        self, cfg: TaskConfig, source: str, record: TaskRecord | None
+    ) -> TaskWatch:
         if record is None:
             now = self.clock.now().timestamp()
             record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
             assert self.store is not None
-            self.store.add_task(record)
+            await self.store.add_task(record)
         return TaskWatch.from_config(cfg, self.config.polling, record, source)
+
+    def adopt(self, task: TaskWatch) -> None:
+        """Start watching a task (polled at once unless done)."""
+        self._add(task)
+
+    def drop(self, task: TaskWatch) -> None:
+        """Stop watching a task here."""
+        self._drop(task)
 
     # -- callbacks from the scheduler ------------------------------------------------------
 
@@ -300,7 +373,7 @@ class Service:
             return
         if all(t.done for t in self.tasks.values()):
             tasks = self.tasks.values()
-            self._log(
+            self.log(
                 ev.DAEMON_ALL_DONE,
                 finished=sum(1 for t in tasks if t.record.outcome == FINISHED),
                 failed=sum(1 for t in tasks if t.record.outcome == FAILED),
@@ -309,10 +382,15 @@ class Service:
             self.request_stop(REASON_ALL_DONE)
 
     def _crashed(self, exc: BaseException) -> None:
+        if isinstance(exc, LeaseLost | StateUnavailable) and self.coordinator is not None:
+            # shared state: this replica may not (or could not) write for the task; nothing
+            # was emitted; the task comes back, reloaded from the database, if still ours
+            self.coordinator.task_lost(exc.task_key or "")
+            return
         if isinstance(exc, AuthError):
             if not self.auth_failed:
                 self.auth_failed = True
-                self._log(
+                self.log(
                     ev.API_AUTH_FAILED, ev.CRITICAL, http_status=exc.http_status, hint=ev.AUTH_HINT
                 )
             self.request_stop(REASON_AUTH)
@@ -323,7 +401,7 @@ class Service:
 
     def _dead_letter(self, sink: Sink, row: OutboxRow, error: str) -> None:
         event = orjson_event(row.body)
-        self._log(
+        self.log(
             ev.SINK_DELIVERY_FAILED,
             ev.ERROR,
             sink=sink.id,
@@ -337,11 +415,13 @@ class Service:
     # -- periodic jobs ---------------------------------------------------------------------
 
     async def _checkpoint(self) -> None:
-        self._checkpoint_now()
-
-    def _checkpoint_now(self) -> None:
-        if self.store is not None:
-            self.store.checkpoint_polls((t.key, t.record.polls) for t in self.tasks.values())
+        if self.store is None:
+            return
+        # poll counts are statistics: if the store is down, the next checkpoint writes them
+        with contextlib.suppress(StateUnavailable):
+            await self.store.checkpoint_polls(
+                [(t.key, t.record.polls) for t in self.tasks.values()]
+            )
 
     async def _watchdog(self) -> None:
         self._beat = self.clock.monotonic()
@@ -352,11 +432,14 @@ class Service:
         sig = _file_signature(self.config_path)
         if sig is not None and sig != self._config_sig:
             self._config_sig = sig
-            self.reload()
+            await self.reload()
 
     # -- reload ----------------------------------------------------------------------------
 
-    def reload(self) -> None:
+    def _spawn_reload(self) -> None:
+        self._spawn(self.reload())
+
+    async def reload(self) -> None:
         """Re-read the config file and apply the difference; the old config stays on errors."""
         if self.config_path is None or self._stop.is_set():
             return
@@ -365,12 +448,12 @@ class Service:
             new = load_config(self.config_path)
         except ConfigError as err:
             self.metrics.reloads.labels("failed").inc()
-            self._log(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
+            self.log(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
             return
         self.metrics.reloads.labels("ok").inc()
-        self._apply(new)
+        await self._apply(new)
 
-    def _apply(self, new: Config) -> None:
+    async def _apply(self, new: Config) -> None:
         old = self.config
         old_tasks = {t.key: t for t in old.tasks}
         new_tasks = {t.key: t for t in new.tasks}
@@ -383,10 +466,17 @@ class Service:
         if new.polling != old.polling:
             self._apply_polling(old, new)
         added, removed, changed = [], [], []
+        assert self.store is not None
+        records = await self.store.load_tasks()
         for key, cfg in new_tasks.items():
             current = self.tasks.get(key)
             if current is None:
-                self._add(self._watch_for(cfg, SOURCE_CONFIG, self._record(key)))
+                if self.store.shared:
+                    await self._register_config_tasks(self.store)
+                    if self.coordinator is not None:
+                        self.coordinator.notified(key)
+                else:
+                    self._add(await self._watch_for(cfg, SOURCE_CONFIG, records.get(key)))
                 added.append(key)
             elif key not in old_tasks or cfg != old_tasks[key]:
                 self._update(current, cfg, new)
@@ -397,7 +487,7 @@ class Service:
             if task is not None and task.source == SOURCE_CONFIG:
                 self._drop(task)
                 removed.append(key)
-        self._log(
+        self.log(
             ev.CONFIG_RELOADED,
             added=sorted(added),
             removed=sorted(removed),
@@ -424,10 +514,6 @@ class Service:
         task.labels = dict(cfg.labels)
         task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
         task.deadline_s = cfg.deadline_seconds
-
-    def _record(self, key: str) -> TaskRecord | None:
-        assert self.store is not None
-        return self.store.load_tasks().get(key)
 
     def _add(self, task: TaskWatch) -> None:
         self.tasks[task.key] = task
@@ -459,8 +545,21 @@ class Service:
     def metrics_body(self) -> bytes:
         return self.metrics.render()
 
-    def list_tasks(self) -> list[dict[str, Any]]:
-        return [self._describe(t) for t in self.tasks.values()]
+    async def list_tasks(self) -> list[dict[str, Any]]:
+        if self.store is None or not self.store.shared:
+            return [self._describe(t) for t in self.tasks.values()]
+        # shared state: the whole shared watch list; live details for the tasks polled here
+        records = await self.store.load_tasks()
+        out = []
+        for key, record in sorted(records.items()):
+            local = self.tasks.get(key)
+            task = local or self.watch_for_record(record)
+            if task is None:
+                continue
+            item = self._describe(task)
+            item["polled_here"] = local is not None
+            out.append(item)
+        return out
 
     def _describe(self, task: TaskWatch) -> dict[str, Any]:
         rec = task.record
@@ -486,23 +585,37 @@ class Service:
             "seq": rec.seq,
         }
 
-    def add_task(self, entry: object) -> dict[str, Any]:
+    async def add_task(self, entry: object) -> dict[str, Any]:
         cfg = validate_task_entry(entry)
-        if cfg.key in self.tasks:
-            raise TaskExists(f"the task {cfg.key} is already watched")
         assert self.store is not None
-        task = self._watch_for(cfg, SOURCE_API, self._record(cfg.key))
-        self.store.set_task_spec(cfg.key, cfg.model_dump(mode="json", exclude_none=True))
-        self._add(task)
+        records = await self.store.load_tasks()
+        if cfg.key in self.tasks or (self.store.shared and cfg.key in records):
+            raise TaskExists(f"the task {cfg.key} is already watched")
+        spec = cfg.model_dump(mode="json", exclude_none=True)
+        task = await self._watch_for(cfg, SOURCE_API, records.get(cfg.key))
+        await self.store.set_task_spec(cfg.key, spec)
+        task.record.spec = spec
+        if not self.store.shared:
+            self._add(task)
+        elif self.coordinator is not None:
+            self.coordinator.notified(cfg.key)
         return self._describe(task)
 
-    def remove_task(self, task_key: str) -> bool:
+    async def remove_task(self, task_key: str) -> bool:
+        assert self.store is not None
         task = self.tasks.get(task_key)
+        if self.store.shared:
+            if task is None and task_key not in await self.store.load_tasks():
+                return False
+            await self.store.set_task_spec(task_key, None)
+            if task is not None:
+                self._drop(task)
+            return True
         if task is None:
             return False
         self._drop(task)
-        if task.source == SOURCE_API and self.store is not None:
-            self.store.set_task_spec(task_key, None)
+        if task.source == SOURCE_API:
+            await self.store.set_task_spec(task_key, None)
         self._check_all_done()
         return True
 

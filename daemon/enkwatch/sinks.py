@@ -38,13 +38,13 @@ IDLE_RECHECK_S: Final = 5.0
 class OutboxStore(Protocol):
     """What delivery needs of the state store."""
 
-    def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
+    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
 
-    def delivery_done(self, row_id: int) -> None: ...
+    async def delivery_done(self, row_id: int) -> None: ...
 
-    def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
+    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
 
-    def delivery_dead(self, row_id: int) -> None: ...
+    async def delivery_dead(self, row_id: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +179,7 @@ class Outbox:
         idle = self.idle[sink.id]
         while True:
             wake.clear()
-            rows = self._store.pending_deliveries(sink.id, limit=1000)
+            rows = await self._store.pending_deliveries(sink.id, limit=1000)
             if not rows:
                 idle.set()
                 await self._sleep_or_wake(wake, IDLE_RECHECK_S)
@@ -208,19 +208,19 @@ class Outbox:
         async with sem:
             error = await self._post(sink, row)
         if error is None:
-            self._store.delivery_done(row.id)
+            await self._store.delivery_done(row.id)
             self._on_result(sink, "delivered")
             return
         now = self._clock.now().timestamp()
         if now - row.created_at >= sink.max_age_s:
-            self._store.delivery_dead(row.id)
+            await self._store.delivery_dead(row.id)
             self._on_result(sink, "dead_lettered")
             self._on_dead(sink, row, error)
             return
         attempts = row.attempts + 1
         ceiling = min(RETRY_MAX_S, self._retry_base_s * 2.0 ** min(attempts, 20))
         delay = max(ceiling / 10, self._rng.uniform(0, ceiling))
-        self._store.delivery_retry(row.id, attempts, now + delay)
+        await self._store.delivery_retry(row.id, attempts, now + delay)
         self._on_result(sink, "failed")
 
     async def _post(self, sink: Sink, row: OutboxRow) -> str | None:

@@ -105,41 +105,52 @@ class OutboxRow:
 
 
 class Store(Protocol):
-    """The interface a state backend implements."""
+    """The interface a state backend implements (SQLite here, PostgreSQL in pgstore)."""
 
-    def load_tasks(self) -> dict[str, TaskRecord]: ...
+    # True when several replicas share the state (leases decide who polls what)
+    shared: bool
 
-    def add_task(self, record: TaskRecord) -> None: ...
+    async def open(self) -> None: ...
 
-    def record_event(
+    async def load_tasks(self) -> dict[str, TaskRecord]: ...
+
+    async def add_task(self, record: TaskRecord) -> None: ...
+
+    async def record_event(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
     ) -> None: ...
 
-    def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
+    async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
 
-    def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
+    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
 
-    def delivery_done(self, row_id: int) -> None: ...
+    async def delivery_done(self, row_id: int) -> None: ...
 
-    def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
+    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
 
-    def delivery_dead(self, row_id: int) -> None: ...
+    async def delivery_dead(self, row_id: int) -> None: ...
 
     def outbox_stats(self) -> tuple[int, float | None]: ...
 
-    def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
+    async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
 
-    def mark_written(self, task_key: str, seq: int) -> None: ...
+    async def mark_written(self, task_key: str, seq: int) -> None: ...
 
-    def unwritten_events(self) -> list[JournaledEvent]: ...
+    async def unwritten_events(self) -> list[JournaledEvent]: ...
 
-    def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
+    async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class SqliteStore:
-    """SQLite in WAL mode; `:memory:` for no persistence."""
+    """SQLite in WAL mode; `:memory:` for no persistence.
+
+    Its methods are coroutines for the interface's sake (PostgreSQL's are truly async); they
+    run their statements at once: SQLite on a local disk answers in microseconds.
+    """
+
+    shared = False
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -160,6 +171,9 @@ class SqliteStore:
         except sqlite3.DatabaseError as err:
             raise StateError(f"{path}: cannot open the state database: {err}") from None
 
+    async def open(self) -> None:
+        """Opened in the constructor (errors as early as possible)."""
+
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -177,7 +191,7 @@ class SqliteStore:
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
-    def load_tasks(self) -> dict[str, TaskRecord]:
+    async def load_tasks(self) -> dict[str, TaskRecord]:
         rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks").fetchall()
         out = {}
         for row in rows:
@@ -198,7 +212,7 @@ class SqliteStore:
             )
         return out
 
-    def add_task(self, record: TaskRecord) -> None:
+    async def add_task(self, record: TaskRecord) -> None:
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO tasks (task_key, task_id, dataset, watch_started_at, "
@@ -215,7 +229,7 @@ class SqliteStore:
                 ),
             )
 
-    def record_event(
+    async def record_event(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
     ) -> None:
         """Store the task's new state, its event and its webhook deliveries in one transaction."""
@@ -241,7 +255,7 @@ class SqliteStore:
             if sinks:
                 self._enqueue(sinks, record.task_key, event)
 
-    def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
+    async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Queue webhook deliveries of an event that is not about a task."""
         if sinks:
             with self._tx():
@@ -256,7 +270,7 @@ class SqliteStore:
             [(sink, task_key, body, now, now) for sink in sinks],
         )
 
-    def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
+    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
         rows = self._db.execute(
             "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
             "WHERE sink = ? AND state = 'pending' ORDER BY id LIMIT ?",
@@ -264,16 +278,16 @@ class SqliteStore:
         ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
-    def delivery_done(self, row_id: int) -> None:
+    async def delivery_done(self, row_id: int) -> None:
         self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
 
-    def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
+    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
         self._db.execute(
             "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE id = ?",
             (attempts, next_attempt_at, row_id),
         )
 
-    def delivery_dead(self, row_id: int) -> None:
+    async def delivery_dead(self, row_id: int) -> None:
         self._db.execute("UPDATE outbox SET state = 'dead' WHERE id = ?", (row_id,))
 
     def outbox_stats(self) -> tuple[int, float | None]:
@@ -283,17 +297,17 @@ class SqliteStore:
         ).fetchone()
         return int(count), (time.time() - oldest) if oldest is not None else None
 
-    def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
+    async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
         """Persist (or, with None, forget) a task added through the admin API."""
         value = orjson.dumps(dict(spec)).decode() if spec is not None else None
         self._db.execute("UPDATE tasks SET spec = ? WHERE task_key = ?", (value, task_key))
 
-    def mark_written(self, task_key: str, seq: int) -> None:
+    async def mark_written(self, task_key: str, seq: int) -> None:
         self._db.execute(
             "UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", (task_key, seq)
         )
 
-    def unwritten_events(self) -> list[JournaledEvent]:
+    async def unwritten_events(self) -> list[JournaledEvent]:
         rows = self._db.execute(
             "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
         ).fetchall()
@@ -306,13 +320,13 @@ class SqliteStore:
         ).fetchall()
         return [orjson.loads(r[0]) for r in rows]
 
-    def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
+    async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
         with self._tx():
             self._db.executemany(
                 "UPDATE tasks SET polls = ? WHERE task_key = ?", ((n, k) for k, n in polls)
             )
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
 
 
@@ -327,6 +341,10 @@ class _Transaction:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-def open_store(path: str) -> Store:
-    """The store for `state.path`."""
+def open_store(path: str, replica_id: str = "") -> Store:
+    """The store for `state.path`: PostgreSQL for a postgresql:// URL, else SQLite."""
+    if path.startswith(("postgresql://", "postgres://")):
+        from enkwatch.pgstore import PgStore
+
+        return PgStore(path, replica_id)
     return SqliteStore(path)

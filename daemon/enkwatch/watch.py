@@ -11,7 +11,14 @@ from typing import Any, Final, Protocol
 from enkwatch import events as ev
 from enkwatch.clock import Clock
 from enkwatch.config import PollingConfig, TaskConfig
-from enkwatch.errors import AuthError, NotFound, PollError, TransientPollError, UnauthorizedAnswer
+from enkwatch.errors import (
+    AuthError,
+    LeaseLost,
+    NotFound,
+    PollError,
+    TransientPollError,
+    UnauthorizedAnswer,
+)
 from enkwatch.models import FAILED, Observation
 from enkwatch.store import Store, TaskRecord
 
@@ -105,28 +112,34 @@ class Poller:
         self.observe_poll: Callable[[str, float], None] | None = None
         # the webhook sinks that take an event, by name; their deliveries are journaled with it
         self.sinks_for: Callable[[str], Sequence[str]] = lambda name: ()
+        # with shared state: may this replica poll the task now (does it hold a fresh lease)?
+        self.may_poll: Callable[[TaskWatch], bool] | None = None
 
     # -- the poll ---------------------------------------------------------------------
 
     async def poll(self, task: TaskWatch) -> float | None:
         """Poll `task` once; the seconds until its next poll, or None when it is done.
 
-        Raises AuthError when the API confirms that it rejects the key.
+        Raises AuthError when the API confirms that it rejects the key, LeaseLost when this
+        replica may not poll the task (shared state), StateUnavailable when the shared
+        state could not be written.
         """
+        if self.may_poll is not None and not self.may_poll(task):
+            raise LeaseLost(task.key, "this replica's lease on the task is not fresh")
         started = self._clock.monotonic()
         try:
             obs = await self._request(task)
         except NotFound as err:
             self._observe("not_found", started)
-            return self._not_found(task, err)
+            return await self._not_found(task, err)
         except PollError as err:
             self._observe(err.kind, started)
-            return self._failed(task, err)
+            return await self._failed(task, err)
         except AuthError:
             self._observe("unauthorized", started)
             raise
         self._observe("ok", started)
-        return self._observed(task, obs)
+        return await self._observed(task, obs)
 
     def _observe(self, outcome: str, started: float) -> None:
         if self.observe_poll is not None:
@@ -144,14 +157,14 @@ class Poller:
             except UnauthorizedAnswer as second:
                 raise AuthError(second.http_status or 401) from None
             except PollError:
-                self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
+                await self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
                 raise
-            self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
+            await self._report_failure(task, first, AUTH_CONFIRM_DELAY_S)
             return obs
 
     # -- outcomes -----------------------------------------------------------------------
 
-    def _observed(self, task: TaskWatch, obs: Observation) -> float | None:
+    async def _observed(self, task: TaskWatch, obs: Observation) -> float | None:
         rec = task.record
         task.failures = 0
         task.not_found = 0
@@ -166,7 +179,7 @@ class Poller:
                 if obs.terminal:
                     rec.outcome = obs.status
                 task.status_since = self._clock.now().timestamp()
-                self._emit(
+                await self._emit(
                     task,
                     ev.TASK_TRANSITION,
                     ev.WARNING if obs.status == FAILED else ev.INFO,
@@ -182,40 +195,40 @@ class Poller:
                 return None
         elif obs.status != rec.last_unknown_status:
             rec.last_unknown_status = obs.status
-            self._emit(task, ev.TASK_UNKNOWN_STATUS, ev.WARNING, status=obs.status)
-        return self._within_deadline(task, self.next_interval(task))
+            await self._emit(task, ev.TASK_UNKNOWN_STATUS, ev.WARNING, status=obs.status)
+        return await self._within_deadline(task, self.next_interval(task))
 
-    def _not_found(self, task: TaskWatch, err: NotFound) -> float | None:
+    async def _not_found(self, task: TaskWatch, err: NotFound) -> float | None:
         task.not_found += 1
         if task.not_found >= self.polling.not_found_attempts:
             task.failures += 1
             task.last_error = err.kind
-            self._give_up(task, ev.GAVE_UP_NOT_FOUND)
+            await self._give_up(task, ev.GAVE_UP_NOT_FOUND)
             return None
         not_found = task.not_found
-        delay = self._failed(task, err)
+        delay = await self._failed(task, err)
         task.not_found = not_found  # _failed resets it for other errors
         return delay
 
-    def _failed(self, task: TaskWatch, err: PollError) -> float | None:
+    async def _failed(self, task: TaskWatch, err: PollError) -> float | None:
         task.failures += 1
         task.not_found = 0
         task.last_error = err.kind
         delay = self.backoff(task)
         if isinstance(err, TransientPollError) and err.retry_after_s is not None:
             delay = max(delay, err.retry_after_s)
-        delay_or_none = self._within_deadline(task, delay)
+        delay_or_none = await self._within_deadline(task, delay)
         if delay_or_none is not None:
-            self._report_failure(task, err, delay_or_none, counted=True)
+            await self._report_failure(task, err, delay_or_none, counted=True)
         return delay_or_none
 
-    def _report_failure(
+    async def _report_failure(
         self, task: TaskWatch, err: PollError, retry_in_s: float, counted: bool = False
     ) -> None:
         if not counted:
             task.failures += 1
             task.last_error = err.kind
-        self._emit(
+        await self._emit(
             task,
             ev.TASK_POLL_FAILED,
             ev.WARNING,
@@ -226,9 +239,9 @@ class Poller:
             retry_in_seconds=round(retry_in_s, 3),
         )
 
-    def _give_up(self, task: TaskWatch, reason: str) -> None:
+    async def _give_up(self, task: TaskWatch, reason: str) -> None:
         task.record.outcome = GAVE_UP_PREFIX + reason
-        self._emit(
+        await self._emit(
             task,
             ev.TASK_GAVE_UP,
             ev.ERROR,
@@ -260,18 +273,18 @@ class Poller:
             return None
         return task.record.watch_started_at + task.deadline_s - self._clock.now().timestamp()
 
-    def _within_deadline(self, task: TaskWatch, delay: float) -> float | None:
+    async def _within_deadline(self, task: TaskWatch, delay: float) -> float | None:
         remaining = self.deadline_remaining(task)
         if remaining is None:
             return delay
         if remaining <= DEADLINE_SLACK_S:
-            self._give_up(task, ev.GAVE_UP_DEADLINE)
+            await self._give_up(task, ev.GAVE_UP_DEADLINE)
             return None
         return min(delay, remaining)
 
     # -- events -------------------------------------------------------------------------
 
-    def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
+    async def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
         """Journal the event with the task's new state, then write it out."""
         rec = task.record
         rec.seq += 1
@@ -288,8 +301,8 @@ class Poller:
         if task.labels:
             body["labels"] = task.labels
         body.update(fields)
-        self._store.record_event(rec, body, self.sinks_for(name))
+        await self._store.record_event(rec, body, self.sinks_for(name))
         ev.emit(body)
-        self._store.mark_written(task.key, rec.seq)
+        await self._store.mark_written(task.key, rec.seq)
         for hook in self.hooks:
             hook(task, body)
