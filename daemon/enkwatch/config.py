@@ -93,13 +93,24 @@ class StateConfig(_Model):
     """`state`: where the durable state lives."""
 
     path: str = "enkwatch-state.db"
+    # with a postgresql:// path: how long a replica's claim on its tasks lasts
+    lease_seconds: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
 
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty (use ":memory:" for no persistence)')
+        if value.startswith(("postgresql://", "postgres://")):
+            parts = urlsplit(value)
+            if not parts.hostname and "host=" not in parts.query:
+                raise ValueError("a postgresql:// URL needs a host")
         return value
+
+    @property
+    def shared(self) -> bool:
+        """A PostgreSQL state shared by replicas."""
+        return self.path.startswith(("postgresql://", "postgres://"))
 
 
 class AdminConfig(_Model):

@@ -44,9 +44,9 @@ from enkwatch.store import JournaledEvent, OutboxRow, StateError, TaskRecord
 
 PARTITIONS: Final = 64
 LEASE_S: Final = 15.0
-RENEW_EVERY_S: Final = 5.0
-# stop polling a partition this long after the last successful renewal (< LEASE_S)
-SAFE_S: Final = 10.0
+# renew every third of a lease; stop polling two thirds of a lease after the last renewal
+RENEW_FRACTION: Final = 1 / 3
+SAFE_FRACTION: Final = 2 / 3
 NOTIFY_CHANNEL: Final = "enkwatch_tasks"
 SCHEMA_VERSION: Final = 1
 # a constant key for the migration's transaction-scoped advisory lock
@@ -161,14 +161,14 @@ class PgStore:
         replica_id: str,
         partitions: int = PARTITIONS,
         lease_s: float = LEASE_S,
-        safe_s: float = SAFE_S,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self.replica_id = replica_id
         self.partitions = partitions
         self.lease_s = lease_s
-        self.safe_s = safe_s
+        self.renew_every_s = lease_s * RENEW_FRACTION
+        self.safe_s = lease_s * SAFE_FRACTION
         self._monotonic = monotonic
         self.leases: dict[int, Lease] = {}
         self._pool: asyncpg.Pool | None = None
@@ -185,7 +185,11 @@ class PgStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=8, command_timeout=10
+                self.url,
+                min_size=1,
+                max_size=8,
+                command_timeout=max(2.0, self.lease_s / 3),
+                server_settings={"application_name": self.application_name},
             )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -222,6 +226,10 @@ class PgStore:
             except TimeoutError:
                 self._pool.terminate()
             self._pool = None
+
+    @property
+    def application_name(self) -> str:
+        return f"enkwatch {self.replica_id}"[:63]
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -374,7 +382,9 @@ class PgStore:
 
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(task_key)` when another replica changes the watch list."""
-        self._listener = await asyncpg.connect(self.url)
+        self._listener = await asyncpg.connect(
+            self.url, server_settings={"application_name": self.application_name}
+        )
         await self._listener.add_listener(
             NOTIFY_CHANNEL, lambda _c, _pid, _channel, payload: callback(payload)
         )

@@ -15,7 +15,7 @@ from typing import Final, Protocol
 
 from enkwatch import events as ev
 from enkwatch.errors import StateUnavailable
-from enkwatch.pgstore import DB_ERRORS, RENEW_EVERY_S, PgStore, partition_of
+from enkwatch.pgstore import DB_ERRORS, PgStore, partition_of
 from enkwatch.store import JournaledEvent, TaskRecord
 from enkwatch.watch import TaskWatch
 
@@ -84,7 +84,7 @@ class Coordinator:
                 ev.STATE_UNAVAILABLE,
                 ev.WARNING,
                 error=str(StateUnavailable(None, type(err).__name__)),
-                retry_in_seconds=RENEW_EVERY_S,
+                retry_in_seconds=round(self.store.renew_every_s, 3),
             )
 
     def notified(self, task_key: str) -> None:

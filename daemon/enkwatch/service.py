@@ -159,7 +159,9 @@ class Service:
                 for sig in self._install_signals():
                     stack.callback(loop.remove_signal_handler, sig)
             try:
-                store = open_store(self.config.state.path, self.replica_id)
+                store = open_store(
+                    self.config.state.path, self.replica_id, self.config.state.lease_seconds
+                )
                 await store.open()
             except StateError as err:
                 raise ConfigError([f"state.path: {err}"]) from None
@@ -233,10 +235,13 @@ class Service:
             aps.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="checkpoint")
             aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")
             if self.coordinator is not None:
-                from enkwatch.pgstore import RENEW_EVERY_S
-
                 await self.coordinator.tick()
-                aps.add_job(self.coordinator.tick, "interval", seconds=RENEW_EVERY_S, id="leases")
+                aps.add_job(
+                    self.coordinator.tick,
+                    "interval",
+                    seconds=store.renew_every_s,  # type: ignore[attr-defined]
+                    id="leases",
+                )
                 await store.listen(self.coordinator.notified)  # type: ignore[attr-defined]
             if self.config_path:
                 aps.add_job(

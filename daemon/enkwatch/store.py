@@ -341,10 +341,10 @@ class _Transaction:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-def open_store(path: str, replica_id: str = "") -> Store:
+def open_store(path: str, replica_id: str = "", lease_s: float = 15.0) -> Store:
     """The store for `state.path`: PostgreSQL for a postgresql:// URL, else SQLite."""
     if path.startswith(("postgresql://", "postgres://")):
         from enkwatch.pgstore import PgStore
 
-        return PgStore(path, replica_id)
+        return PgStore(path, replica_id, lease_s=lease_s)
     return SqliteStore(path)

@@ -1,0 +1,199 @@
+"""The PostgreSQL store against a real server: leases, fencing, compare-and-set, balance."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from enkwatch.errors import LeaseLost
+from enkwatch.pgstore import PgStore, partition_of
+from enkwatch.store import TaskRecord
+from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+
+BIN = find_bin_dir()
+pytestmark = pytest.mark.skipif(BIN is None, reason=HOW_TO_ENABLE)
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    assert BIN is not None
+    server = PgServer(BIN)
+    server.start()
+    yield server
+    server.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def dsn(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database per test."""
+    admin = await asyncpg.connect(pg_server.dsn)
+    name = f"t{id(object()) % 10**9}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    yield pg_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    await admin.close()
+
+
+async def open_store(dsn: str, name: str, clock: Clock | None = None, **kw: Any) -> PgStore:
+    store = PgStore(dsn, name, monotonic=clock or Clock(), lease_s=15.0, **kw)
+    await store.open()
+    return store
+
+
+def transition(rec: TaskRecord, status: str) -> dict[str, Any]:
+    rec.seq += 1
+    rec.last_status = status
+    return {
+        "event": "task.transition",
+        "status": status,
+        "task_key": rec.task_key,
+        "seq": rec.seq,
+        "event_id": f"{rec.task_key}:{rec.seq}",
+    }
+
+
+async def test_partitions_spread_over_replicas_and_come_back(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    c = await open_store(dsn, "c")
+    try:
+        await a.balance()
+        assert len(a.leases) == 64  # alone: everything
+        await b.balance()
+        await c.balance()
+        await a.balance()  # sees three live replicas: keeps ceil(64 / 3) = 22
+        for store in (b, c, b, c):
+            await store.balance()
+        owned = [set(s.leases) for s in (a, b, c)]
+        assert all(20 <= len(o) <= 22 for o in owned)  # each at most ceil(64 / 3)
+        assert set().union(*owned) == set(range(64))
+        assert not (owned[0] & owned[1] or owned[1] & owned[2] or owned[0] & owned[2])
+        await a.release_all()  # SIGTERM: handed over at once
+        await b.balance()
+        await c.balance()
+        assert len(b.leases) + len(c.leases) == 64
+    finally:
+        for store in (a, b, c):
+            await store.close()
+
+
+async def test_a_fenced_replica_cannot_write_and_the_new_owner_can(dsn: str) -> None:
+    clock_a = Clock()
+    a = await open_store(dsn, "a", clock_a)
+    b = await open_store(dsn, "b")
+    try:
+        await a.balance()
+        rec = TaskRecord("task-1", "task-1", None, 0.0)
+        await a.add_task(rec)
+        await a.record_event(rec, transition(rec, "Queued"))
+        # a freezes; its leases expire on the database clock; b claims (epoch + 1)
+        async with a.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE enkwatch_partition_lease SET expires_at = now() - interval '1 s'"
+            )
+            await conn.execute("DELETE FROM enkwatch_replicas WHERE replica_id = 'a'")
+        gained, _ = await b.balance()
+        assert partition_of("task-1") in gained
+        # a wakes up believing (by its own clock) it still holds the lease: the epoch fences it
+        stale = TaskRecord("task-1", "task-1", None, 0.0, last_status="Queued", seq=1)
+        with pytest.raises(LeaseLost, match="fenced"):
+            await a.record_event(stale, transition(stale, "Running"))
+        [fresh] = (await b.load_tasks([partition_of("task-1")])).values()
+        assert fresh.seq == 1 and fresh.last_status == "Queued"
+        await b.record_event(fresh, transition(fresh, "Running"))
+        async with b.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT seq, status, replica FROM enkwatch_events ORDER BY seq")
+        assert [(r["seq"], r["status"], r["replica"]) for r in rows] == [
+            (1, "Queued", "a"),
+            (2, "Running", "b"),
+        ]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_stale_local_lease_stops_writes_before_the_database_is_asked(dsn: str) -> None:
+    clock = Clock()
+    a = await open_store(dsn, "a", clock)
+    try:
+        await a.balance()
+        rec = TaskRecord("task-1", "task-1", None, 0.0)
+        await a.add_task(rec)
+        assert a.usable("task-1")
+        clock.now += a.safe_s  # frozen (SIGSTOP) past the safe window, by our own clock
+        assert not a.usable("task-1")
+        with pytest.raises(LeaseLost, match="does not hold"):
+            await a.record_event(rec, transition(rec, "Queued"))
+    finally:
+        await a.close()
+
+
+async def test_two_connections_racing_the_same_transition_one_wins(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    try:
+        await a.balance()
+        await a.add_task(TaskRecord("task-1", "task-1", None, 0.0))
+        racers = [TaskRecord("task-1", "task-1", None, 0.0) for _ in range(8)]
+        results = await asyncio.gather(
+            *(a.record_event(r, transition(r, "Queued")) for r in racers),
+            return_exceptions=True,
+        )
+        assert sum(1 for r in results if r is None) == 1
+        assert all(isinstance(r, LeaseLost) for r in results if r is not None)
+        assert a.conflicts == 7
+        async with a.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM enkwatch_events") == 1
+    finally:
+        await a.close()
+
+
+async def test_unwritten_events_are_found_by_the_next_owner(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    try:
+        await a.balance()
+        rec = TaskRecord("task-1", "task-1", None, 0.0)
+        await a.add_task(rec)
+        await a.record_event(rec, transition(rec, "Queued"))  # then killed: never confirmed
+        await a.release_all()
+        await b.balance()
+        [event] = await b.unwritten_events()
+        assert event.body["event_id"] == "task-1:1"
+        await b.mark_written("task-1", 1)
+        assert await b.unwritten_events() == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_watch_list_is_shared_and_changes_are_notified(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await b.listen(heard.put_nowait)
+        await a.add_task(TaskRecord("dataset:X", None, "X", 0.0))
+        await a.set_task_spec("dataset:X", {"dataset": "X"})
+        assert await asyncio.wait_for(heard.get(), 5) == "dataset:X"
+        [rec] = (await b.load_tasks()).values()
+        assert rec.spec == {"dataset": "X"}
+        await a.set_task_spec("dataset:X", None)
+        assert await asyncio.wait_for(heard.get(), 5) == "dataset:X"
+        assert await b.load_tasks() == {}
+    finally:
+        await a.close()
+        await b.close()
