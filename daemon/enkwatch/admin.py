@@ -9,7 +9,7 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from enkwatch.errors import ConfigError
+from enkwatch.errors import ConfigError, StateUnavailable
 
 ADMIN_TOKEN_ENV: Final = "ENKWATCH_ADMIN_TOKEN"
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -59,7 +59,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    return _json({"tasks": await request.app[BACKEND].list_tasks()})
+    try:
+        return _json({"tasks": await request.app[BACKEND].list_tasks()})
+    except StateUnavailable as err:
+        return _json({"error": str(err)}, 503)
 
 
 def _authorize(request: web.Request) -> web.Response | None:
@@ -95,6 +98,8 @@ async def add_task(request: web.Request) -> web.Response:
         return _json({"errors": err.problems}, 400)
     except TaskExists as err:
         return _json({"errors": [str(err)]}, 409)
+    except StateUnavailable as err:
+        return _json({"errors": [str(err)]}, 503)
     return _json(task, 201)
 
 
@@ -102,7 +107,11 @@ async def remove_task(request: web.Request) -> web.Response:
     if (denied := _authorize(request)) is not None:
         return denied
     key = request.match_info["task_key"]
-    if not await request.app[BACKEND].remove_task(key):
+    try:
+        removed = await request.app[BACKEND].remove_task(key)
+    except StateUnavailable as err:
+        return _json({"error": str(err)}, 503)
+    if not removed:
         return _json({"error": f"no watched task {key}"}, 404)
     return web.Response(status=204)
 

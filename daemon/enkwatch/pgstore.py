@@ -29,12 +29,13 @@ transaction mode.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import asyncpg
 import orjson
@@ -125,6 +126,25 @@ class Lease:
 
     epoch: int
     renewed_at: float  # our monotonic clock at the START of the renewing transaction
+
+
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+
+def _guarded(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Turn every database failure into StateUnavailable (never a DSN in the message)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except DB_ERRORS as err:
+            raise StateUnavailable(None, _describe(err)) from None
+
+    return wrapper
 
 
 def partition_of(task_key: str, partitions: int = PARTITIONS) -> int:
@@ -247,6 +267,7 @@ class PgStore:
     def owned_partitions(self) -> list[int]:
         return sorted(self.leases)
 
+    @_guarded
     async def balance(self) -> tuple[set[int], set[int]]:
         """Heartbeat, renew, claim up to our share, shed above it: (gained, lost)."""
         started = self._monotonic()
@@ -315,6 +336,7 @@ class PgStore:
         self.commits += 1
         return gained, lost
 
+    @_guarded
     async def release_all(self) -> None:
         """Give every partition back at once (SIGTERM): a rolling restart hands over fast."""
         mine = list(self.leases)
@@ -334,6 +356,7 @@ class PgStore:
 
     # -- the watch list --------------------------------------------------------------------
 
+    @_guarded
     async def load_tasks(self, partitions: Iterable[int] | None = None) -> dict[str, TaskRecord]:
         """Every watched (not removed) task, or those of some partitions."""
         query = f"SELECT {_TASK_COLUMNS} FROM enkwatch_tasks WHERE NOT removed"
@@ -344,11 +367,13 @@ class PgStore:
                 rows = await conn.fetch(query + " AND partition = ANY($1::int[])", list(partitions))
         return {r["task_key"]: _record(r) for r in rows}
 
+    @_guarded
     async def removed_keys(self) -> set[str]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch("SELECT task_key FROM enkwatch_tasks WHERE removed")
         return {r["task_key"] for r in rows}
 
+    @_guarded
     async def add_task(self, record: TaskRecord) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(
@@ -363,6 +388,7 @@ class PgStore:
                 orjson.dumps(record.spec).decode() if record.spec is not None else None,
             )
 
+    @_guarded
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
         """Add (spec) or remove (None) a task of the shared watch list; durable, then notify."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -380,6 +406,7 @@ class PgStore:
                 )
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, task_key)
 
+    @_guarded
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(task_key)` when another replica changes the watch list."""
         self._listener = await asyncpg.connect(
@@ -468,6 +495,7 @@ class PgStore:
             # written but not confirmed: the next claim of the partition writes it again
             raise StateUnavailable(task_key, _describe(err)) from None
 
+    @_guarded
     async def unwritten_events(
         self, partitions: Iterable[int] | None = None
     ) -> list[JournaledEvent]:
@@ -480,6 +508,7 @@ class PgStore:
             )
         return [JournaledEvent(r["task_key"], r["seq"], orjson.loads(r["body"])) for r in rows]
 
+    @_guarded
     async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
         items = list(polls)
         if not items:
@@ -511,6 +540,7 @@ class PgStore:
             [(sink, task_key, partition, body, now) for sink in sinks],
         )
 
+    @_guarded
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Deliveries of an event that is not about a task (partition 0's owner sends them)."""
         if not sinks:
@@ -518,6 +548,7 @@ class PgStore:
         async with self.pool.acquire() as conn:
             await self._enqueue(conn, sinks, "", 0, orjson.dumps(dict(event)))
 
+    @_guarded
     async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
         """Deliveries of the partitions we hold: one sender per task at a time, in order."""
         parts = [p for p, lease in self.leases.items() if self._fresh(lease)]
@@ -548,10 +579,12 @@ class PgStore:
     def _fresh(self, lease: Lease) -> bool:
         return self._monotonic() - lease.renewed_at < self.safe_s
 
+    @_guarded
     async def delivery_done(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("DELETE FROM enkwatch_outbox WHERE id = $1", row_id)
 
+    @_guarded
     async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(
@@ -561,6 +594,7 @@ class PgStore:
                 next_attempt_at,
             )
 
+    @_guarded
     async def delivery_dead(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("UPDATE enkwatch_outbox SET state = 'dead' WHERE id = $1", row_id)
@@ -568,6 +602,7 @@ class PgStore:
     def outbox_stats(self) -> tuple[int, float | None]:
         return self._outbox_stats
 
+    @_guarded
     async def refresh_outbox_stats(self) -> None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(

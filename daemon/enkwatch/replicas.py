@@ -69,7 +69,7 @@ class Coordinator:
                 if self._pending_keys:
                     await self._refresh(self._pending_keys)
                 await self.store.refresh_outbox_stats()
-            except DB_ERRORS as err:
+            except (StateUnavailable, *DB_ERRORS) as err:
                 self._state_trouble(err)
                 return
             if self._unavailable:
@@ -100,7 +100,7 @@ class Coordinator:
                 return
             try:
                 await self._refresh(self._pending_keys)
-            except DB_ERRORS as err:
+            except (StateUnavailable, *DB_ERRORS) as err:
                 self._state_trouble(err)
 
     async def _refresh(self, keys: set[str]) -> None:
@@ -162,5 +162,5 @@ class Coordinator:
         async with self._lock:
             try:
                 await self.store.release_all()
-            except DB_ERRORS as err:
+            except (StateUnavailable, *DB_ERRORS) as err:
                 self._state_trouble(err)

@@ -11,6 +11,7 @@ blocks only the later deliveries of the same task, and a delivery older than the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import random
@@ -24,7 +25,7 @@ import orjson
 from enkwatch import __version__
 from enkwatch.clock import Clock
 from enkwatch.config import SinksConfig, WebhookConfig
-from enkwatch.errors import ConfigError
+from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.store import OutboxRow
 
 SIGNATURE_HEADER: Final = "X-Enkwatch-Signature"
@@ -179,7 +180,12 @@ class Outbox:
         idle = self.idle[sink.id]
         while True:
             wake.clear()
-            rows = await self._store.pending_deliveries(sink.id, limit=1000)
+            try:
+                rows = await self._store.pending_deliveries(sink.id, limit=1000)
+            except StateUnavailable:
+                # the shared state is down: the rows wait there; look again a little later
+                await self._sleep_or_wake(wake, IDLE_RECHECK_S)
+                continue
             if not rows:
                 idle.set()
                 await self._sleep_or_wake(wake, IDLE_RECHECK_S)
@@ -205,6 +211,11 @@ class Outbox:
             pass
 
     async def _deliver_one(self, sink: Sink, row: OutboxRow, sem: asyncio.Semaphore) -> None:
+        # the state is down: delivered or not, the row stays pending and goes again (at least once)
+        with contextlib.suppress(StateUnavailable):
+            await self._deliver(sink, row, sem)
+
+    async def _deliver(self, sink: Sink, row: OutboxRow, sem: asyncio.Semaphore) -> None:
         async with sem:
             error = await self._post(sink, row)
         if error is None:

@@ -1,0 +1,370 @@
+"""Several replicas on one real PostgreSQL, as real processes, under chaos.
+
+After each scenario the database and the replicas' stdout must show: no duplicate
+(task, seq), no gap in seq, no repeated consecutive status, every task's last event equal
+to its stored status, every committed event written to some stdout (the same event_id
+written twice only with the same content), and the webhook outbox delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+from tests.servicekit import scenario, sim_task, simulator
+
+BIN = find_bin_dir()
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(BIN is None, reason=HOW_TO_ENABLE)]
+
+API_KEY = "sk-test-SECRET-replicas"
+TOKEN = "admin-token-replicas"
+LEASE_S = 3.0  # renew every 1 s, stop polling 2 s after the last renewal
+N_TASKS = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    assert BIN is not None
+    server = PgServer(BIN)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def dsn(pg_server: PgServer) -> AsyncIterator[str]:
+    admin = await asyncpg.connect(pg_server.dsn)
+    name = f"r{os.getpid()}_{id(object()) % 10**8}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    yield pg_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    await admin.close()
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(json.loads(await request.read()))
+        return web.Response(status=200)
+
+
+class Replica:
+    """One `enkwatch run` process; stdout goes to a file read afterwards."""
+
+    def __init__(self, cfg: Path, out: Path, admin_port: int) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.admin_port = admin_port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
+        env.update(
+            {
+                "ENKRYPTAI_API_KEY": API_KEY,
+                "ENKWATCH_ADMIN_TOKEN": TOKEN,
+                "ENKWATCH_ADMIN__LISTEN": f"127.0.0.1:{self.admin_port}",
+            }
+        )
+        with self.out.open("ab") as sink, self.out.with_suffix(".err").open("ab") as errors:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "enkwatch",
+                "run",
+                "--config",
+                str(self.cfg),
+                stdout=sink,
+                stderr=errors,
+                env=env,
+            )
+
+    async def wait_started(self, within_s: float = 30.0) -> None:
+        """Until the replica has written `daemon.started` (signals and admin are set up)."""
+        async with asyncio.timeout(within_s):
+            while b'"daemon.started"' not in self.out.read_bytes():
+                assert self.proc is not None and self.proc.returncode is None
+                await asyncio.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 15)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+
+
+class Cluster:
+    def __init__(self, tmp: Path, dsn: str, base_url: str, hook_url: str, n: int = 3) -> None:
+        self.tmp = tmp
+        self.dsn = dsn
+        cfg = {
+            "api": {"base_url": base_url, "timeout_seconds": 2},
+            "polling": {
+                "interval_seconds": 0.1,
+                "jitter": 0.1,
+                "max_requests_per_second": 0,
+                "max_backoff_seconds": 0.5,
+            },
+            "state": {"path": dsn, "lease_seconds": LEASE_S},
+            "sinks": {"webhooks": [{"url": hook_url, "events": ["task.transition"]}]},
+            "tasks": [{"task_id": f"t{i:02d}"} for i in range(N_TASKS)],
+        }
+        self.cfg = tmp / "replica.yaml"
+        self.cfg.write_text(yaml.safe_dump(cfg))
+        self.replicas = [self.new_replica(i) for i in range(n)]
+
+    def new_replica(self, i: int) -> Replica:
+        return Replica(self.cfg, self.tmp / f"replica-{i}-{free_port()}.out", free_port())
+
+    async def start(self) -> None:
+        for replica in self.replicas:
+            await replica.start()
+        for replica in self.replicas:
+            await replica.wait_started()
+
+    async def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def wait_until(self, sql: str, predicate: Any, within_s: float = 60.0) -> None:
+        async with asyncio.timeout(within_s):
+            while True:
+                try:
+                    if predicate(await self.query(sql)):
+                        return
+                except asyncpg.UndefinedTableError:
+                    pass
+                await asyncio.sleep(0.1)
+
+    async def wait_events(self, at_least: int) -> None:
+        await self.wait_until(
+            "SELECT count(*) AS n FROM enkwatch_events", lambda r: r[0]["n"] >= at_least
+        )
+
+    async def wait_all_done(self, n_tasks: int = N_TASKS) -> None:
+        await self.wait_until(
+            "SELECT count(*) AS n FROM enkwatch_tasks WHERE outcome IS NOT NULL AND NOT removed",
+            lambda r: r[0]["n"] >= n_tasks,
+        )
+
+    async def stop_all(self) -> list[int]:
+        codes = [await r.stop() for r in self.replicas]
+        for replica in self.replicas:
+            errors = replica.out.with_suffix(".err").read_text()
+            assert "Traceback" not in errors, errors
+        return codes
+
+    def stdout_events(self) -> list[dict[str, Any]]:
+        events = []
+        for path in sorted(self.tmp.glob("replica-*.out")):
+            for line in path.read_bytes().splitlines():
+                assert API_KEY.encode() not in line
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    # a process killed mid-line leaves a torn last line; nothing else may be
+                    assert line == path.read_bytes().splitlines()[-1]
+        return events
+
+    async def check_invariants(self, receiver: Receiver) -> None:
+        rows = await self.query(
+            "SELECT task_key, seq, status, body, written FROM enkwatch_events "
+            "ORDER BY task_key, seq"
+        )
+        tasks = {
+            r["task_key"]: r
+            for r in await self.query("SELECT task_key, seq, last_status FROM enkwatch_tasks")
+        }
+        by_task: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_task.setdefault(row["task_key"], []).append(row)
+        for key, events in by_task.items():
+            seqs = [e["seq"] for e in events]
+            assert seqs == list(range(1, len(seqs) + 1)), (key, seqs)  # no gap, no duplicate
+            assert tasks[key]["seq"] == seqs[-1]
+            statuses = [e["status"] for e in events if e["status"] is not None]
+            assert all(a != b for a, b in itertools.pairwise(statuses)), statuses
+            if statuses:
+                assert statuses[-1] == tasks[key]["last_status"]
+            assert all(e["written"] for e in events), key
+        # every committed event reached some stdout; a repeat only with the same content
+        printed: dict[str, dict[str, Any]] = {}
+        for event in self.stdout_events():
+            if "event_id" not in event:
+                continue
+            if event["event_id"] in printed:
+                assert printed[event["event_id"]] == event
+            printed[event["event_id"]] = event
+        for row in rows:
+            event_id = f"{row['task_key']}:{row['seq']}"
+            assert event_id in printed, f"{event_id} was committed but never written"
+            assert printed[event_id] == json.loads(row["body"])
+        # the webhook outbox is delivered (at least once each)
+        await self.wait_until(
+            "SELECT count(*) AS n FROM enkwatch_outbox WHERE state = 'pending'",
+            lambda r: r[0]["n"] == 0,
+            within_s=30,
+        )
+        delivered = {b["event_id"] for b in receiver.bodies}
+        transitions = {f"{r['task_key']}:{r['seq']}" for r in rows if r["status"] is not None}
+        assert transitions <= delivered
+
+
+@pytest.fixture
+async def env(
+    tmp_path: Path, dsn: str, aiohttp_server: Any
+) -> AsyncIterator[tuple[Cluster, Receiver]]:
+    tasks = [
+        sim_task(
+            f"t{i:02d}",
+            ("Queued", 1.5),
+            ("Running", 3.0),
+            ("Failed" if i % 5 == 0 else "Finished", None),
+        )
+        for i in range(N_TASKS)
+    ]
+    tasks.append(sim_task("extra", ("Queued", 1.0), ("Running", 1.0), ("Finished", None)))
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    hook_server = await aiohttp_server(app)
+    async with simulator(scenario(*tasks)) as (url, _):
+        cluster = Cluster(tmp_path, dsn, url, str(hook_server.make_url("/hook")))
+        try:
+            yield cluster, receiver
+        finally:
+            for replica in cluster.replicas:
+                if replica.proc is not None and replica.proc.returncode is None:
+                    replica.kill()
+                    await replica.proc.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_of_a_replica(env: tuple[Cluster, Receiver]) -> None:
+    cluster, receiver = env
+    await cluster.start()
+    await cluster.wait_events(N_TASKS // 2)
+    victim = cluster.replicas[0]
+    victim.kill()
+    await victim.proc.wait()  # type: ignore[union-attr]
+    cluster.replicas = cluster.replicas[1:]
+    await cluster.wait_all_done()
+    assert await cluster.stop_all() == [0, 0]
+    await cluster.check_invariants(receiver)
+
+
+@pytest.mark.timeout(120)
+async def test_a_frozen_replica_past_its_lease_does_not_split_the_brain(
+    env: tuple[Cluster, Receiver],
+) -> None:
+    cluster, receiver = env
+    await cluster.start()
+    await cluster.wait_events(N_TASKS // 2)
+    frozen = cluster.replicas[1]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        # the others take its partitions over once its lease has expired
+        await asyncio.sleep(LEASE_S + 1.5)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    await cluster.wait_all_done()
+    assert await cluster.stop_all() == [0, 0, 0]
+    await cluster.check_invariants(receiver)
+
+
+@pytest.mark.timeout(150)
+async def test_rolling_sigterm_restarts(env: tuple[Cluster, Receiver]) -> None:
+    cluster, receiver = env
+    await cluster.start()
+    await cluster.wait_events(N_TASKS // 3)
+    for i in range(len(cluster.replicas)):
+        assert await cluster.replicas[i].stop() == 0
+        cluster.replicas[i] = cluster.new_replica(10 + i)
+        await cluster.replicas[i].start()
+        await cluster.replicas[i].wait_started()
+        await cluster.wait_events(N_TASKS // 3 + (i + 1) * 5)
+    await cluster.wait_all_done()
+    assert await cluster.stop_all() == [0, 0, 0]
+    await cluster.check_invariants(receiver)
+
+
+@pytest.mark.timeout(120)
+async def test_terminated_database_connections(env: tuple[Cluster, Receiver]) -> None:
+    cluster, receiver = env
+    await cluster.start()
+    await cluster.wait_events(N_TASKS // 3)
+    for replica in cluster.replicas[:2]:
+        await cluster.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1",
+            f"%-{replica.pid}-%",
+        )
+    await cluster.wait_all_done()
+    assert await cluster.stop_all() == [0, 0, 0]
+    await cluster.check_invariants(receiver)
+
+
+@pytest.mark.timeout(120)
+async def test_tasks_added_and_removed_at_run_time_reach_every_replica(
+    env: tuple[Cluster, Receiver],
+) -> None:
+    cluster, receiver = env
+    await cluster.start()
+    await cluster.wait_events(5)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first, _, last = cluster.replicas
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{first.admin_port}/tasks"
+        async with http.post(url, json={"task_id": "extra"}, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+        # whichever replica owns its partition polls it to the end
+        await cluster.wait_until(
+            "SELECT outcome FROM enkwatch_tasks WHERE task_key = 'extra'",
+            lambda r: r and r[0]["outcome"] == "Finished",
+        )
+        # removed through another replica: the shared list no longer has it
+        url = f"http://127.0.0.1:{last.admin_port}/tasks/t00"
+        async with http.delete(url, headers=auth) as resp:
+            assert resp.status == 204
+        async with http.get(f"http://127.0.0.1:{first.admin_port}/tasks") as resp:
+            listed = {t["task_key"] for t in (await resp.json())["tasks"]}
+        assert "extra" in listed and "t00" not in listed
+    await cluster.wait_all_done(N_TASKS - 1)
+    assert await cluster.stop_all() == [0, 0, 0]
+    await cluster.check_invariants(receiver)
