@@ -104,6 +104,12 @@ class Replica:
                 env=env,
             )
 
+    async def wait_emitted(self, within_s: float = 30.0) -> None:
+        """Until the replica has written at least one transition of its own."""
+        async with asyncio.timeout(within_s):
+            while b'"task.transition"' not in self.out.read_bytes():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
     async def wait_started(self, within_s: float = 30.0) -> None:
         """Until the replica has written `daemon.started` (signals and admin are set up)."""
         async with asyncio.timeout(within_s):
@@ -172,6 +178,15 @@ class Cluster:
                 except asyncpg.UndefinedTableError:
                     pass
                 await asyncio.sleep(0.1)
+
+    async def wait_balanced(self) -> None:
+        """Until every running replica holds a share of the partitions."""
+        n = sum(1 for r in self.replicas if r.proc is not None and r.proc.returncode is None)
+        await self.wait_until(
+            "SELECT count(DISTINCT owner) AS n FROM enkwatch_partition_lease "
+            "WHERE expires_at > now() AND owner IS NOT NULL",
+            lambda r: r[0]["n"] == n,
+        )
 
     async def wait_events(self, at_least: int) -> None:
         await self.wait_until(
@@ -255,7 +270,7 @@ async def env(
         sim_task(
             f"t{i:02d}",
             ("Queued", 1.5),
-            ("Running", 3.0),
+            ("Running", 6.0),
             ("Failed" if i % 5 == 0 else "Finished", None),
         )
         for i in range(N_TASKS)
@@ -280,12 +295,27 @@ async def env(
 async def test_kill_9_of_a_replica(env: tuple[Cluster, Receiver]) -> None:
     cluster, receiver = env
     await cluster.start()
+    await cluster.wait_balanced()
     await cluster.wait_events(N_TASKS // 2)
     victim = cluster.replicas[0]
+    await victim.wait_emitted()
     victim.kill()
     await victim.proc.wait()  # type: ignore[union-attr]
     cluster.replicas = cluster.replicas[1:]
     await cluster.wait_all_done()
+    # the survivors' metrics show the takeover
+    takeovers = 0.0
+    owned = 0.0
+    async with aiohttp.ClientSession() as http:
+        for replica in cluster.replicas:
+            async with http.get(f"http://127.0.0.1:{replica.admin_port}/metrics") as resp:
+                for line in (await resp.text()).splitlines():
+                    if line.startswith("enkwatch_partition_takeover_seconds_count"):
+                        takeovers += float(line.split()[-1])
+                    if line.startswith("enkwatch_partitions_owned "):
+                        owned += float(line.split()[-1])
+    assert takeovers >= 1, (takeovers, owned)
+    assert owned == 64
     assert await cluster.stop_all() == [0, 0]
     await cluster.check_invariants(receiver)
 
@@ -296,8 +326,10 @@ async def test_a_frozen_replica_past_its_lease_does_not_split_the_brain(
 ) -> None:
     cluster, receiver = env
     await cluster.start()
+    await cluster.wait_balanced()
     await cluster.wait_events(N_TASKS // 2)
     frozen = cluster.replicas[1]
+    await frozen.wait_emitted()
     os.kill(frozen.pid, signal.SIGSTOP)
     try:
         # the others take its partitions over once its lease has expired
@@ -313,13 +345,13 @@ async def test_a_frozen_replica_past_its_lease_does_not_split_the_brain(
 async def test_rolling_sigterm_restarts(env: tuple[Cluster, Receiver]) -> None:
     cluster, receiver = env
     await cluster.start()
-    await cluster.wait_events(N_TASKS // 3)
+    await cluster.wait_balanced()
     for i in range(len(cluster.replicas)):
         assert await cluster.replicas[i].stop() == 0
         cluster.replicas[i] = cluster.new_replica(10 + i)
         await cluster.replicas[i].start()
         await cluster.replicas[i].wait_started()
-        await cluster.wait_events(N_TASKS // 3 + (i + 1) * 5)
+        await cluster.wait_balanced()
     await cluster.wait_all_done()
     assert await cluster.stop_all() == [0, 0, 0]
     await cluster.check_invariants(receiver)

@@ -69,6 +69,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.takeover = Histogram(
+            "enkwatch_partition_takeover_seconds",
+            "Replicas: from a partition's last renewal by a replica that died or froze to its "
+            "claim by this one (the lease plus the time it lay unclaimed).",
+            buckets=(5, 10, 15, 20, 25, 30, 45, 60, 120),
+            registry=r,
+        )
         self._state = _StateCollector()
         r.register(self._state)
 
@@ -78,8 +85,10 @@ class Metrics:
         gate: Callable[[], RequestGate | None],
         in_flight: Callable[[], int],
         outbox: Callable[[], tuple[int, float | None]],
+        replication: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         """Tell the scrape-time collector where the live state is."""
+        self._state.replication = replication
         self._state.tasks = tasks
         self._state.gate = gate
         self._state.in_flight = in_flight
@@ -117,6 +126,7 @@ class _StateCollector(Collector):
         self.gate: Callable[[], RequestGate | None] = lambda: None
         self.in_flight: Callable[[], int] = lambda: 0
         self.outbox: Callable[[], tuple[int, float | None]] = lambda: (0, None)
+        self.replication: Callable[[], dict[str, float]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         by_status: Tally[str] = Tally()
@@ -180,6 +190,28 @@ class _StateCollector(Collector):
             "Seconds left in the current Retry-After pause.",
             value=gate.pause_remaining() if gate else 0.0,
         )
+        if self.replication is not None:
+            stats = self.replication()
+            yield GaugeMetricFamily(
+                "enkwatch_partitions_owned",
+                "Replicas: partitions (shares of the watch list) this replica holds.",
+                value=stats["partitions_owned"],
+            )
+            for name, key, doc in (
+                ("enkwatch_leases_lost", "leases_lost", "Partitions lost or shed."),
+                (
+                    "enkwatch_fenced_transitions",
+                    "fenced",
+                    "Events refused because this replica no longer held the lease.",
+                ),
+                (
+                    "enkwatch_conflicting_transitions",
+                    "conflicts",
+                    "Events refused because another writer had moved the task's seq.",
+                ),
+                ("enkwatch_state_commits", "commits", "Database transactions committed."),
+            ):
+                yield CounterMetricFamily(name, f"Replicas: {doc}", value=stats[key])
         pending, oldest = self.outbox()
         yield GaugeMetricFamily(
             "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending

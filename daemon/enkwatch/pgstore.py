@@ -195,6 +195,7 @@ class PgStore:
         self._listener: asyncpg.Connection | None = None
         self._outbox_stats: tuple[int, float | None] = (0, None)
         # counters for metrics
+        self.on_takeover: Callable[[float], None] = lambda seconds: None
         self.leases_lost = 0
         self.fenced = 0
         self.conflicts = 0
@@ -264,6 +265,16 @@ class PgStore:
         lease = self.leases.get(partition_of(task_key, self.partitions))
         return lease is not None and self._monotonic() - lease.renewed_at < self.safe_s
 
+    def replication_stats(self) -> dict[str, float]:
+        """For metrics."""
+        return {
+            "partitions_owned": len(self.leases),
+            "leases_lost": self.leases_lost,
+            "fenced": self.fenced,
+            "conflicts": self.conflicts,
+            "commits": self.commits,
+        }
+
     def owned_partitions(self) -> list[int]:
         return sorted(self.leases)
 
@@ -318,13 +329,15 @@ class PgStore:
             elif len(self.leases) < target:
                 claimed = await conn.fetch(
                     "WITH free AS ("
-                    "  SELECT partition FROM enkwatch_partition_lease"
+                    "  SELECT partition, owner AS old_owner, expires_at AS old_expiry"
+                    "  FROM enkwatch_partition_lease"
                     "  WHERE expires_at <= now() OR owner IS NULL"
                     "  ORDER BY partition FOR UPDATE SKIP LOCKED LIMIT $3)"
                     " UPDATE enkwatch_partition_lease l SET owner = $1, epoch = l.epoch + 1,"
                     "   expires_at = now() + make_interval(secs => $2)"
                     " FROM free WHERE l.partition = free.partition"
-                    " RETURNING l.partition, l.epoch",
+                    " RETURNING l.partition, l.epoch, free.old_owner,"
+                    "   extract(epoch FROM now() - free.old_expiry)::float8 AS orphaned_s",
                     self.replica_id,
                     self.lease_s,
                     target - len(self.leases),
@@ -332,6 +345,10 @@ class PgStore:
                 for row in claimed:
                     self.leases[row["partition"]] = Lease(row["epoch"], started)
                     gained.add(row["partition"])
+                    if row["old_owner"] not in (None, self.replica_id):
+                        # taken over from a replica that stopped renewing: how long it lay
+                        # orphaned after its lease ran out (the lease itself comes on top)
+                        self.on_takeover(max(0.0, row["orphaned_s"]) + self.lease_s)
         self.leases_lost += len(lost - gained)
         self.commits += 1
         return gained, lost

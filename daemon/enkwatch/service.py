@@ -225,7 +225,10 @@ class Service:
                 gate=lambda: self._gate,
                 in_flight=lambda: len(sched.in_flight),
                 outbox=store.outbox_stats,
+                replication=getattr(store, "replication_stats", None),
             )
+            if store.shared:
+                store.on_takeover = self.metrics.takeover.observe  # type: ignore[attr-defined]
             await outbox.start()
             stack.push_async_callback(outbox.close)
             aps = make_apscheduler()
