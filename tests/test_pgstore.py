@@ -197,3 +197,62 @@ async def test_the_watch_list_is_shared_and_changes_are_notified(dsn: str) -> No
     finally:
         await a.close()
         await b.close()
+
+
+async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from enkwatch.store import SqliteStore
+
+    path = str(tmp_path / "state.db")
+    lite = SqliteStore(path)
+    rec = TaskRecord("task-1", "task-1", None, 5.0, spec={"task_id": "task-1"})
+    await lite.add_task(rec)
+    await lite.record_event(rec, transition(rec, "Queued"), ["hook"])
+    await lite.mark_written("task-1", 1)
+    await lite.record_event(rec, transition(rec, "Running"))
+    await lite.close()
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "enkwatch", "migrate-state", "--from", path, "--to", dsn],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    done = await asyncio.to_thread(run)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "tasks_copied": 1,
+        "tasks_already_there": 0,
+        "events_copied": 2,
+        "deliveries_copied": 1,
+    }
+    again = await asyncio.to_thread(run)  # idempotent: nothing copied twice
+    assert json.loads(again.stdout)["tasks_already_there"] == 1
+
+    store = await open_store(dsn, "a")
+    try:
+        await store.balance()
+        [moved] = (await store.load_tasks()).values()
+        assert (moved.seq, moved.last_status, moved.watch_started_at) == (2, "Running", 5.0)
+        assert moved.spec == {"task_id": "task-1"}
+        await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 3
+        # migrated history counts as written: only the new event waits for its confirmation
+        assert [e.seq for e in await store.unwritten_events()] == [3]
+        [row] = await store.pending_deliveries("hook", 10)
+        assert json.loads(row.body)["event_id"] == "task-1:1"
+    finally:
+        await store.close()
+
+    missing = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "enkwatch", "migrate-state", "--from", "/nope.db", "--to", dsn],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2 and "--from: /nope.db is not a file" in missing.stderr

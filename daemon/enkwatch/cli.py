@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the simulator and the daemon on the bundled demo config")
 
+    migrate = sub.add_parser(
+        "migrate-state", help="copy a SQLite state into PostgreSQL (to run several replicas)"
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="SQLITE_FILE")
+    migrate.add_argument("--to", dest="target", required=True, metavar="POSTGRESQL_URL")
+
     health = sub.add_parser(
         "healthcheck", help="ask a running daemon's /healthz (for a container HEALTHCHECK)"
     )
@@ -119,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", help="the URL to ask (default: http://<admin.listen>/healthz)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
 
-    for child in (run, watch, status, check, sim, sub.choices["demo"], health):
+    for child in (run, watch, status, check, sim, sub.choices["demo"], health, migrate):
         _common_options(child, top=False)
     return parser
 
@@ -177,6 +183,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check_config(args)
     if command == "simulate":
         return asyncio.run(_simulate(args))
+    if command == "migrate-state":
+        if not os.path.isfile(args.source):
+            raise ConfigError([f"--from: {args.source} is not a file"])
+        return asyncio.run(_migrate(args))
     if command == "healthcheck":
         return _healthcheck(args)
     if command == "demo":
@@ -256,6 +266,24 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"enkwatch: {task.key}: {err.kind}: {err.detail}", file=sys.stderr)
         return status_exit_code(err)
     print(json.dumps(obs.data, indent=2, ensure_ascii=False), flush=True)
+    return EXIT_OK
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from enkwatch.migrate import migrate_state
+
+    report = await migrate_state(args.source, args.target)
+    print(
+        json.dumps(
+            {
+                "tasks_copied": report.tasks,
+                "tasks_already_there": report.tasks_skipped,
+                "events_copied": report.events,
+                "deliveries_copied": report.outbox,
+            }
+        ),
+        flush=True,
+    )
     return EXIT_OK
 
 
