@@ -1,0 +1,62 @@
+"""The benchmark harness runs end to end (in its smallest mode) and reports every figure.
+
+No timing is asserted here: the figures depend on the machine. `python -m bench` (or
+`--quick`) is what measures; this only proves the harness works.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RUN_KEYS = {
+    "n",
+    "polls_per_s_ratio",
+    "cpu_per_poll_ratio",
+    "lateness_p99_ms",
+    "rss_bytes_per_task",
+    "overload_rss_ratio",
+    "startup_s",
+    "idle_core_fraction",
+    "event_cpu_share",
+    # a few of the raw figures they come from
+    "bare_requests_per_s",
+    "polls_per_s",
+    "cpu_per_poll_us",
+    "bare_cpu_per_request_us",
+    "first_round_s",
+    "add_us_p99",
+}
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"cores", "versions", "runs", "design", "render", "targets"} <= result.keys()
+    assert result["cores"] >= 1
+    assert result["versions"]["enkwatch"]
+    (run,) = result["runs"]
+    assert run.keys() >= RUN_KEYS
+    assert run["polls_per_s"] > 0
+    assert run["first_round_complete"] is True
+    assert run["exit_code"] == 0
+    assert result["design"]["aps_polls_per_s"] > 0
+    assert result["render"]["events"] > 0
+    # the table went to stdout, beside the JSON
+    assert "polls/s ratio to bare" in proc.stdout
