@@ -31,7 +31,6 @@ OVERLOAD_FACTOR = 5.0
 IDLE_INTERVAL_S = 60.0
 IDLE_TARGET_N = 10_000
 FLIP_EVERY = 10  # the event-cost run: one poll in this many is a status transition
-GC_THRESHOLD0 = 50_000  # the what-if run's first-generation GC threshold (default 700)
 
 
 @dataclass(frozen=True)
@@ -46,19 +45,16 @@ class Plan:
     events_window_s: float
     idle_window_s: float
     adds: int
-    gc_pairs: int
     design_n: int
     design_pairs: int
     render_events: int
 
 
 PLANS = {
-    "full": Plan(
-        (1_000, 10_000, 100_000), 5, 1.5, 4.0, 3.0, 4.0, 10.5, 20_000, 2, 10_000, 3, 20_000
-    ),
-    "quick": Plan((1_000, 10_000), 3, 1.0, 2.5, 1.5, 2.5, 10.5, 10_000, 1, 5_000, 1, 10_000),
+    "full": Plan((1_000, 10_000, 100_000), 5, 1.5, 4.0, 3.0, 4.0, 10.5, 20_000, 10_000, 3, 20_000),
+    "quick": Plan((1_000, 10_000), 3, 1.0, 2.5, 1.5, 2.5, 10.5, 10_000, 5_000, 1, 10_000),
     # a few seconds: proves the harness works (tests/test_bench.py), measures nothing
-    "smoke": Plan((300,), 1, 0.4, 0.6, 0.4, 0.6, 1.0, 500, 1, 300, 1, 1_000),
+    "smoke": Plan((300,), 1, 0.4, 0.6, 0.4, 0.6, 1.0, 500, 300, 1, 1_000),
 }
 
 # target: (figure, comparison, bound, the N it applies to or None for all / the comparison)
@@ -205,22 +201,11 @@ def run_size(n: int, plan: Plan, server: Server, bare: Child, tmp: Path) -> dict
         idle = enk.call("idle", window_s=idle_window)
         adds = enk.call("add_cost", count=plan.adds)
 
-        # what-if: the same saturation and 70% load with a larger first GC generation
-        enk.call("tune_gc", threshold0=GC_THRESHOLD0)
-        enk.call("schedule", interval_s=TINY_INTERVAL_S, spread_s=0.0)
-        bare_gc, enk_gc = [], []
-        for _ in range(plan.gc_pairs):
-            bare_gc.append(bare.call("run", window_s=plan.window_s))
-            enk_gc.append(enk.call("saturate", window_s=plan.window_s))
-        enk.call("schedule", interval_s=interval, spread_s=interval)
-        load_gc = enk.call("load", window_s=plan.load_window_s, settle_s=0.5)
         stop = enk.call("stop", answer_within_s=60)
         enk.proc.wait(10)
     finally:
         enk.kill()
     rss_load = load["rss_bytes"]
-    bare_gc_rps, bare_gc_cpu = _rate(bare_gc)
-    gc_rps, gc_cpu = _rate(enk_gc)
     return {
         "n": n,
         # the figures the targets are about
@@ -263,15 +248,6 @@ def run_size(n: int, plan: Plan, server: Server, bare: Child, tmp: Path) -> dict
         "event_cost_us": events["event_cpu_s"] / max(events["events"], 1) * 1e6,
         "add_us_mean": adds["mean_us"],
         "add_us_max": adds["max_us"],
-        "gc_tuned": {
-            "threshold0": GC_THRESHOLD0,
-            "polls_per_s_ratio": gc_rps / bare_gc_rps,
-            "cpu_per_poll_ratio": gc_cpu / bare_gc_cpu,
-            "lateness_p50_ms": load_gc["lateness_ms"]["p50"],
-            "lateness_p99_ms": load_gc["lateness_ms"]["p99"],
-            "lateness_max_ms": load_gc["lateness_ms"]["max"],
-            "load_polls_per_s": load_gc["count"] / load_gc["wall_s"],
-        },
         "stop_s": stop["stop_s"],
         "exit_code": stop["exit_code"],
     }
@@ -380,14 +356,6 @@ def table(result: dict[str, Any]) -> str:
             "event cost us; share of CPU",
             lambda r: f"{r['event_cost_us']:.0f}; {r['event_cpu_share']:.3f}",
         ),
-        (
-            "GC what-if: polls/s, CPU ratio",
-            lambda r: (
-                f"{r['gc_tuned']['polls_per_s_ratio']:.2f}, "
-                f"{r['gc_tuned']['cpu_per_poll_ratio']:.2f}"
-            ),
-        ),
-        ("GC what-if: lateness p99 ms", lambda r: f"{r['gc_tuned']['lateness_p99_ms']:.1f}"),
     ]
     runs = result["runs"]
     width = max(len(label) for label, _ in rows)

@@ -54,6 +54,7 @@ def make_config(base_url: str, state: str, tasks: list[dict[str, Any]], **extra:
 @asynccontextmanager
 async def running(config: Config, **kw: Any) -> AsyncIterator[Service]:
     """A started Service; stopped (and its exit code checked as 0) on leaving."""
+    kw.setdefault("gc_tuning", False)  # the test process's collector is not ours to tune
     service = Service(config, API_KEY, **kw)
     job = asyncio.ensure_future(service.run(install_signals=False))
     ready = asyncio.ensure_future(service.ready.wait())

@@ -687,3 +687,15 @@ def test_any_document_gives_a_config_or_a_config_error(
     for problem in problems:
         assert PROBLEM_LINE.match(problem), problem
         assert "sk-x" not in problem
+
+
+def test_a_json_config_is_read_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "watch.json"
+    path.write_text('{"polling": {"interval_seconds": 5}, "tasks": [{"dataset": "E"}]}')
+    config = load_config(path, environ={})
+    assert config.polling.interval_seconds == 5
+    assert [t.key for t in config.tasks] == ["dataset:E"]
+    path.write_text('{"tasks": [')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.problems[0].startswith("not valid JSON")

@@ -3,49 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 
 from enkwatch.errors import LeaseLost
 from enkwatch.pgstore import PgStore, partition_of
 from enkwatch.store import TaskRecord
-from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 
 BIN = find_bin_dir()
 pytestmark = pytest.mark.skipif(BIN is None, reason=HOW_TO_ENABLE)
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    assert BIN is not None
-    server = PgServer(BIN)
-    server.start()
-    yield server
-    server.stop()
-
-
 class Clock:
+    """A monotonic clock the test moves."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def dsn(pg_server: PgServer) -> AsyncIterator[str]:
-    """A fresh database per test."""
-    admin = await asyncpg.connect(pg_server.dsn)
-    name = f"t{id(object()) % 10**9}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    yield pg_server.dsn.rsplit("/", 1)[0] + f"/{name}"
-    admin = await asyncpg.connect(pg_server.dsn)
-    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    await admin.close()
 
 
 async def open_store(dsn: str, name: str, clock: Clock | None = None, **kw: Any) -> PgStore:

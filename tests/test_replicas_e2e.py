@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 from tests.servicekit import scenario, sim_task, simulator
 
 BIN = find_bin_dir()
@@ -41,27 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    assert BIN is not None
-    server = PgServer(BIN)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def dsn(pg_server: PgServer) -> AsyncIterator[str]:
-    admin = await asyncpg.connect(pg_server.dsn)
-    name = f"r{os.getpid()}_{id(object()) % 10**8}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    yield pg_server.dsn.rsplit("/", 1)[0] + f"/{name}"
-    admin = await asyncpg.connect(pg_server.dsn)
-    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    await admin.close()
 
 
 class Receiver:

@@ -112,6 +112,8 @@ class RequestGate:
         """
         if self.closed:
             raise asyncio.CancelledError
+        if self._limiter is None and self.paused_until <= self._clock.monotonic():
+            return  # the hot path without limits: nothing to wait for, nothing to track
         task = asyncio.current_task()
         if task is not None:
             self._waiting.add(task)
@@ -249,8 +251,11 @@ def parse_body(body: bytes, http_status: int = 200) -> Observation:
 
 async def _read_limited(resp: aiohttp.ClientResponse) -> bytes | None:
     """The body, or None when it is larger than MAX_BODY_BYTES."""
-    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
-        return None
+    if resp.content_length is not None:
+        if resp.content_length > MAX_BODY_BYTES:
+            return None
+        # the length is announced and small: one read (aiohttp stops at Content-Length)
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -60,6 +61,14 @@ def header_problem(value: str) -> str | None:
     return None
 
 
+def _http_url(value: str) -> str:
+    """`value` when it is an http(s) URL with a host; the URL itself is never echoed."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
 class ApiConfig(_Model):
     """`api`: where and how to ask."""
 
@@ -70,9 +79,7 @@ class ApiConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
+        parts = urlsplit(_http_url(value))
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("must not carry credentials, a query or a fragment")
         return value.rstrip("/")
@@ -149,11 +156,8 @@ class WebhookConfig(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # the URL itself is not echoed: webhook URLs often embed a token
-            raise ValueError("must be an http:// or https:// URL with a host")
-        return value
+        # webhook URLs often embed a token: _http_url never echoes it
+        return _http_url(value)
 
     @field_validator("events")
     @classmethod
@@ -437,8 +441,16 @@ def validate_task_entry(entry: object, where: str = "") -> TaskConfig:
         raise ConfigError(problems) from None
 
 
+# libyaml's loader when PyYAML has it (its wheels do): ~3x faster on a large watch list
+_YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file."""
+    """Read and validate a config file: YAML, or JSON when the name ends in `.json`.
+
+    JSON is also YAML; a generated watch list of 100,000 tasks parses in milliseconds as
+    JSON and in seconds as YAML.
+    """
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -446,8 +458,14 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError([f"cannot read the config file: {err.strerror or err}"], source) from None
     except UnicodeDecodeError:
         raise ConfigError(["the config file is not UTF-8 text"], source) from None
+    if source.endswith(".json"):
+        try:
+            raw = orjson.loads(text)
+        except orjson.JSONDecodeError as err:
+            raise ConfigError([f"not valid JSON: {err}"], source) from None
+        return parse_config(raw, environ, source)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -78,6 +78,7 @@ class Metrics:
         )
         self._state = _StateCollector()
         r.register(self._state)
+        self._poll_children: dict[str, Any] = {}
 
     def bind(
         self,
@@ -95,7 +96,11 @@ class Metrics:
         self._state.outbox = outbox
 
     def observe_poll(self, outcome: str, seconds: float) -> None:
-        self.polls.labels(outcome).inc()
+        # a poll's hot path: the labelled child is looked up once per outcome, then cached
+        child = self._poll_children.get(outcome)
+        if child is None:
+            child = self._poll_children[outcome] = self.polls.labels(outcome)
+        child.inc()
         self.poll_latency.observe(seconds)
 
     def observe_event(self, _task: TaskWatch | None, body: dict[str, Any]) -> None:

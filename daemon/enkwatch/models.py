@@ -16,6 +16,10 @@ TERMINAL_STATUSES: Final = frozenset({FINISHED, FAILED})
 
 REQUIRED_FIELDS: Final = ("dataset_name", "created_at", "status", "task_id")
 
+# the one string object of each known status: 100,000 watched tasks then share four strings
+# instead of holding a copy each, as every parsed answer would give them
+_CANONICAL: Final[dict[str, str]] = {s: s for s in KNOWN_STATUSES}
+
 
 def is_terminal(status: str | None) -> bool:
     """True for Finished and Failed."""
@@ -68,12 +72,13 @@ def parse_observation(payload: object) -> Observation:
     for field in REQUIRED_FIELDS:
         if not isinstance(data[field], str):
             raise ValueError(f"data.{field} is not a string")
-    if not data["status"]:
+    status: str = data["status"]
+    if not status:
         raise ValueError("data.status is empty")
     return Observation(
         task_id=data["task_id"],
         dataset_name=data["dataset_name"],
-        status=data["status"],
+        status=_CANONICAL.get(status, status),
         created_at=data["created_at"],
         started_at=normalize_timestamp(data.get("started_at")),
         data=data,

@@ -390,19 +390,30 @@ class PgStore:
             rows = await conn.fetch("SELECT task_key FROM enkwatch_tasks WHERE removed")
         return {r["task_key"] for r in rows}
 
-    @_guarded
     async def add_task(self, record: TaskRecord) -> None:
+        await self.add_tasks([record])
+
+    @_guarded
+    async def add_tasks(self, records: Sequence[TaskRecord]) -> None:
+        """Insert tasks not yet known; known ones (and removed ones) keep what is stored."""
+        if not records:
+            return
         async with self.pool.acquire() as conn:
-            await conn.execute(
+            await conn.executemany(
                 "INSERT INTO enkwatch_tasks (task_key, partition, task_id, dataset, "
                 "watch_started_at, spec) VALUES ($1, $2, $3, $4, $5, $6::jsonb) "
                 "ON CONFLICT (task_key) DO NOTHING",
-                record.task_key,
-                partition_of(record.task_key, self.partitions),
-                record.task_id,
-                record.dataset,
-                record.watch_started_at,
-                orjson.dumps(record.spec).decode() if record.spec is not None else None,
+                [
+                    (
+                        r.task_key,
+                        partition_of(r.task_key, self.partitions),
+                        r.task_id,
+                        r.dataset,
+                        r.watch_started_at,
+                        orjson.dumps(r.spec).decode() if r.spec is not None else None,
+                    )
+                    for r in records
+                ],
             )
 
     @_guarded

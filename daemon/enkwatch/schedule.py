@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
@@ -34,6 +34,7 @@ from enkwatch.watch import TaskWatch
 # polls due within this much of now start together, saving a wake-up each
 DISPATCH_SLACK_S: Final = 0.005
 HEARTBEAT_S: Final = 1.0
+LOST_WAKEUP_S: Final = 0.1
 DISPATCH_JOB_ID: Final = "enkwatch-dispatch"
 # runs of the dispatch job that may be pending at once (see ApschedulerWakeup)
 DISPATCH_INSTANCES: Final = 4
@@ -92,7 +93,17 @@ class PollScheduler:
     def add(self, task: TaskWatch, due: float | None = None) -> None:
         """Schedule `task` at monotonic time `due` (now when None); O(log n), no I/O."""
         self._push(task, self._clock.monotonic() if due is None else due)
-        if not self.stopped and len(self.in_flight) < self.max_in_flight:
+        self._arm()
+
+    def add_many(self, tasks: Iterable[TaskWatch]) -> None:
+        """Schedule tasks due now (a watch list loading): one wake-up for them all."""
+        now = self._clock.monotonic()
+        for task in tasks:
+            self._push(task, now)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._heap and not self.stopped and len(self.in_flight) < self.max_in_flight:
             self.wakeup.arm(self._heap[0][0])
 
     def remove(self, task: TaskWatch) -> None:
@@ -207,8 +218,9 @@ class ApschedulerWakeup:
 
     def arm(self, at: float) -> None:
         now = self._clock.monotonic()
-        # an armed time already past is a wake-up that is running late or was lost: arm again
-        if self._armed_at is not None and now < self._armed_at <= at:
+        # an armed time already past by more than LOST_WAKEUP_S is a wake-up that was lost:
+        # arm again; one just past is still coming (a busy loop runs it a little late)
+        if self._armed_at is not None and now - LOST_WAKEUP_S < self._armed_at <= at:
             return
         self._armed_at = at
         delay = max(0.0, at - now)

@@ -8,6 +8,7 @@ writing was not confirmed is replayed on the next start (at least once, never lo
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 import orjson
 
 SCHEMA_VERSION = 1
+# confirmations of written events are committed together, at the latest this much later
+CONFIRM_WITHIN_S = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -116,6 +119,8 @@ class Store(Protocol):
 
     async def add_task(self, record: TaskRecord) -> None: ...
 
+    async def add_tasks(self, records: Sequence[TaskRecord]) -> None: ...
+
     async def record_event(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
     ) -> None: ...
@@ -154,6 +159,8 @@ class SqliteStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._confirmations: list[tuple[str, int]] = []
+        self._confirm_timer: asyncio.TimerHandle | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
@@ -213,20 +220,29 @@ class SqliteStore:
         return out
 
     async def add_task(self, record: TaskRecord) -> None:
+        await self.add_tasks([record])
+
+    async def add_tasks(self, records: Sequence[TaskRecord]) -> None:
+        """Insert tasks not yet known (one transaction); known ones keep what is stored."""
+        if not records:
+            return
         with self._tx():
-            self._db.execute(
+            self._db.executemany(
                 "INSERT OR IGNORE INTO tasks (task_key, task_id, dataset, watch_started_at, "
                 "last_status, seq, polls, spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.task_key,
-                    record.task_id,
-                    record.dataset,
-                    record.watch_started_at,
-                    record.last_status,
-                    record.seq,
-                    record.polls,
-                    orjson.dumps(record.spec).decode() if record.spec is not None else None,
-                ),
+                [
+                    (
+                        r.task_key,
+                        r.task_id,
+                        r.dataset,
+                        r.watch_started_at,
+                        r.last_status,
+                        r.seq,
+                        r.polls,
+                        orjson.dumps(r.spec).decode() if r.spec is not None else None,
+                    )
+                    for r in records
+                ],
             )
 
     async def record_event(
@@ -234,6 +250,8 @@ class SqliteStore:
     ) -> None:
         """Store the task's new state, its event and its webhook deliveries in one transaction."""
         with self._tx():
+            if self._confirmations:
+                self._confirm_pending()  # earlier events' confirmations ride along
             self._db.execute(
                 "UPDATE tasks SET last_status = ?, last_unknown_status = ?, seen_dataset = ?, "
                 "seen_task_id = ?, seq = ?, polls = ?, outcome = ? WHERE task_key = ?",
@@ -303,11 +321,32 @@ class SqliteStore:
         self._db.execute("UPDATE tasks SET spec = ? WHERE task_key = ?", (value, task_key))
 
     async def mark_written(self, task_key: str, seq: int) -> None:
-        self._db.execute(
-            "UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", (task_key, seq)
+        """Confirm that an event was written out.
+
+        Confirmations are committed together: with the next event's transaction, or
+        CONFIRM_WITHIN_S later, whichever comes first (a commit each would double the cost
+        of an event). A kill in that window writes the event again on the next start, with
+        the same event_id; nothing is lost.
+        """
+        self._confirmations.append((task_key, seq))
+        if self._confirm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._confirm_timer = loop.call_later(CONFIRM_WITHIN_S, self._flush_confirmations)
+
+    def _flush_confirmations(self) -> None:
+        self._confirm_timer = None
+        if self._confirmations:
+            with self._tx():
+                self._confirm_pending()
+
+    def _confirm_pending(self) -> None:
+        self._db.executemany(
+            "UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", self._confirmations
         )
+        self._confirmations = []
 
     async def unwritten_events(self) -> list[JournaledEvent]:
+        self._flush_confirmations()
         rows = self._db.execute(
             "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
         ).fetchall()
@@ -327,6 +366,9 @@ class SqliteStore:
             )
 
     async def close(self) -> None:
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+        self._flush_confirmations()
         self._db.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from enkwatch import events as ev
@@ -27,6 +27,9 @@ AUTH_CONFIRM_DELAY_S: Final = 1.0
 # a poll this close to the deadline counts as at the deadline (timers fire a little early)
 DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
+
+# the labels of a task without labels (never mutated: labels are replaced, not edited)
+NO_LABELS: Final[dict[str, str]] = {}
 
 EventHook = Callable[["TaskWatch", dict[str, Any]], None]
 
@@ -57,7 +60,6 @@ class TaskWatch:
     status_since: float | None = None
     # the scheduler's generation of this task's heap entry (lazy deletion)
     sched_gen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(
@@ -67,7 +69,8 @@ class TaskWatch:
             key=task.key,
             task_id=task.task_id,
             dataset=task.dataset,
-            labels=dict(task.labels),
+            # most tasks have none: share one empty mapping instead of a dict each
+            labels=dict(task.labels) if task.labels else NO_LABELS,
             interval_s=task.interval_seconds or polling.interval_seconds,
             deadline_s=task.deadline_seconds,
             record=record,
@@ -169,8 +172,13 @@ class Poller:
         task.failures = 0
         task.not_found = 0
         task.last_error = None
-        rec.seen_dataset = obs.dataset_name
-        rec.seen_task_id = obs.task_id
+        # keep the configured string objects when the API says the same (memory per task)
+        if obs.dataset_name != rec.seen_dataset:
+            rec.seen_dataset = (
+                task.dataset if obs.dataset_name == task.dataset else obs.dataset_name
+            )
+        if obs.task_id != rec.seen_task_id:
+            rec.seen_task_id = task.task_id if obs.task_id == task.task_id else obs.task_id
         if obs.known:
             if obs.status != rec.last_status:
                 previous = rec.last_status

@@ -1,0 +1,36 @@
+"""Fixtures shared by test modules: one real PostgreSQL server per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL cluster, started once; skips with how to enable it."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(HOW_TO_ENABLE)
+    server = PgServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def dsn(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database for one test."""
+    admin = await asyncpg.connect(pg_server.dsn)
+    name = f"t{os.getpid()}_{id(object()) % 10**9}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    yield pg_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(pg_server.dsn)
+    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    await admin.close()
