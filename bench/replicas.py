@@ -39,14 +39,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _polls(port: int) -> float:
+def _counters(port: int) -> tuple[float, float]:
+    """(polls, state commits) so far, from a replica's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("enkwatch_polls_total{")
-    )
+    polls = commits = 0.0
+    for line in text.splitlines():
+        if line.startswith("enkwatch_polls_total{"):
+            polls += float(line.split()[-1])
+        elif line.startswith("enkwatch_state_commits_total "):
+            commits += float(line.split()[-1])
+    return polls, commits
 
 
 async def _commits(dsn: str) -> int:
@@ -119,7 +122,7 @@ def measure(n: int, replicas: int, window_s: float) -> dict[str, Any]:
                     stderr=subprocess.DEVNULL,
                 )
             )
-        runs = asyncio.run(_observe(dsn, ports, server, replicas, window_s))
+        runs = asyncio.run(_observe(dsn, ports, server, replicas, window_s, n))
         return {"n": n, "replicas": replicas, "window_s": window_s, "runs": runs}
     finally:
         for proc in procs:
@@ -134,32 +137,51 @@ def measure(n: int, replicas: int, window_s: float) -> dict[str, Any]:
 
 
 async def _observe(
-    dsn: str, ports: list[int], server: subprocess.Popen[str], replicas: int, window_s: float
+    dsn: str,
+    ports: list[int],
+    server: subprocess.Popen[str],
+    replicas: int,
+    window_s: float,
+    n_tasks: int,
 ) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 90
     while await _owners(dsn) < replicas:
         if time.monotonic() > deadline:
             raise SystemExit("the replicas did not balance within 90 s")
         await asyncio.sleep(0.5)
-    await asyncio.sleep(3)  # past the first round of every task
+    # past the first round: every task's first transition is committed
+    conn = await asyncpg.connect(dsn)
+    try:
+        while await conn.fetchval("SELECT count(*) FROM enkwatch_events") < n_tasks:
+            if time.monotonic() > deadline + 120:
+                raise SystemExit("the first round did not complete")
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+    await asyncio.sleep(1)
 
-    async def polls() -> float:
-        counts = await asyncio.gather(*(asyncio.to_thread(_polls, p) for p in ports))
-        return sum(counts)
+    async def counters() -> tuple[float, float]:
+        pairs = await asyncio.gather(*(asyncio.to_thread(_counters, p) for p in ports))
+        return sum(p for p, _ in pairs), sum(c for _, c in pairs)
 
     async def window(label: str) -> dict[str, Any]:
-        polls0 = await polls()
-        commits0 = await _commits(dsn)
+        polls0, commits0 = await counters()
+        xacts0 = await _commits(dsn)
         t0 = time.monotonic()
         await asyncio.sleep(window_s)
-        done = await polls() - polls0
-        commits = await _commits(dsn) - commits0 - 2  # our own two reads
+        polls1, commits1 = await counters()
+        xacts = await _commits(dsn) - xacts0 - 2  # our own two reads
         wall = time.monotonic() - t0
+        done = polls1 - polls0
+        commits = commits1 - commits0
         return {
             "label": label,
             "polls_per_s": done / wall,
+            # enkwatch's own write transactions (events, confirmations, leases, checkpoints)
             "commits_per_s": commits / wall,
             "commits_per_poll": commits / max(done, 1),
+            # every transaction PostgreSQL counted, reads and the driver's resets included
+            "pg_transactions_per_poll": xacts / max(done, 1),
         }
 
     steady = await window("steady")
@@ -181,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.replicas} replicas, N={args.n:,}, {run['label']}: "
             f"{run['polls_per_s']:,.0f} polls/s, {run['commits_per_s']:,.1f} commits/s, "
-            f"{run['commits_per_poll']:.4f} commits per poll"
+            f"{run['commits_per_poll']:.4f} commits per poll "
+            f"({run['pg_transactions_per_poll']:.3f} PostgreSQL transactions of any kind per poll)"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -422,9 +422,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bare.close()
             server.close()
+    if result["mode"] == "full":
+        # several replicas on one PostgreSQL (skipped, with the reason, without its server)
+        from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
+
+        from bench.replicas import measure as measure_replicas
+
+        if find_bin_dir() is None:
+            result["replicas"] = {"skipped": HOW_TO_ENABLE}
+        else:
+            print("3 replicas on PostgreSQL, N = 10,000 ...", file=sys.stderr, flush=True)
+            result["replicas"] = measure_replicas(10_000, 3, 10.0)
     result["targets"] = verdicts(result["runs"])
     result["seconds"] = time.monotonic() - began
     print(table(result))
+    for run in result.get("replicas", {}).get("runs", []):
+        print(
+            f"3 replicas, one PostgreSQL, N=10,000, {run['label']}: "
+            f"{run['polls_per_s']:,.0f} polls/s, {run['commits_per_poll']:.4f} commits per poll"
+        )
     print(f"\n{result['mode']} run: {result['seconds']:.0f} s on {result['cores']} cores")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -432,4 +448,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python bench/run.py` from the repository root: make `bench` and `tests` importable
+    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

@@ -49,6 +49,8 @@ LEASE_S: Final = 15.0
 RENEW_FRACTION: Final = 1 / 3
 SAFE_FRACTION: Final = 2 / 3
 NOTIFY_CHANNEL: Final = "enkwatch_tasks"
+# confirmations of written events are committed together, at the latest this much later
+CONFIRM_WITHIN_S: Final = 0.05
 SCHEMA_VERSION: Final = 1
 # a constant key for the migration's transaction-scoped advisory lock
 _MIGRATION_LOCK: Final = 0x656E6B77
@@ -194,6 +196,9 @@ class PgStore:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._outbox_stats: tuple[int, float | None] = (0, None)
+        self._confirmations: list[tuple[str, int]] = []
+        self._confirm_job: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
         # counters for metrics
         self.on_takeover: Callable[[float], None] = lambda seconds: None
         self.leases_lost = 0
@@ -235,6 +240,10 @@ class PgStore:
             raise StateError(f"cannot open the PostgreSQL state: {_describe(err)}") from None
 
     async def close(self) -> None:
+        if self._confirm_job is not None:
+            self._confirm_job.cancel()
+            self._confirm_job = None
+        await self.flush_confirmations()
         if self._listener is not None:
             try:
                 await self._listener.close(timeout=2)
@@ -512,22 +521,45 @@ class PgStore:
         self.commits += 1
 
     async def mark_written(self, task_key: str, seq: int) -> None:
+        """Confirm that an event was written out; confirmations go in batches.
+
+        They are committed together CONFIRM_WITHIN_S later (one round trip for all the events
+        of that moment). A replica killed in that window has the events written again by
+        the next owner of the partition, with the same event_id; nothing is lost.
+        """
+        self._confirmations.append((task_key, seq))
+        if self._confirm_job is None:
+            self._confirm_job = asyncio.get_running_loop().call_later(
+                CONFIRM_WITHIN_S, self._spawn_flush
+            )
+
+    def _spawn_flush(self) -> None:
+        self._confirm_job = None
+        job = asyncio.ensure_future(self.flush_confirmations())
+        self._flushes.add(job)
+        job.add_done_callback(self._flushes.discard)
+
+    async def flush_confirmations(self) -> None:
+        """Commit the pending confirmations (also called before close)."""
+        batch, self._confirmations = self._confirmations, []
+        if not batch or self._pool is None:
+            return
         try:
             async with self.pool.acquire() as conn:
-                await conn.execute(
+                await conn.executemany(
                     "UPDATE enkwatch_events SET written = true WHERE task_key = $1 AND seq = $2",
-                    task_key,
-                    seq,
+                    batch,
                 )
-        except DB_ERRORS as err:
-            # written but not confirmed: the next claim of the partition writes it again
-            raise StateUnavailable(task_key, _describe(err)) from None
+            self.commits += 1
+        except DB_ERRORS:
+            pass  # unconfirmed: written again by the next claim of the partition (same id)
 
     @_guarded
     async def unwritten_events(
         self, partitions: Iterable[int] | None = None
     ) -> list[JournaledEvent]:
         parts = list(self.leases) if partitions is None else list(partitions)
+        await self.flush_confirmations()  # our own written events are not to be replayed
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT task_key, seq, body FROM enkwatch_events "
