@@ -238,3 +238,26 @@ def test_webhook_event_names_match_the_vocabulary() -> None:
 
     names = {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str) and "." in v}
     assert names >= WEBHOOK_EVENTS
+
+
+async def test_a_dead_lettered_delivery_is_an_event_of_the_service(tmp_path: Path) -> None:
+    import structlog
+    from structlog.testing import capture_logs
+
+    from enkwatch import events as ev
+    from tests.servicekit import make_config, running, scenario, sim_task, simulator, until
+
+    structlog.reset_defaults()
+    hook = {"url": "http://127.0.0.1:9/hook", "name": "pager", "max_age_seconds": 0.01}
+    async with simulator(scenario(sim_task("t1", ("Running", None)))) as (url, _):
+        config = make_config(url, str(tmp_path / "s.db"), [{"task_id": "t1"}])
+        sinks = build_sinks(SinksConfig.model_validate({"webhooks": [hook]}), {})
+        with capture_logs() as logs:
+            async with running(config, sinks=sinks):
+                await until(lambda: any(e["event"] == ev.SINK_DELIVERY_FAILED for e in logs))
+    [failed] = [e for e in logs if e["event"] == ev.SINK_DELIVERY_FAILED]
+    assert failed["log_level"] == "error"
+    assert failed["sink"] == "pager"
+    assert failed["failed_event"] == ev.TASK_TRANSITION
+    assert failed["failed_event_id"] == "t1:1"
+    assert failed["error"].startswith("connection")
