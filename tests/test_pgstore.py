@@ -234,3 +234,49 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
         check=False,
     )
     assert missing.returncode == 2 and "--from: /nope.db is not a file" in missing.stderr
+
+
+async def test_a_replica_in_process_reloads_and_serves_the_shared_list(
+    dsn: str, tmp_path: Any
+) -> None:
+    import structlog
+    import yaml
+    from structlog.testing import capture_logs
+
+    from enkwatch import events as ev
+    from enkwatch.config import load_config
+    from tests.servicekit import running, scenario, sim_task, simulator, until
+
+    structlog.reset_defaults()
+    scn = scenario(sim_task("a", ("Running", None)), sim_task("b", ("Running", None)))
+    async with simulator(scn) as (url, _):
+        cfg = tmp_path / "replica.yaml"
+
+        def write(tasks: list[dict[str, str]]) -> None:
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "api": {"base_url": url},
+                        "polling": {"interval_seconds": 0.05, "max_requests_per_second": 0},
+                        "state": {"path": dsn, "lease_seconds": 3},
+                        "tasks": tasks,
+                    }
+                )
+            )
+
+        write([{"task_id": "a"}])
+        with capture_logs() as logs:
+            async with running(load_config(cfg), config_path=str(cfg)) as svc:
+                transitions = lambda key: [  # noqa: E731
+                    e for e in logs if e["event"] == ev.TASK_TRANSITION and e["task_key"] == key
+                ]
+                await until(lambda: bool(transitions("a")))
+                write([{"task_id": "a"}, {"task_id": "b"}])
+                await svc.reload()
+                await until(lambda: bool(transitions("b")))
+                listed = {t["task_key"]: t for t in await svc.list_tasks()}
+                assert set(listed) == {"a", "b"}
+                assert listed["b"]["polled_here"] is True
+                assert await svc.remove_task("a")
+                assert {t["task_key"] for t in await svc.list_tasks()} == {"b"}
+                assert "a" not in svc.tasks

@@ -160,6 +160,7 @@ class Service:
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator: Any = None  # replicas.Coordinator with a postgresql:// state
         self._background: set[asyncio.Task[Any]] = set()
+        self._replayed: list[JournaledEvent] = []
 
     # -- control -------------------------------------------------------------------------
 
@@ -526,11 +527,12 @@ class Service:
         added, removed, changed = [], [], []
         assert self.store is not None
         records = await self.store.load_tasks()
+        if self.store.shared and new_tasks.keys() - old_keys:
+            await self._register_config_tasks(self.store)  # rows for the new ones, at once
         for key, cfg in new_tasks.items():
             current = self.tasks.get(key)
             if current is None:
                 if self.store.shared:
-                    await self._register_config_tasks(self.store)
                     if self.coordinator is not None:
                         self.coordinator.notified(key)
                 else:
