@@ -166,3 +166,48 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(tmp_path: Path
         e for e in daemon.events if e["event"] == "task.transition" and e["task_key"] == "a"
     ]
     assert len(a_transitions) == 1  # the reload did not restart task a
+
+
+async def test_admin_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "api": {"base_url": "http://127.0.0.1:9"},
+                    "admin": {"listen": f"127.0.0.1:{port}"},
+                    "state": {"path": ":memory:"},
+                }
+            )
+        )
+        daemon = await Daemon.start("run", "--config", str(cfg))
+        code, err = await daemon.finish()
+    assert code == 2
+    assert f"admin.listen: cannot listen on 127.0.0.1:{port}" in err.decode()
+    assert b"Traceback" not in err
+
+
+async def test_a_closed_stdout_stops_the_daemon_without_a_traceback() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "enkwatch",
+        "demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    await asyncio.wait_for(proc.stdout.readline(), 20)
+    proc.stdout.feed_eof()
+    transport = proc._transport  # type: ignore[attr-defined]
+    transport.get_pipe_transport(1).close()  # like `enkwatch demo | head -1`
+    err = await asyncio.wait_for(proc.stderr.read(), 30)
+    code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 1
+    assert b"stdout was closed" in err
+    assert b"Traceback" not in err

@@ -27,6 +27,7 @@ from enkwatch.config import (
 )
 from enkwatch.errors import ConfigError, PollError
 from enkwatch.service import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     Service,
@@ -162,6 +163,12 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # whoever read our stdout is gone: nothing more can be reported there. Events that
+        # were journaled but not confirmed written are written again on the next start.
+        with contextlib.suppress(OSError):
+            print("enkwatch: stdout was closed; stopping", file=sys.stderr)
+        return EXIT_FAILED
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported, not hidden
         print("enkwatch: internal error, please report it:", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)

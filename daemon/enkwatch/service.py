@@ -288,7 +288,15 @@ class Service:
                 )
             if (listen := self.config.admin.host_port) is not None:
                 app = build_admin_app(self, self._admin_token)
-                runner, self.admin_port = await start_admin(app, *listen)
+                try:
+                    runner, self.admin_port = await start_admin(app, *listen)
+                except OSError as err:
+                    raise ConfigError(
+                        [
+                            f"admin.listen: cannot listen on {self.config.admin.listen}: "
+                            f"{err.strerror or err}"
+                        ]
+                    ) from None
                 stack.push_async_callback(runner.cleanup)
 
             if self._tune_gc:
