@@ -34,6 +34,8 @@ from enkwatch.errors import (
 )
 from enkwatch.metrics import Metrics
 from enkwatch.models import FAILED, FINISHED, Observation
+from enkwatch.pgstore import PgStore
+from enkwatch.replicas import Coordinator
 from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
 from enkwatch.sinks import Outbox, Sink
 from enkwatch.store import JournaledEvent, OutboxRow, StateError, Store, TaskRecord, open_store
@@ -158,7 +160,7 @@ class Service:
         self._gate: RequestGate | None = None
         self._poller: Poller | None = None
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.coordinator: Any = None  # replicas.Coordinator with a postgresql:// state
+        self.coordinator: Coordinator | None = None  # with a postgresql:// state
         self._background: set[asyncio.Task[Any]] = set()
         self._replayed: list[JournaledEvent] = []
 
@@ -239,11 +241,9 @@ class Service:
             poller.hooks.append(self.metrics.observe_event)
             poller.hooks.append(lambda task, body: outbox.notify())
             self._poller = poller
-            if store.shared:
-                from enkwatch.replicas import Coordinator
-
-                self.coordinator = Coordinator(store, self, self.clock.monotonic)  # type: ignore[arg-type]
-                poller.may_poll = lambda task: store.usable(task.key)  # type: ignore[attr-defined]
+            if isinstance(store, PgStore):
+                self.coordinator = Coordinator(store, self, self.clock.monotonic)
+                poller.may_poll = lambda task: store.usable(task.key)
             sched = PollScheduler(
                 poller.poll,
                 self.clock,
@@ -260,8 +260,8 @@ class Service:
                 outbox=store.outbox_stats,
                 replication=getattr(store, "replication_stats", None),
             )
-            if store.shared:
-                store.on_takeover = self.metrics.takeover.observe  # type: ignore[attr-defined]
+            if isinstance(store, PgStore):
+                store.on_takeover = self.metrics.takeover.observe
             await outbox.start()
             stack.push_async_callback(outbox.close)
             aps = make_apscheduler()
@@ -270,15 +270,12 @@ class Service:
             sched.wakeup = ApschedulerWakeup(aps, sched, self.clock)
             aps.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="checkpoint")
             aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")
-            if self.coordinator is not None:
+            if self.coordinator is not None and isinstance(store, PgStore):
                 await self.coordinator.tick()
                 aps.add_job(
-                    self.coordinator.tick,
-                    "interval",
-                    seconds=store.renew_every_s,  # type: ignore[attr-defined]
-                    id="leases",
+                    self.coordinator.tick, "interval", seconds=store.renew_every_s, id="leases"
                 )
-                await store.listen(self.coordinator.notified)  # type: ignore[attr-defined]
+                await store.listen(self.coordinator.notified)
             if self.config_path:
                 aps.add_job(
                     self._check_config_file,
