@@ -27,7 +27,7 @@ import yaml
 from aiohttp import web
 
 from enkwatch import __version__
-from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app
+from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app, max_in_window
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -786,16 +786,6 @@ async def test_retry_after_pauses_other_tasks(
 
 
 # -- 6. limits measured at the server ------------------------------------------------------
-
-
-def max_in_window(times: list[float], window_s: float = 1.0) -> int:
-    times = sorted(times)
-    best = start = 0
-    for end, t in enumerate(times):
-        while times[start] <= t - window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def test_rate_limit_at_the_server(

@@ -166,6 +166,17 @@ def default_scenario() -> Scenario:
     return _parse_scenario(data.read_text(encoding="utf-8"), "enkwatch:data/demo-scenario.yaml")
 
 
+def max_in_window(times: list[float], window_s: float = 1.0) -> int:
+    """The most of `times` within any half-open window of `window_s` seconds."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 @dataclass
 class SimulatorStats:
     """What the simulator has seen: counts, concurrency, arrival times (monotonic)."""
@@ -186,13 +197,7 @@ class SimulatorStats:
 
     def max_in_window(self, window_s: float = 1.0) -> int:
         """The most arrivals within any half-open window of `window_s` seconds."""
-        times = sorted(self.arrivals)
-        best = start = 0
-        for end, t in enumerate(times):
-            while times[start] <= t - window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return max_in_window(self.arrivals, window_s)
 
 
 STATS: Final = web.AppKey("STATS", SimulatorStats)
