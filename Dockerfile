@@ -33,7 +33,7 @@ LABEL org.opencontainers.image.title="enkwatch" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.documentation="README.md, section Run in a container"
+      org.opencontainers.image.documentation="docs/containers.md"
 
 # PYTHONDONTWRITEBYTECODE: the root filesystem may be read-only (the venv holds compiled
 # .pyc already); the state DB (and its WAL) is the only thing the daemon writes.

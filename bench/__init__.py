@@ -1,1 +1,1 @@
-"""The enkwatch performance benchmark (`python -m bench`); see bench/README-section.md."""
+"""The enkwatch performance benchmark (`python -m bench`); see docs/performance.md."""
