@@ -211,3 +211,25 @@ async def test_a_closed_stdout_stops_the_daemon_without_a_traceback() -> None:
     assert code == 1
     assert b"stdout was closed" in err
     assert b"Traceback" not in err
+
+
+async def test_simulate_on_a_port_in_use_is_a_usage_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sim = await Daemon.start("simulate", "--port", str(port))
+        code, err = await sim.finish()
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in err.decode()
+    assert b"Traceback" not in err
+
+
+async def test_simulate_refuses_a_port_out_of_range() -> None:
+    sim = await Daemon.start("simulate", "--port", "70000")
+    code, err = await sim.finish()
+    assert code == 2
+    assert "--port: not a port number (0..65535): 70000" in err.decode()
+    assert b"Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="a local simulated Enkrypt API")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--port", type=_port, default=8080, help="0..65535 (default 8080)")
     sim.add_argument("--scenario", help="a scenario YAML (default: the built-in one)")
 
     sub.add_parser("demo", help="the simulator and the daemon on the bundled demo config")
@@ -129,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     for child in (run, watch, status, check, sim, sub.choices["demo"], health, migrate):
         _common_options(child, top=False)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0..65535): {port}")
+    return port
 
 
 def _task_options(parser: argparse.ArgumentParser) -> None:
@@ -347,5 +359,12 @@ async def _simulate(args: argparse.Namespace) -> int:
             tasks=len(scenario.tasks),
         )
 
-    await serve(args.host, args.port, scenario, stop, ready)
+    try:
+        await serve(args.host, args.port, scenario, stop, ready)
+    except OSError as err:  # the port is in use, or the host is not ours: a usage error
+        reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror or err
+        raise ConfigError(
+            [f"--host/--port: cannot listen on {args.host}:{args.port}: {reason}"],
+            "the command line",
+        ) from None
     return EXIT_OK
