@@ -498,7 +498,8 @@ def test_default_scenario() -> None:
         ("http_500", 2, None),
         ("http_429", 1, 1),
     ]
-    assert [p.status for p in by_dataset["MedicalAdvice"].timeline] == ["Running", "Finished"]
+    # every task starts Queued: the demo shows Queued -> Running -> terminal for each
+    assert all(t.timeline[0].status == "Queued" for t in sc.tasks)
 
 
 # real TCP
@@ -515,7 +516,7 @@ async def test_start_simulator_serves_over_tcp() -> None:
             ) as resp,
         ):
             assert resp.status == 200
-            assert (await resp.json())["data"]["status"] == "Running"
+            assert (await resp.json())["data"]["status"] == "Queued"
         assert app[STATS].requests == 1
     finally:
         await runner.cleanup()
