@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.schedule import (
     DISPATCH_SLACK_S,
     ApschedulerWakeup,
+    ClockStepGuard,
     ManualWakeup,
     PollScheduler,
     make_apscheduler,
@@ -230,3 +232,28 @@ async def test_apscheduler_wakeup_dispatches_at_the_armed_time() -> None:
         assert [j.id for j in jobs] == ["enkwatch-dispatch"]  # one job, however many tasks
     finally:
         aps.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("step_s", [-7200.0, 7200.0])
+async def test_a_wall_clock_step_rebases_every_job_on_the_new_wall_time(step_s: float) -> None:
+    clock = FakeClock()
+    aps = make_apscheduler()
+    aps.start()
+    try:
+        job = aps.add_job(_nothing, "interval", seconds=30, id="housekeeping")
+        steps: list[float] = []
+        guard = ClockStepGuard(aps, clock, steps.append)
+        clock.advance(0.5)
+        assert guard.check() == 0.0  # both clocks moved alike: no step
+        clock.set_wall(clock.now() + timedelta(seconds=step_s))
+        assert guard.check() == pytest.approx(step_s)
+        assert steps == [pytest.approx(step_s)]
+        # runs at once, then every 30 s on the new wall clock (not after the step's length)
+        assert job.next_run_time == clock.now()
+        assert guard.check() == 0.0  # reported once
+    finally:
+        aps.shutdown(wait=False)
+
+
+async def _nothing() -> None:
+    return None

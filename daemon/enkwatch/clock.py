@@ -38,6 +38,10 @@ class FakeClock:
     def now(self) -> datetime:
         return self._wall
 
+    def set_wall(self, moment: datetime) -> None:
+        """Step the wall clock alone (NTP, a VM resumed); monotonic time does not move."""
+        self._wall = moment
+
     def advance(self, seconds: float) -> None:
         self._mono += seconds
         self._wall += timedelta(seconds=seconds)

@@ -69,6 +69,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.clock_steps = Counter(
+            "enkwatch_wall_clock_steps",
+            "Steps of the wall clock (NTP, a VM resumed) after which every scheduled job was "
+            "re-based on the new wall time.",
+            registry=r,
+        )
         self.takeover = Histogram(
             "enkwatch_partition_takeover_seconds",
             "Replicas: from a partition's last renewal by a replica that died or froze to its "

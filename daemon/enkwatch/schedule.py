@@ -15,6 +15,11 @@ The design, chosen deliberately (the benchmark holds it to 10,000-100,000 tasks)
   memory stays flat and no backlog of coroutines piles up.
 * Requests per second and Retry-After pauses are enforced in the client's `RequestGate`,
   shared by every request; the dispatcher also does not start polls during a pause.
+* Due times are monotonic; APScheduler 3 keeps its jobs in wall time. A step of the wall
+  clock (NTP, a VM resumed) would shift every job by the step: a step back of two hours
+  left the dispatcher and the housekeeping jobs asleep for two hours. `ClockStepGuard`
+  watches the wall clock against the monotonic one and, on a step, runs every job once
+  at once, which re-bases its next run on the new wall clock.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ LOST_WAKEUP_S: Final = 0.1
 DISPATCH_JOB_ID: Final = "enkwatch-dispatch"
 # runs of the dispatch job that may be pending at once (see ApschedulerWakeup)
 DISPATCH_INSTANCES: Final = 4
+# how often the wall clock is compared with the monotonic one, and how large a difference
+# between their advances counts as a step (NTP slews by at most 0.5 ms a second)
+CLOCK_CHECK_EVERY_S: Final = 1.0
+CLOCK_STEP_S: Final = 1.0
 
 PollFn = Callable[[TaskWatch], Awaitable[float | None]]
 
@@ -225,6 +234,62 @@ class ApschedulerWakeup:
         self._armed_at = at
         delay = max(0.0, at - now)
         self._job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+
+
+class ClockStepGuard:
+    """Keeps APScheduler's jobs on time when the wall clock steps, either way.
+
+    It runs on the event loop's own (monotonic) timer, since APScheduler's may be the one
+    asleep. On a step it moves every scheduled job's next run to now and wakes the
+    scheduler: each runs once (the dispatcher re-arms itself from the heap of monotonic due
+    times; the periodic jobs then follow their interval on the new wall clock). A step
+    forward therefore runs nothing twice and polls no task early; a step back stalls
+    nothing for longer than CLOCK_CHECK_EVERY_S.
+    """
+
+    def __init__(
+        self,
+        scheduler: AsyncIOScheduler,
+        clock: Clock,
+        on_step: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self._scheduler = scheduler
+        self._clock = clock
+        self._on_step = on_step
+        self._offset = self._wall_offset()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _wall_offset(self) -> float:
+        return self._clock.now().timestamp() - self._clock.monotonic()
+
+    def start(self) -> None:
+        """Check every CLOCK_CHECK_EVERY_S from now on (in the running loop)."""
+        self._offset = self._wall_offset()
+        self._timer = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY_S, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self.check()
+        self._timer = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY_S, self._tick)
+
+    def check(self) -> float:
+        """Compare the clocks once; re-base the jobs on a step. The step in seconds, or 0."""
+        offset = self._wall_offset()
+        step = offset - self._offset
+        self._offset = offset
+        if abs(step) < CLOCK_STEP_S:
+            return 0.0
+        now = self._clock.now()
+        for job in self._scheduler.get_jobs():
+            if job.next_run_time is not None:  # None: a paused job
+                job.modify(next_run_time=now)
+        self._scheduler.wakeup()
+        self._on_step(step)
+        return step
 
 
 def make_apscheduler() -> AsyncIOScheduler:

@@ -36,7 +36,12 @@ from enkwatch.metrics import Metrics
 from enkwatch.models import FAILED, FINISHED, Observation
 from enkwatch.pgstore import PgStore
 from enkwatch.replicas import Coordinator
-from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
+from enkwatch.schedule import (
+    ApschedulerWakeup,
+    ClockStepGuard,
+    PollScheduler,
+    make_apscheduler,
+)
 from enkwatch.sinks import Outbox, Sink
 from enkwatch.store import JournaledEvent, OutboxRow, StateError, Store, TaskRecord, open_store
 from enkwatch.watch import NO_LABELS, Poller, TaskWatch
@@ -267,6 +272,9 @@ class Service:
             aps = make_apscheduler()
             aps.start()
             stack.callback(aps.shutdown, wait=False)
+            guard = ClockStepGuard(aps, self.clock, lambda _: self.metrics.clock_steps.inc())
+            guard.start()
+            stack.callback(guard.stop)
             sched.wakeup = ApschedulerWakeup(aps, sched, self.clock)
             aps.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="checkpoint")
             aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")

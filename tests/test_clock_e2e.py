@@ -1,0 +1,125 @@
+"""End to end: the daemon's wall clock steps back and forward (libfaketime) while it runs.
+
+The daemon runs under libfaketime with the offset read from a file at every call
+(`FAKETIME_NO_CACHE`), so the test steps the daemon's wall clock, and only its wall clock
+(`FAKETIME_DONT_FAKE_MONOTONIC`), whenever it likes. The simulator, in the test's process,
+keeps real time and records when each poll arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from enkwatch.simulator import max_in_window
+from tests.test_e2e import (  # noqa: F401  (enkwatch, simulate: the fixtures)
+    WAIT_S,
+    Spawn,
+    StartSim,
+    enkwatch,
+    free_port,
+    sim_task,
+    simulate,
+    tid,
+    timeline,
+    until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+INTERVAL_S = 0.2
+HOW_TO_ENABLE = "libfaketime is not installed: apt-get install faketime (.ci/run does)"
+
+
+def libfaketime() -> str | None:
+    """The path of libfaketime's shared object, or None."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+async def healthz(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/healthz") as resp,
+    ):
+        return resp.status
+
+
+async def steps_counted(port: int) -> float:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("enkwatch_wall_clock_steps_total "):
+            return float(line.split()[1])
+    raise AssertionError("no enkwatch_wall_clock_steps_total in /metrics")
+
+
+@pytest.mark.parametrize("step", ["-7200", "+7200"])
+async def test_a_wall_clock_step_neither_stops_nor_bursts_polling(
+    step: str,
+    tmp_path: Path,
+    simulate: StartSim,  # noqa: F811
+    enkwatch: Spawn,  # noqa: F811
+) -> None:
+    lib = libfaketime()
+    if lib is None:
+        pytest.skip(HOW_TO_ENABLE)
+    sim = await simulate(sim_task(1, "Forever", timeline("Running")))
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": sim.url, "timeout_seconds": 2},
+                "polling": {
+                    "interval_seconds": INTERVAL_S,
+                    "jitter": 0,
+                    "max_requests_per_second": 0,
+                },
+                "state": {"path": str(tmp_path / "state.db")},
+                "admin": {"listen": f"127.0.0.1:{port}"},
+                "tasks": [{"task_id": tid(1)}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n", encoding="utf-8")
+    run = await enkwatch(
+        "run",
+        "--config",
+        str(cfg),
+        LD_PRELOAD=lib,
+        FAKETIME_TIMESTAMP_FILE=str(offset),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )
+    await run.wait_for(lambda e: e["event"] == "task.transition", "the first transition")
+    await until(lambda: sim.count(task_id=tid(1)) >= 3, "three polls before the step")
+
+    offset.write_text(f"{step}\n", encoding="utf-8")
+    stepped_at = asyncio.get_running_loop().time()
+    before = sim.count(task_id=tid(1))
+    # without the guard, a step back left every job asleep for the length of the step
+    await until(lambda: sim.count(task_id=tid(1)) >= before + 10, "polls after the step")
+    assert await healthz(port) == 200
+    async with asyncio.timeout(WAIT_S):
+        while await steps_counted(port) < 1:  # noqa: ASYNC110  (no event to wait on)
+            await asyncio.sleep(0.05)
+
+    # no burst either way: one task polled every 0.2 s makes ~5 requests in any second
+    after = [t for t in sim.of(task_id=tid(1)) if t >= stepped_at]
+    assert max_in_window(after) <= 8, after
+    # the events keep the daemon's (stepped) wall time; the transition is not repeated
+    run.send(signal.SIGTERM)
+    assert await run.wait_exit() == 0
+    assert len(run.transitions(tid(1))) == 1
