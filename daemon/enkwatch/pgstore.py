@@ -114,7 +114,15 @@ CREATE INDEX IF NOT EXISTS enkwatch_outbox_pending
 """
 
 # what a lost connection, a killed backend or a stopped server raise
-DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: asyncpg's protocol state after the server cut a connection in the
+# middle of an operation ("cannot switch to state 11; another operation is in progress")
+DB_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 _TASK_COLUMNS: Final = (
     "task_key, task_id, dataset, watch_started_at, last_status, last_unknown_status, "
