@@ -163,7 +163,7 @@ class EnkwatchWorker:
             Poller._emit = timed  # type: ignore[method-assign]
             # the confirmations of written events are committed in batches, outside _emit:
             # their CPU belongs to the events too
-            from enkwatch.store import SqliteStore
+            from enkwatch.state.sqlite import SqliteStore
 
             flush: Any = SqliteStore._flush_confirmations
 
@@ -318,7 +318,7 @@ class EnkwatchWorker:
 
     async def add_cost(self, count: int) -> dict[str, Any]:
         """`PollScheduler.add` of `count` new tasks, each timed alone (far-future due times)."""
-        from enkwatch.store import TaskRecord
+        from enkwatch.state.base import TaskRecord
         from enkwatch.watch import TaskWatch
 
         sched = self._sched
@@ -386,7 +386,8 @@ class DesignWorker:
         from enkwatch.config import PollingConfig
         from enkwatch.events import configure_logging
         from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
-        from enkwatch.store import TaskRecord, open_store
+        from enkwatch.state import open_store
+        from enkwatch.state.base import TaskRecord
         from enkwatch.watch import Poller, TaskWatch
 
         configure_logging(stream=_sink(os.devnull))

@@ -16,7 +16,7 @@ from enkwatch.schedule import (
     PollScheduler,
     make_apscheduler,
 )
-from enkwatch.store import TaskRecord
+from enkwatch.state.base import TaskRecord
 from enkwatch.watch import TaskWatch
 
 POLLING = PollingConfig()

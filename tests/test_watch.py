@@ -18,7 +18,8 @@ from enkwatch.client import ApiClient, RequestGate
 from enkwatch.clock import FakeClock
 from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import AuthError
-from enkwatch.store import SqliteStore, TaskRecord
+from enkwatch.state.base import TaskRecord
+from enkwatch.state.sqlite import SqliteStore
 from enkwatch.watch import AUTH_CONFIRM_DELAY_S, Poller, TaskWatch
 
 SECRET = "sk-test-SECRET-watch"

@@ -277,7 +277,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from enkwatch.migrate import migrate_state
+    from enkwatch.state.migrate import migrate_state
 
     report = await migrate_state(args.source, args.target)
     print(

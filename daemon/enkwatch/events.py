@@ -12,34 +12,35 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-# event names
-DAEMON_STARTED: Final = "daemon.started"
-TASK_TRANSITION: Final = "task.transition"
-TASK_POLL_FAILED: Final = "task.poll_failed"
-TASK_UNKNOWN_STATUS: Final = "task.unknown_status"
-TASK_GAVE_UP: Final = "task.gave_up"
-API_AUTH_FAILED: Final = "api.auth_failed"
-CONFIG_RELOADED: Final = "config.reloaded"
-CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
-DAEMON_ALL_DONE: Final = "daemon.all_done"
-DAEMON_STOPPING: Final = "daemon.stopping"
-DAEMON_STOPPED: Final = "daemon.stopped"
-SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
-STATE_UNAVAILABLE: Final = "state.unavailable"
-STATE_RECOVERED: Final = "state.recovered"
+from enkwatch.errors import (
+    ERR_CONNECTION,
+    ERR_HTTP_STATUS,
+    ERR_INVALID_RESPONSE,
+    ERR_RATE_LIMITED,
+    ERR_TIMEOUT,
+)
+from enkwatch.models import (
+    API_AUTH_FAILED,
+    CONFIG_RELOAD_FAILED,
+    CONFIG_RELOADED,
+    DAEMON_ALL_DONE,
+    DAEMON_STARTED,
+    DAEMON_STOPPED,
+    DAEMON_STOPPING,
+    SINK_DELIVERY_FAILED,
+    STATE_RECOVERED,
+    STATE_UNAVAILABLE,
+    TASK_GAVE_UP,
+    TASK_POLL_FAILED,
+    TASK_TRANSITION,
+    TASK_UNKNOWN_STATUS,
+)
 
 # levels
 INFO: Final = "info"
 WARNING: Final = "warning"
 ERROR: Final = "error"
 CRITICAL: Final = "critical"
-
-# `error` values of task.poll_failed
-ERR_TIMEOUT: Final = "timeout"
-ERR_CONNECTION: Final = "connection"
-ERR_HTTP_STATUS: Final = "http_status"
-ERR_RATE_LIMITED: Final = "rate_limited"
-ERR_INVALID_RESPONSE: Final = "invalid_response"
 
 # `reason` values of task.gave_up
 GAVE_UP_DEADLINE: Final = "deadline_exceeded"
@@ -133,3 +134,34 @@ def emit(event_dict: Mapping[str, Any]) -> None:
 def log(name: str, level: str = INFO, **fields: Any) -> None:
     """Write one event that is not about a task (daemon.*, config.*, api.*)."""
     emit({"event": name, "level": level, **fields})
+
+
+__all__ = [
+    "API_AUTH_FAILED",
+    "CONFIG_RELOADED",
+    "CONFIG_RELOAD_FAILED",
+    "CRITICAL",
+    "DAEMON_ALL_DONE",
+    "DAEMON_STARTED",
+    "DAEMON_STOPPED",
+    "DAEMON_STOPPING",
+    "ERROR",
+    "ERR_CONNECTION",
+    "ERR_HTTP_STATUS",
+    "ERR_INVALID_RESPONSE",
+    "ERR_RATE_LIMITED",
+    "ERR_TIMEOUT",
+    "INFO",
+    "SINK_DELIVERY_FAILED",
+    "STATE_RECOVERED",
+    "STATE_UNAVAILABLE",
+    "TASK_GAVE_UP",
+    "TASK_POLL_FAILED",
+    "TASK_TRANSITION",
+    "TASK_UNKNOWN_STATUS",
+    "WARNING",
+    "configure_logging",
+    "emit",
+    "level_number",
+    "rfc3339",
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -14,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from enkwatch import events as ev
 from enkwatch.client import RequestGate
+from enkwatch.clock import Clock
 from enkwatch.models import KNOWN_STATUSES
 from enkwatch.watch import TaskWatch
 
@@ -28,7 +28,7 @@ _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400,
 class Metrics:
     """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.polls = Counter(
@@ -76,7 +76,7 @@ class Metrics:
             buckets=(5, 10, 15, 20, 25, 30, 45, 60, 120),
             registry=r,
         )
-        self._state = _StateCollector()
+        self._state = _StateCollector(clock)
         r.register(self._state)
         self._poll_children: dict[str, Any] = {}
 
@@ -126,7 +126,8 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges read from the live state at scrape time (cheap: one pass over the tasks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self.tasks: Callable[[], Iterable[TaskWatch]] = list
         self.gate: Callable[[], RequestGate | None] = lambda: None
         self.in_flight: Callable[[], int] = lambda: 0
@@ -138,7 +139,7 @@ class _StateCollector(Collector):
         age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
-        now = time.time()
+        now = self._clock.now().timestamp()
         for task in self.tasks():
             label = _status_label(task)
             by_status[label] += 1

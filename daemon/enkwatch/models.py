@@ -1,10 +1,50 @@
-"""The task observation of the spec's `DatasetsGetTaskResponse`, and the status vocabulary."""
+"""The shared vocabulary: event names, the state-URL test, and the task observation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
+
+# event names (CONTRACT §5), defined once: events.py, config.py and the stores use these
+DAEMON_STARTED: Final = "daemon.started"
+TASK_TRANSITION: Final = "task.transition"
+TASK_POLL_FAILED: Final = "task.poll_failed"
+TASK_UNKNOWN_STATUS: Final = "task.unknown_status"
+TASK_GAVE_UP: Final = "task.gave_up"
+API_AUTH_FAILED: Final = "api.auth_failed"
+CONFIG_RELOADED: Final = "config.reloaded"
+CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
+DAEMON_ALL_DONE: Final = "daemon.all_done"
+DAEMON_STOPPING: Final = "daemon.stopping"
+DAEMON_STOPPED: Final = "daemon.stopped"
+SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
+STATE_UNAVAILABLE: Final = "state.unavailable"
+STATE_RECOVERED: Final = "state.recovered"
+
+# the events a webhook can select
+WEBHOOK_EVENTS: Final = frozenset(
+    {
+        TASK_TRANSITION,
+        TASK_POLL_FAILED,
+        TASK_UNKNOWN_STATUS,
+        TASK_GAVE_UP,
+        API_AUTH_FAILED,
+        CONFIG_RELOADED,
+        CONFIG_RELOAD_FAILED,
+        DAEMON_STARTED,
+        DAEMON_ALL_DONE,
+        DAEMON_STOPPING,
+        DAEMON_STOPPED,
+        SINK_DELIVERY_FAILED,
+    }
+)
+
+
+def is_postgres_url(path: str) -> bool:
+    """True for a `postgresql://` (or `postgres://`) state path: replicas share it."""
+    return path.startswith(("postgresql://", "postgres://"))
+
 
 QUEUED: Final = "Queued"
 RUNNING: Final = "Running"

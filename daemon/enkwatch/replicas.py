@@ -15,8 +15,9 @@ from typing import Final, Protocol
 
 from enkwatch import events as ev
 from enkwatch.errors import StateUnavailable
-from enkwatch.pgstore import DB_ERRORS, PgStore, partition_of
-from enkwatch.store import JournaledEvent, TaskRecord
+from enkwatch.state.base import JournaledEvent, TaskRecord
+from enkwatch.state.leases import DB_ERRORS
+from enkwatch.state.postgres import PgStore
 from enkwatch.watch import TaskWatch
 
 RECONCILE_EVERY_S: Final = 30.0
@@ -58,11 +59,11 @@ class Coordinator:
             return
         async with self._lock:
             try:
-                gained, lost = await self.store.balance()
+                gained, lost = await self.store.leases.balance()
                 self._drop_partitions(lost)
                 reconcile = self._monotonic() - self._last_reconcile >= RECONCILE_EVERY_S
                 if reconcile:
-                    await self._load(self.store.owned_partitions(), only_missing=True)
+                    await self._load(self.store.leases.owned(), only_missing=True)
                     self._last_reconcile = self._monotonic()
                 elif gained:
                     await self._load(gained, only_missing=False)
@@ -84,7 +85,7 @@ class Coordinator:
                 ev.STATE_UNAVAILABLE,
                 ev.WARNING,
                 error=str(StateUnavailable(None, type(err).__name__)),
-                retry_in_seconds=round(self.store.renew_every_s, 3),
+                retry_in_seconds=round(self.store.leases.renew_every_s, 3),
             )
 
     def notified(self, task_key: str) -> None:
@@ -104,11 +105,11 @@ class Coordinator:
                 self._state_trouble(err)
 
     async def _refresh(self, keys: set[str]) -> None:
-        mine = [k for k in keys if self.store.usable(k)]
+        mine = [k for k in keys if self.store.leases.usable(k)]
         keys.clear()
         if not mine:
             return
-        parts = {partition_of(k, self.store.partitions) for k in mine}
+        parts = {self.store.leases.partition(k) for k in mine}
         records = await self.store.load_tasks(parts)
         for key in mine:
             current = self.local.tasks.get(key)
@@ -131,7 +132,7 @@ class Coordinator:
         if not lost:
             return
         for task in list(self.local.tasks.values()):
-            if partition_of(task.key, self.store.partitions) in lost:
+            if self.store.leases.partition(task.key) in lost:
                 self.local.drop(task)
 
     async def _load(self, partitions: Iterable[int], only_missing: bool) -> None:
@@ -161,6 +162,6 @@ class Coordinator:
         self.stopped = True
         async with self._lock:
             try:
-                await self.store.release_all()
+                await self.store.leases.release_all()
             except (StateUnavailable, *DB_ERRORS) as err:
                 self._state_trouble(err)

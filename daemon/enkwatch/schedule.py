@@ -23,7 +23,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Final, Protocol
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -209,7 +209,7 @@ class ApschedulerWakeup:
             max_instances=DISPATCH_INSTANCES,
             coalesce=True,
             misfire_grace_time=None,
-            next_run_time=datetime.now(UTC),
+            next_run_time=clock.now(),
         )
 
     async def _tick(self) -> None:
@@ -224,7 +224,7 @@ class ApschedulerWakeup:
             return
         self._armed_at = at
         delay = max(0.0, at - now)
-        self._job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+        self._job.modify(next_run_time=self._clock.now() + timedelta(seconds=delay))
 
 
 def make_apscheduler() -> AsyncIOScheduler:

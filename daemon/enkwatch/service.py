@@ -34,11 +34,12 @@ from enkwatch.errors import (
 )
 from enkwatch.metrics import Metrics
 from enkwatch.models import FAILED, FINISHED, Observation
-from enkwatch.pgstore import PgStore
 from enkwatch.replicas import Coordinator
 from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
 from enkwatch.sinks import Outbox, Sink
-from enkwatch.store import JournaledEvent, OutboxRow, StateError, Store, TaskRecord, open_store
+from enkwatch.state import open_store
+from enkwatch.state.base import JournaledEvent, OutboxRow, StateError, Store, TaskRecord
+from enkwatch.state.postgres import PgStore
 from enkwatch.watch import NO_LABELS, Poller, TaskWatch
 
 EXIT_OK: Final = 0
@@ -145,7 +146,7 @@ class Service:
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.tasks: dict[str, TaskWatch] = {}
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.clock)
         self.auth_failed = False
         self.ready = asyncio.Event()
         self.admin_port: int | None = None
@@ -195,7 +196,11 @@ class Service:
                     stack.callback(loop.remove_signal_handler, sig)
             try:
                 store = open_store(
-                    self.config.state.path, self.replica_id, self.config.state.lease_seconds
+                    self.config.state.path,
+                    self.clock,
+                    self.replica_id,
+                    self.config.state.lease_seconds,
+                    on_takeover=self.metrics.takeover.observe,
                 )
                 await store.open()
             except StateError as err:
@@ -243,7 +248,7 @@ class Service:
             self._poller = poller
             if isinstance(store, PgStore):
                 self.coordinator = Coordinator(store, self, self.clock.monotonic)
-                poller.may_poll = lambda task: store.usable(task.key)
+                poller.may_poll = lambda task: store.leases.usable(task.key)
             sched = PollScheduler(
                 poller.poll,
                 self.clock,
@@ -258,10 +263,8 @@ class Service:
                 gate=lambda: self._gate,
                 in_flight=lambda: len(sched.in_flight),
                 outbox=store.outbox_stats,
-                replication=getattr(store, "replication_stats", None),
+                replication=_replication_stats(store),
             )
-            if isinstance(store, PgStore):
-                store.on_takeover = self.metrics.takeover.observe
             await outbox.start()
             stack.push_async_callback(outbox.close)
             aps = make_apscheduler()
@@ -272,9 +275,8 @@ class Service:
             aps.add_job(self._watchdog, "interval", seconds=WATCHDOG_EVERY_S, id="watchdog")
             if self.coordinator is not None and isinstance(store, PgStore):
                 await self.coordinator.tick()
-                aps.add_job(
-                    self.coordinator.tick, "interval", seconds=store.renew_every_s, id="leases"
-                )
+                every = store.leases.renew_every_s
+                aps.add_job(self.coordinator.tick, "interval", seconds=every, id="leases")
                 await store.listen(self.coordinator.notified)
             if self.config_path:
                 aps.add_job(
@@ -695,6 +697,17 @@ class Service:
             await self.store.set_task_spec(task_key, None)
         self._check_all_done()
         return True
+
+
+def _replication_stats(store: Store) -> Any:
+    if not isinstance(store, PgStore):
+        return None
+    return lambda: {
+        **store.leases.stats(),
+        "fenced": store.fenced,
+        "conflicts": store.conflicts,
+        "commits": store.commits + store.leases.commits,
+    }
 
 
 def orjson_event(body: bytes) -> Mapping[str, Any]:

@@ -20,7 +20,7 @@ from enkwatch.errors import (
     UnauthorizedAnswer,
 )
 from enkwatch.models import FAILED, Observation
-from enkwatch.store import Store, TaskRecord
+from enkwatch.state.base import Store, TaskRecord
 
 # "retried once for the same task within about a second"
 AUTH_CONFIRM_DELAY_S: Final = 1.0
