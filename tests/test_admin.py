@@ -131,9 +131,9 @@ async def test_task_api_tokens_add_list_delete_and_persist(tmp_path: Path) -> No
         # a restart keeps the task added through the API
         config = make_config(url, state, [], admin={"listen": "127.0.0.1:0"})
         async with running(config) as svc:
-            assert set(svc.tasks) == {"t2"}
-            assert svc.tasks["t2"].source == "api"
-            assert svc.tasks["t2"].done  # Finished before: never polled again
+            assert set(svc.running.watchlist.tasks) == {"t2"}
+            assert svc.running.watchlist.tasks["t2"].source == "api"
+            assert svc.running.watchlist.tasks["t2"].done  # Finished before: never polled again
 
 
 async def test_bad_bodies_get_400_with_key_paths(tmp_path: Path) -> None:

@@ -275,11 +275,11 @@ async def test_a_replica_in_process_reloads_and_serves_the_shared_list(
                 ]
                 await until(lambda: bool(transitions("a")))
                 write([{"task_id": "a"}, {"task_id": "b"}])
-                await svc.reload()
+                await svc.running.watchlist.reload()
                 await until(lambda: bool(transitions("b")))
-                listed = {t["task_key"]: t for t in await svc.list_tasks()}
+                listed = {t["task_key"]: t for t in await svc.running.watchlist.list_tasks()}
                 assert set(listed) == {"a", "b"}
                 assert listed["b"]["polled_here"] is True
-                assert await svc.remove_task("a")
-                assert {t["task_key"] for t in await svc.list_tasks()} == {"b"}
-                assert "a" not in svc.tasks
+                assert await svc.running.watchlist.remove_task("a")
+                assert {t["task_key"] for t in await svc.running.watchlist.list_tasks()} == {"b"}
+                assert "a" not in svc.running.watchlist.tasks

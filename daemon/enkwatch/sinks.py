@@ -17,7 +17,7 @@ import hmac
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -244,6 +244,24 @@ class Outbox:
             return "timeout"
         except aiohttp.ClientError as err:
             return f"connection: {type(err).__name__}"
+
+
+def dead_letter_fields(sink: Sink, row: OutboxRow, error: str) -> dict[str, Any]:
+    """The fields of the sink.delivery_failed event of a delivery given up."""
+    try:
+        event = orjson.loads(row.body)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = {}
+    return {
+        "sink": sink.id,
+        "task_key": row.task_key or None,
+        "failed_event": event.get("event"),
+        "failed_event_id": event.get("event_id"),
+        "attempts": row.attempts + 1,
+        "error": error,
+    }
 
 
 def _event_id(body: bytes) -> str | None:
