@@ -71,7 +71,7 @@ class BareWorker:
         # the floor runs on the same interpreter settings as the daemon: enkwatch tunes its
         # collector at start-up (enkwatch.service.tune_gc), so the bare loop does too and
         # the ratios measure enkwatch's own work, not a GC setting
-        from enkwatch.service import tune_gc
+        from enkwatch.health import tune_gc
 
         tune_gc()
         await self.run(0.3)  # open the connections

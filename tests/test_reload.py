@@ -6,19 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-import structlog
 import yaml
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
 from enkwatch.config import load_config
 from tests.servicekit import events_named, running, scenario, sim_task, simulator, until
-
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
-    structlog.reset_defaults()
 
 
 def write_config(path: Path, base_url: str, tasks: list[dict[str, Any]], **polling: Any) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 import orjson
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
@@ -87,11 +86,6 @@ class Harness:
     @property
     def poller_polling(self) -> PollingConfig:
         return self.poller.polling
-
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
-    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -36,10 +36,11 @@ from enkwatch.errors import (
     UnauthorizedAnswer,
 )
 from enkwatch.events import EventWriter
+from enkwatch.health import Outcome, StopReason
 from enkwatch.kinds import DEFAULT_KIND
 from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
-from enkwatch.service import Outcome, Service, StopReason
+from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
 
 # CONTRACT §6

@@ -132,6 +132,23 @@ class StateGauges(Collector):
         self.replication = replication
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._task_gauges()
+        yield GaugeMetricFamily(
+            "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
+        )
+        yield from self._gate_metrics()
+        yield from self._replica_metrics()
+        pending, oldest = self.outbox()
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered webhook delivery (0 when none).",
+            value=oldest or 0.0,
+        )
+
+    def _task_gauges(self) -> Iterator[Metric]:
         by_status: Tally[str] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
@@ -168,9 +185,8 @@ class StateGauges(Collector):
             "The longest run of consecutive failed polls of any task.",
             value=worst,
         )
-        yield GaugeMetricFamily(
-            "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
-        )
+
+    def _gate_metrics(self) -> Iterator[Metric]:
         gate = self._gate
         waits = CounterMetricFamily(
             "enkwatch_rate_limit_waits",
@@ -193,6 +209,8 @@ class StateGauges(Collector):
             "Seconds left in the current Retry-After pause.",
             value=gate.pause_remaining() if gate else 0.0,
         )
+
+    def _replica_metrics(self) -> Iterator[Metric]:
         stats = self.replication()
         if stats is not None:
             yield GaugeMetricFamily(
@@ -215,15 +233,6 @@ class StateGauges(Collector):
                 ("enkwatch_state_commits", "commits", "Database transactions committed."),
             ):
                 yield CounterMetricFamily(name, f"Replicas: {doc}", value=stats[key])
-        pending, oldest = self.outbox()
-        yield GaugeMetricFamily(
-            "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
-        )
-        yield GaugeMetricFamily(
-            "enkwatch_outbox_oldest_age_seconds",
-            "Age of the oldest undelivered webhook delivery (0 when none).",
-            value=oldest or 0.0,
-        )
 
 
 def _status_label(task: TaskWatch) -> str:

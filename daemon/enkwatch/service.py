@@ -1,17 +1,11 @@
-"""Assembling the daemon: each component starts itself and registers its own cleanup.
-
-`Service.run()` builds the pieces in an AsyncExitStack (state, owner, event writer,
-webhook outbox, HTTP client, poller, scheduler, watch list, timers, admin server), serves
-until asked to stop, tears down in reverse, and returns an `Outcome`; `cli.py` maps it
-to an exit code.
-"""
+"""Assembly only: in an AsyncExitStack each component starts and registers its cleanup;
+`run()` serves until stopped, tears down in reverse and returns an `Outcome` (cli.py maps
+it to an exit code)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import gc
 import os
 import random
 import signal
@@ -30,6 +24,7 @@ from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
 from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
+from enkwatch.health import Health, Outcome, StopReason, tune_gc
 from enkwatch.limits import RequestGate
 from enkwatch.metrics import Metrics, StateGauges
 from enkwatch.ownership import Owner, choose_owner
@@ -48,43 +43,6 @@ OUTBOX_FLUSH_S: Final = 10.0
 CHECKPOINT_EVERY_S: Final = 60.0
 CONFIG_CHECK_EVERY_S: Final = 2.0
 WATCHDOG_EVERY_S: Final = 1.0
-# /healthz fails when the scheduler's watchdog job has not run for this long
-STALL_LIMIT_S: Final = 15.0
-# The collector's thresholds. Each poll allocates a few hundred short-lived containers: at
-# the default (700, 10, 10) young collections ran hundreds of times a second and full ones,
-# each walking the whole watch list, about once a second (40-125 ms at 10,000 tasks). The
-# watch list is frozen out of the collector's sight after start-up; what stays in view and
-# lives long (the heap of due times) is walked by a full collection, now every ~100 M
-# allocations instead of every 5 M (a pause of 10-20 ms at 100,000 tasks).
-GC_THRESHOLDS: Final = (50_000, 20, 100)
-
-
-class StopReason(enum.Enum):
-    """Why the run ended (the `reason` of daemon.stopping, and what the exit code says)."""
-
-    SIGNAL = "signal"
-    ALL_DONE = "all_done"
-    AUTH_FAILED = "auth_failed"
-    CRASH = "internal_error"
-    STOP_REQUESTED = "stop_requested"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a finished run amounts to; `cli.exit_code` maps it to CONTRACT §6."""
-
-    reason: StopReason
-    auth_failed: bool
-    finished: int = 0
-    failed: int = 0
-    gave_up: int = 0
-
-
-def tune_gc() -> None:
-    """Freeze what lives after start-up out of the collector's sight; collect less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,15 +85,14 @@ class Service:
         self._tune_gc = gc_tuning
         self.metrics = Metrics(self.clock)
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ready = asyncio.Event()
-        self.auth_failed = False
+        self.health = Health(self.clock)
+        self.ready = self.health.ready
         self.admin_port: int | None = None
         self.running: Running | None = None
         self._stop = asyncio.Event()
         self._reason = StopReason.STOP_REQUESTED
         self._reason_text = StopReason.STOP_REQUESTED.value
         self._crash: BaseException | None = None
-        self._beat = self.clock.monotonic()
 
     def request_stop(
         self, reason: StopReason = StopReason.STOP_REQUESTED, text: str | None = None
@@ -143,6 +100,7 @@ class Service:
         """Begin an orderly shutdown (idempotent: the first reason wins)."""
         if not self._stop.is_set():
             self._reason, self._reason_text = reason, text or reason.value
+            self.health.stopping = True
             self._stop.set()
 
     async def run(self, install_signals: bool = True) -> Outcome:
@@ -155,7 +113,7 @@ class Service:
         if self._crash is not None:
             raise self._crash
         counts = parts.watchlist.outcomes() if self._reason == StopReason.ALL_DONE else {}
-        return Outcome(self._reason, self.auth_failed, **counts)
+        return Outcome(self._reason, self.health.auth_failed, **counts)
 
     def _install_signals(self, stack: AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -249,7 +207,7 @@ class Service:
         self, stack: AsyncExitStack, timers: Timers, owner: Owner, watchlist: WatchList
     ) -> None:
         timers.every(CHECKPOINT_EVERY_S, watchlist.checkpoint, "checkpoint")
-        timers.every(WATCHDOG_EVERY_S, self._watchdog, "watchdog")
+        timers.every(WATCHDOG_EVERY_S, self.health.watchdog, "watchdog")
         await owner.start(timers)
         if self.config_path:
             timers.every(CONFIG_CHECK_EVERY_S, watchlist.check_config_file, "config-watch")
@@ -303,8 +261,8 @@ class Service:
         if result is LOST:
             owner.lost(task.key)
         elif isinstance(result, AuthRejected):
-            if not self.auth_failed:
-                self.auth_failed = True
+            if not self.health.auth_failed:
+                self.health.auth_failed = True
                 writer.daemon_event(
                     ev.API_AUTH_FAILED, ev.CRITICAL,
                     http_status=result.http_status, hint=ev.AUTH_HINT,
@@ -316,31 +274,13 @@ class Service:
             self._crash = exc
         self.request_stop(StopReason.CRASH)
 
-    async def _watchdog(self) -> None:
-        self._beat = self.clock.monotonic()
-
-    def health(self) -> tuple[bool, str]:
-        stalled = self.clock.monotonic() - self._beat
-        if self.ready.is_set() and stalled > STALL_LIMIT_S:
-            return False, f"the scheduler has not run for {stalled:.0f} s"
-        return True, "ok"
-
-    def readiness(self) -> tuple[bool, str]:
-        if self.auth_failed:
-            return False, "the API rejected the key"
-        if self._stop.is_set():
-            return False, "shutting down"
-        if not self.ready.is_set():
-            return False, "starting"
-        return True, "ok"
-
 
 class _AdminView:
     """The admin app's backend: the service's health, its metrics, the watch list's API."""
 
     def __init__(self, service: Service, watchlist: WatchList) -> None:
-        self.health = service.health
-        self.readiness = service.readiness
+        self.health = service.health.health
+        self.readiness = service.health.readiness
         self.metrics_body = service.metrics.render
         self.list_tasks = watchlist.list_tasks
         self.add_task = watchlist.add_task

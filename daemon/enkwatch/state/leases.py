@@ -128,7 +128,6 @@ class PartitionLeases:
     async def balance(self) -> tuple[set[int], set[int]]:
         """Heartbeat, renew, claim up to our share, shed above it: (gained, lost)."""
         started = self._clock.monotonic()
-        lost: set[int] = set()
         gained: set[int] = set()
         async with self._db.pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -142,65 +141,72 @@ class PartitionLeases:
                 self.lease_s,
             )
             target = math.ceil(self.partitions / max(1, int(live)))
-            mine = list(self.held)
-            renewed = await conn.fetch(
-                "UPDATE enkwatch_partition_lease "
-                "SET expires_at = now() + make_interval(secs => $2) "
-                "WHERE owner = $1 AND partition = ANY($3::int[]) AND expires_at > now() "
-                "RETURNING partition, epoch",
-                self.replica_id,
-                self.lease_s,
-                mine,
-            )
-            held = {r["partition"]: r["epoch"] for r in renewed}
-            for p in mine:
-                if held.get(p) != self.held[p].epoch:
-                    lost.add(p)
-            for p in lost:
-                del self.held[p]
-                held.pop(p, None)
-            for p in held:
-                self.held[p].renewed_at = started
+            lost = await self._renew(conn, started)
             if len(self.held) > target:
-                shed = sorted(self.held)[target:]
-                await conn.execute(
-                    "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
-                    "WHERE owner = $1 AND partition = ANY($2::int[])",
-                    self.replica_id,
-                    shed,
-                )
-                for p in shed:
-                    del self.held[p]
-                lost.update(shed)
+                lost.update(await self._shed(conn, target))
             elif len(self.held) < target:
-                claimed = await conn.fetch(
-                    "WITH free AS ("
-                    "  SELECT partition, owner AS old_owner, expires_at AS old_expiry"
-                    "  FROM enkwatch_partition_lease"
-                    "  WHERE expires_at <= now() OR owner IS NULL"
-                    "  ORDER BY partition FOR UPDATE SKIP LOCKED LIMIT $3)"
-                    " UPDATE enkwatch_partition_lease l SET owner = $1, epoch = l.epoch + 1,"
-                    "   expires_at = now() + make_interval(secs => $2)"
-                    " FROM free WHERE l.partition = free.partition"
-                    " RETURNING l.partition, l.epoch, free.old_owner,"
-                    "   extract(epoch FROM now() - free.old_expiry)::float8 AS orphaned_s",
-                    self.replica_id,
-                    self.lease_s,
-                    target - len(self.held),
-                )
-                for row in claimed:
-                    self.held[row["partition"]] = Lease(row["epoch"], started)
-                    gained.add(row["partition"])
-                    # taken over from a replica that stopped renewing: how long it lay
-                    # orphaned after its lease ran out (the lease itself comes on top)
-                    if self._on_takeover is not None and row["old_owner"] not in (
-                        None,
-                        self.replica_id,
-                    ):
-                        self._on_takeover(max(0.0, row["orphaned_s"]) + self.lease_s)
+                gained = await self._claim(conn, target - len(self.held), started)
         self.lost_count += len(lost - gained)
         self.commits += 1
         return gained, lost
+
+    async def _renew(self, conn: Any, started: float) -> set[int]:
+        mine = list(self.held)
+        renewed = await conn.fetch(
+            "UPDATE enkwatch_partition_lease "
+            "SET expires_at = now() + make_interval(secs => $2) "
+            "WHERE owner = $1 AND partition = ANY($3::int[]) AND expires_at > now() "
+            "RETURNING partition, epoch",
+            self.replica_id,
+            self.lease_s,
+            mine,
+        )
+        held = {r["partition"]: r["epoch"] for r in renewed}
+        lost = {p for p in mine if held.get(p) != self.held[p].epoch}
+        for p in lost:
+            del self.held[p]
+            held.pop(p, None)
+        for p in held:
+            self.held[p].renewed_at = started
+        return lost
+
+    async def _shed(self, conn: Any, target: int) -> set[int]:
+        shed = sorted(self.held)[target:]
+        await conn.execute(
+            "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
+            "WHERE owner = $1 AND partition = ANY($2::int[])",
+            self.replica_id,
+            shed,
+        )
+        for p in shed:
+            del self.held[p]
+        return set(shed)
+
+    async def _claim(self, conn: Any, count: int, started: float) -> set[int]:
+        claimed = await conn.fetch(
+            "WITH free AS ("
+            "  SELECT partition, owner AS old_owner, expires_at AS old_expiry"
+            "  FROM enkwatch_partition_lease"
+            "  WHERE expires_at <= now() OR owner IS NULL"
+            "  ORDER BY partition FOR UPDATE SKIP LOCKED LIMIT $3)"
+            " UPDATE enkwatch_partition_lease l SET owner = $1, epoch = l.epoch + 1,"
+            "   expires_at = now() + make_interval(secs => $2)"
+            " FROM free WHERE l.partition = free.partition"
+            " RETURNING l.partition, l.epoch, free.old_owner,"
+            "   extract(epoch FROM now() - free.old_expiry)::float8 AS orphaned_s",
+            self.replica_id,
+            self.lease_s,
+            count,
+        )
+        gained = set()
+        for row in claimed:
+            self.held[row["partition"]] = Lease(row["epoch"], started)
+            gained.add(row["partition"])
+            # taken over from a replica that stopped renewing: how long it lay orphaned
+            # after its lease ran out (the lease itself comes on top)
+            if self._on_takeover is not None and row["old_owner"] not in (None, self.replica_id):
+                self._on_takeover(max(0.0, row["orphaned_s"]) + self.lease_s)
+        return gained
 
     @guarded
     async def release_all(self) -> None:
