@@ -17,10 +17,6 @@ from enkwatch.kinds import KNOWN_STATUSES
 from enkwatch.limits import RequestGate
 from enkwatch.watch import TaskWatch
 
-OUTCOME_OK: Final = "ok"
-OUTCOME_NOT_FOUND: Final = "not_found"
-OUTCOME_UNAUTHORIZED: Final = "unauthorized"
-
 _RELOAD_RESULTS: Final = {ev.CONFIG_RELOADED: "ok", ev.CONFIG_RELOAD_FAILED: "failed"}
 _LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)

@@ -31,6 +31,10 @@ AUTH_CONFIRM_DELAY_S: Final = 1.0
 # a poll this close to the deadline counts as at the deadline (timers fire a little early)
 DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
+# the outcome of a request, besides the error kinds (the `outcome` label of enkwatch_polls)
+OUTCOME_OK: Final = "ok"
+OUTCOME_NOT_FOUND: Final = "not_found"
+OUTCOME_UNAUTHORIZED: Final = "unauthorized"
 
 # the labels of a task without labels (never mutated: labels are replaced, not edited)
 NO_LABELS: Final[dict[str, str]] = {}
@@ -161,28 +165,24 @@ class Poller:
         """
         if self._may_poll is not None and not self._may_poll(task.key):
             return LOST
+        # one coroutine per poll, as before: the endings are caught here, not one level down
+        started = self._clock.monotonic()
         try:
-            return await self._poll(task)
+            try:
+                obs = await self._request(task)
+            except NotFound as err:
+                self._observe(OUTCOME_NOT_FOUND, started)
+                return await self._not_found(task, err)
+            except PollError as err:
+                self._observe(err.kind, started)
+                return await self._failed(task, err)
+            self._observe(OUTCOME_OK, started)
+            return await self._observed(task, obs)
         except AuthError as err:
+            self._observe(OUTCOME_UNAUTHORIZED, started)
             return AuthRejected(err.http_status)
         except (LeaseLost, StateUnavailable):
             return LOST
-
-    async def _poll(self, task: TaskWatch) -> float | PollEnd:
-        started = self._clock.monotonic()
-        try:
-            obs = await self._request(task)
-        except NotFound as err:
-            self._observe("not_found", started)
-            return await self._not_found(task, err)
-        except PollError as err:
-            self._observe(err.kind, started)
-            return await self._failed(task, err)
-        except AuthError:
-            self._observe("unauthorized", started)
-            raise
-        self._observe("ok", started)
-        return await self._observed(task, obs)
 
     def _observe(self, outcome: str, started: float) -> None:
         if self._observe_poll is not None:
