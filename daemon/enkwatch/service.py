@@ -93,6 +93,7 @@ class Service:
         self._reason = StopReason.STOP_REQUESTED
         self._reason_text = StopReason.STOP_REQUESTED.value
         self._crash: BaseException | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
 
     def request_stop(
         self, reason: StopReason = StopReason.STOP_REQUESTED, text: str | None = None
@@ -130,8 +131,10 @@ class Service:
 
     def _reload_soon(self) -> None:
         if self.running is not None:
-            task = asyncio.ensure_future(self.running.watchlist.reload())
-            task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+            # kept until done (a bug in it is reported by asyncio, as before, never hidden)
+            job = asyncio.ensure_future(self.running.watchlist.reload())
+            self._reloads.add(job)
+            job.add_done_callback(self._reloads.discard)
 
     async def _open_store(self, stack: AsyncExitStack) -> Store:
         state = self.config.state
