@@ -71,7 +71,7 @@ class BareWorker:
         # the floor runs on the same interpreter settings as the daemon: enkwatch tunes its
         # collector at start-up (enkwatch.service.tune_gc), so the bare loop does too and
         # the ratios measure enkwatch's own work, not a GC setting
-        from enkwatch.service import tune_gc
+        from enkwatch.health import tune_gc
 
         tune_gc()
         await self.run(0.3)  # open the connections
@@ -139,7 +139,7 @@ class EnkwatchWorker:
         self._started += 1
         if self._lateness is not None:
             self._lateness.append(lateness_s)
-        if self._first_round_at is None and self.service.scheduler.started_polls >= self._n:
+        if self._first_round_at is None and self.service.running.scheduler.started_polls >= self._n:
             self._first_round_at = time.perf_counter()
 
     def _time_events(self) -> None:
@@ -163,7 +163,7 @@ class EnkwatchWorker:
             Poller._emit = timed  # type: ignore[method-assign]
             # the confirmations of written events are committed in batches, outside _emit:
             # their CPU belongs to the events too
-            from enkwatch.store import SqliteStore
+            from enkwatch.state.sqlite import SqliteStore
 
             flush: Any = SqliteStore._flush_confirmations
 
@@ -213,7 +213,7 @@ class EnkwatchWorker:
         if not ready.done():
             self._run.result()  # raises what the service died of
         ready_s = time.perf_counter() - self._t_run
-        self.service.scheduler.lateness_hook = self._on_start
+        self.service.running.scheduler.lateness_hook = self._on_start
         return {
             "rss_before_bytes": rss_before,
             "config_parse_s": parse_s,
@@ -223,7 +223,7 @@ class EnkwatchWorker:
 
     @property
     def _sched(self) -> Any:
-        return self.service.scheduler
+        return self.service.running.scheduler
 
     async def first_round(self, timeout_s: float) -> dict[str, Any]:
         """Wait until every task was polled once and those polls are over."""
@@ -256,7 +256,7 @@ class EnkwatchWorker:
         """Every task on `interval_s`, first due spread evenly over `spread_s` from now."""
         await self._drain()
         sched = self._sched
-        tasks = list(self.service.tasks.values())
+        tasks = list(self.service.running.watchlist.tasks.values())
         random.Random(1).shuffle(tasks)
         start = time.monotonic() + delay_s
         step = spread_s / len(tasks)
@@ -318,7 +318,7 @@ class EnkwatchWorker:
 
     async def add_cost(self, count: int) -> dict[str, Any]:
         """`PollScheduler.add` of `count` new tasks, each timed alone (far-future due times)."""
-        from enkwatch.store import TaskRecord
+        from enkwatch.state.base import TaskRecord
         from enkwatch.watch import TaskWatch
 
         sched = self._sched
@@ -355,7 +355,10 @@ class EnkwatchWorker:
         t0 = time.perf_counter()
         self.service.request_stop()
         assert self._run is not None
-        code = await asyncio.wait_for(self._run, 30)
+        from enkwatch.cli import exit_code
+
+        outcome = await asyncio.wait_for(self._run, 30)
+        code = outcome if isinstance(outcome, int) else exit_code(outcome)
         if self._events_file is not None:
             self._events_file.close()
         return {"exit_code": code, "stop_s": time.perf_counter() - t0}
@@ -381,12 +384,14 @@ class DesignWorker:
 
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-        from enkwatch.client import ApiClient, RequestGate
+        from enkwatch.client import ApiClient
         from enkwatch.clock import SystemClock
         from enkwatch.config import PollingConfig
-        from enkwatch.events import configure_logging
+        from enkwatch.events import EventWriter, configure_logging
+        from enkwatch.limits import RequestGate
         from enkwatch.schedule import ApschedulerWakeup, PollScheduler, make_apscheduler
-        from enkwatch.store import TaskRecord, open_store
+        from enkwatch.state import open_store
+        from enkwatch.state.base import TaskRecord
         from enkwatch.watch import Poller, TaskWatch
 
         configure_logging(stream=_sink(os.devnull))
@@ -404,7 +409,7 @@ class DesignWorker:
         client = await self._stack.enter_async_context(
             ApiClient(f"http://127.0.0.1:{port}", API_KEY, 10, gate, pool_size=pool, clock=clock)
         )
-        poller = Poller(client, store, clock, polling)
+        poller = Poller(client, EventWriter(clock, store), clock, polling)
         now = time.time()
         heap_tasks, aps_tasks = [], []
         for tasks, prefix in ((heap_tasks, "h"), (aps_tasks, "a")):
@@ -418,7 +423,7 @@ class DesignWorker:
                     TaskWatch(key, key, None, {}, 1e-3, None, record)  # always due: saturation
                 )
 
-        async def counted_poll(task: TaskWatch) -> float | None:
+        async def counted_poll(task: TaskWatch) -> Any:
             delay = await poller.poll(task)
             self._polls += 1
             return delay
@@ -427,8 +432,14 @@ class DesignWorker:
         aps_wakeup = make_apscheduler()
         aps_wakeup.start(paused=True)
         self._stack.callback(aps_wakeup.shutdown, wait=False)
-        heap = PollScheduler(counted_poll, clock, 0, lambda t: None, self._crash)
-        heap.wakeup = ApschedulerWakeup(aps_wakeup, heap, clock)
+        heap = PollScheduler(
+            counted_poll,
+            clock,
+            0,
+            lambda t: None,
+            self._crash,
+            wakeup=lambda dispatch: ApschedulerWakeup(aps_wakeup, dispatch, clock),
+        )
         self._heap = (heap, aps_wakeup)
         gc.collect()
         rss0 = rss_bytes()

@@ -1,4 +1,4 @@
-"""Fixtures shared by test modules: one real PostgreSQL server per test session."""
+"""Fixtures shared by test modules: structlog reset per test, one PostgreSQL per session."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+import structlog
 
 from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> None:
+    """Every test starts from structlog's defaults (capture_logs works on them)."""
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

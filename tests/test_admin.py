@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
@@ -23,11 +21,6 @@ from tests.servicekit import (
 )
 
 TOKEN = "admin-token-123"
-
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
-    structlog.reset_defaults()
 
 
 def two_tasks() -> Any:
@@ -57,7 +50,7 @@ async def test_health_ready_and_metrics(tmp_path: Path) -> None:
                     assert resp.content_type == "text/plain"
                     text = await resp.text()
                 # a stalled scheduler fails the liveness probe
-                svc._beat -= 3600
+                svc.health._beat -= 3600
                 async with http.get(f"{base}/healthz") as resp:
                     assert resp.status == 503
                     assert "scheduler" in (await resp.json())["reason"]
@@ -81,10 +74,10 @@ async def test_readiness_states(tmp_path: Path) -> None:
     async with simulator(two_tasks()) as (url, _):
         config = make_config(url, ":memory:", [{"task_id": "t1"}])
         async with running(config) as svc:
-            assert svc.readiness() == (True, "ok")
-            svc.auth_failed = True
-            assert svc.readiness() == (False, "the API rejected the key")
-            svc.auth_failed = False
+            assert svc.health.readiness() == (True, "ok")
+            svc.health.auth_failed = True
+            assert svc.health.readiness() == (False, "the API rejected the key")
+            svc.health.auth_failed = False
 
 
 async def test_task_api_tokens_add_list_delete_and_persist(tmp_path: Path) -> None:
@@ -131,9 +124,9 @@ async def test_task_api_tokens_add_list_delete_and_persist(tmp_path: Path) -> No
         # a restart keeps the task added through the API
         config = make_config(url, state, [], admin={"listen": "127.0.0.1:0"})
         async with running(config) as svc:
-            assert set(svc.tasks) == {"t2"}
-            assert svc.tasks["t2"].source == "api"
-            assert svc.tasks["t2"].done  # Finished before: never polled again
+            assert set(svc.running.watchlist.tasks) == {"t2"}
+            assert svc.running.watchlist.tasks["t2"].source == "api"
+            assert svc.running.watchlist.tasks["t2"].done  # Finished before: never polled again
 
 
 async def test_bad_bodies_get_400_with_key_paths(tmp_path: Path) -> None:

@@ -24,9 +24,7 @@ from enkwatch import __version__
 from enkwatch.client import (
     MAX_BODY_BYTES,
     MAX_RETRY_AFTER_S,
-    PATH,
     ApiClient,
-    RequestGate,
     parse_body,
     parse_retry_after,
 )
@@ -38,6 +36,9 @@ from enkwatch.errors import (
     TransientPollError,
     UnauthorizedAnswer,
 )
+from enkwatch.kinds.dataset import DATASET as DATASET_KIND
+from enkwatch.kinds.dataset import PATH
+from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
 
 API_KEY = "sk-test-4f1c0e9a7b2d-DO-NOT-LEAK"
@@ -192,7 +193,7 @@ async def client(make_client: MakeClient) -> ApiClient:
 
 async def poll_error(client: ApiClient, task_id: str | None = TASK_ID) -> PollError:
     with pytest.raises(PollError) as info:
-        await client.get_task(task_id, DATASET)
+        await client.get_task(DATASET_KIND, task_id, DATASET)
     err = info.value
     assert API_KEY not in str(err)
     assert API_KEY not in err.detail
@@ -210,7 +211,7 @@ def contract_headers(seen: Seen) -> dict[str, str]:
 
 
 async def test_request_with_task_id_and_dataset(client: ApiClient, api: FakeApi) -> None:
-    await client.get_task(TASK_ID, DATASET)
+    await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     [seen] = api.seen
     assert seen.path == PATH
     assert contract_headers(seen) == {
@@ -223,14 +224,14 @@ async def test_request_with_task_id_and_dataset(client: ApiClient, api: FakeApi)
 
 
 async def test_request_with_task_id_only(client: ApiClient, api: FakeApi) -> None:
-    await client.get_task(TASK_ID, None)
+    await client.get_task(DATASET_KIND, TASK_ID, None)
     headers = contract_headers(api.seen[0])
     assert headers["x-enkrypt-task-id"] == TASK_ID
     assert "x-enkrypt-dataset" not in headers
 
 
 async def test_request_with_dataset_only(client: ApiClient, api: FakeApi) -> None:
-    await client.get_task(None, DATASET)
+    await client.get_task(DATASET_KIND, None, DATASET)
     headers = contract_headers(api.seen[0])
     assert headers["x-enkrypt-dataset"] == DATASET
     assert "x-enkrypt-task-id" not in headers
@@ -238,19 +239,19 @@ async def test_request_with_dataset_only(client: ApiClient, api: FakeApi) -> Non
 
 
 async def test_non_ascii_dataset_travels_intact(client: ApiClient, api: FakeApi) -> None:
-    await client.get_task(None, "Élection-2024")
+    await client.get_task(DATASET_KIND, None, "Élection-2024")
     assert api.seen[0].headers["X-Enkrypt-Dataset"] == "Élection-2024"
 
 
 async def test_base_url_with_a_path_prefix(make_client: MakeClient, api: FakeApi) -> None:
     client = await make_client(api.url + "v1/")
-    await client.get_task(TASK_ID, None)
+    await client.get_task(DATASET_KIND, TASK_ID, None)
     assert api.seen[0].path == "/v1" + PATH
 
 
 async def test_requests_reuse_one_connection(client: ApiClient, api: FakeApi) -> None:
     for _ in range(5):
-        await client.get_task(TASK_ID, DATASET)
+        await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert len(api.seen) == 5
     assert len({s.peer_port for s in api.seen}) == 1
 
@@ -259,21 +260,21 @@ async def test_one_connection_survives_error_answers(client: ApiClient, api: Fak
     api.then(answer(500, raw=b"oops"), answer(404, raw=b"{}"), answer(200, raw=b"<html>"))
     for _ in range(3):
         await poll_error(client)
-    await client.get_task(TASK_ID, DATASET)
+    await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert len({s.peer_port for s in api.seen}) == 1
 
 
 async def test_cookies_are_never_sent_back(client: ApiClient, api: FakeApi) -> None:
     api.then(answer(headers={"Set-Cookie": "session=abc; Path=/"}))
-    await client.get_task(TASK_ID, DATASET)
-    await client.get_task(TASK_ID, DATASET)
+    await client.get_task(DATASET_KIND, TASK_ID, DATASET)
+    await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert "Cookie" not in api.seen[1].headers
 
 
 async def test_client_outside_async_with_is_a_programming_error(gate: RequestGate) -> None:
     client = ApiClient("http://127.0.0.1:1", API_KEY, 1.0, gate)
     with pytest.raises(RuntimeError):
-        await client.get_task(TASK_ID, None)
+        await client.get_task(DATASET_KIND, TASK_ID, None)
 
 
 # --- a valid answer -------------------------------------------------------------------------
@@ -282,7 +283,7 @@ async def test_client_outside_async_with_is_a_programming_error(gate: RequestGat
 async def test_a_valid_answer_is_an_observation(client: ApiClient, api: FakeApi) -> None:
     data = task_data(status="Finished", max_prompts=100, tools=[], project_name=None)
     api.then(answer(payload={"data": data, "message": "ok", "extra": {"nested": True}}))
-    obs = await client.get_task(TASK_ID, DATASET)
+    obs = await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert obs == Observation(
         task_id=TASK_ID,
         dataset_name=DATASET,
@@ -290,6 +291,8 @@ async def test_a_valid_answer_is_an_observation(client: ApiClient, api: FakeApi)
         created_at="2026-01-01T10:00:00Z",
         started_at="2026-01-01T10:00:05.123456+00:00",
         data=data,
+        known=True,
+        terminal=True,
     )
     assert obs.known
     assert obs.terminal
@@ -300,19 +303,19 @@ async def test_an_empty_or_malformed_started_at_becomes_none(
     client: ApiClient, api: FakeApi, started_at: object
 ) -> None:
     api.then(answer(payload={"data": task_data(started_at=started_at)}))
-    obs = await client.get_task(TASK_ID, DATASET)
+    obs = await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert obs.started_at is None
     assert obs.status == "Running"
 
 
 async def test_a_missing_started_at_is_none(client: ApiClient, api: FakeApi) -> None:
     api.then(answer(payload={"data": task_data(started_at=_DROP)}))
-    assert (await client.get_task(TASK_ID, DATASET)).started_at is None
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).started_at is None
 
 
 async def test_an_unknown_status_is_still_an_observation(client: ApiClient, api: FakeApi) -> None:
     api.then(answer(payload={"data": task_data(status="Paused")}))
-    obs = await client.get_task(TASK_ID, DATASET)
+    obs = await client.get_task(DATASET_KIND, TASK_ID, DATASET)
     assert obs.status == "Paused"
     assert not obs.known
 
@@ -320,7 +323,7 @@ async def test_an_unknown_status_is_still_an_observation(client: ApiClient, api:
 async def test_a_body_of_exactly_the_limit_is_read(client: ApiClient, api: FakeApi) -> None:
     raw = body({"data": task_data()})
     api.then(answer(raw=raw + b" " * (MAX_BODY_BYTES - len(raw))))
-    assert (await client.get_task(TASK_ID, DATASET)).task_id == TASK_ID
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID
 
 
 # --- answers that are not observations --------------------------------------------------------
@@ -476,7 +479,7 @@ async def test_a_body_over_the_limit_with_content_length(client: ApiClient, api:
     assert err.kind == "invalid_response"
     assert "larger than" in err.detail
     # the client is still usable afterwards
-    assert (await client.get_task(TASK_ID, DATASET)).task_id == TASK_ID
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID
 
 
 async def test_a_chunked_body_over_the_limit(client: ApiClient, api: FakeApi) -> None:
@@ -498,7 +501,7 @@ async def test_a_chunked_body_over_the_limit(client: ApiClient, api: FakeApi) ->
     err = await poll_error(client)
     assert isinstance(err, InvalidResponse)
     assert "larger than" in err.detail
-    assert (await client.get_task(TASK_ID, DATASET)).task_id == TASK_ID
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -528,7 +531,7 @@ async def test_429_with_retry_after_seconds_pauses_the_gate(
     assert gate.pauses == 1
     assert gate.pause_remaining() == 7
     # the next request, for any task, waits the pause out first
-    await client.get_task("another-task", None)
+    await client.get_task(DATASET_KIND, "another-task", None)
     assert sleeps.waits == [7]
     assert gate.pause_remaining() == 0
 
@@ -653,14 +656,14 @@ async def test_the_api_key_is_redacted_when_the_server_echoes_it(
 
 
 def test_parse_body_of_a_valid_answer() -> None:
-    obs = parse_body(body({"data": task_data(started_at="")}))
+    obs = parse_body(DATASET_KIND, body({"data": task_data(started_at="")}))
     assert obs.task_id == TASK_ID
     assert obs.started_at is None
 
 
 def test_parse_body_keeps_the_error_message_short() -> None:
     with pytest.raises(InvalidResponse) as info:
-        parse_body(body({"error": "x" * 10_000}))
+        parse_body(DATASET_KIND, body({"error": "x" * 10_000}))
     assert len(info.value.detail) < 300
 
 
@@ -698,7 +701,7 @@ near_valid = st.builds(
 def assert_observation_or_typed_error(raw: bytes) -> None:
     error: PollError | None = None
     try:
-        obs = parse_body(raw)
+        obs = parse_body(DATASET_KIND, raw)
     except (InvalidResponse, NotFound) as err:
         error = err
     else:

@@ -35,10 +35,6 @@ PAGES = [README, *sorted(DOCS.glob("*.md"))]
 SHARED_CONTRACT = ROOT.parent / "shared" / "CONTRACT.md"
 KUSTOMIZATIONS = [ROOT / "deploy" / "kubernetes", ROOT / "deploy" / "kubernetes-replicas"]
 
-# docs/architecture.md is written on the architecture branch (issue 9); the README links it
-# already. This is the only link that may point at a missing file.
-MAY_BE_MISSING = {"docs/architecture.md"}
-
 TWO_COMMANDS = "pip install . && enkwatch demo\npip install '.[test]' && python -m pytest"
 
 
@@ -168,8 +164,6 @@ def test_every_relative_link_resolves() -> None:
             dest = (page.parent / file).resolve() if file else page
             name = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
             checked += 1
-            if name in MAY_BE_MISSING and not dest.exists():
-                continue
             assert dest.exists(), f"{page.name}: the link {target} points at nothing"
             if anchor:
                 assert anchor in anchors(dest), f"{page.name}: no heading #{anchor} in {name}"

@@ -18,8 +18,8 @@ from enkwatch.schedule import (
     PollScheduler,
     make_apscheduler,
 )
-from enkwatch.store import TaskRecord
-from enkwatch.watch import TaskWatch
+from enkwatch.state.base import TaskRecord
+from enkwatch.watch import DONE, PollResult, TaskWatch
 
 POLLING = PollingConfig()
 
@@ -33,17 +33,17 @@ class FakePolls:
     """Each poll waits until the test resolves it with a delay (or None, or an exception)."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, asyncio.Future[float | None]] = {}
+        self.pending: dict[str, asyncio.Future[PollResult]] = {}
         self.started: list[str] = []
 
-    async def poll(self, task: TaskWatch) -> float | None:
-        fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+    async def poll(self, task: TaskWatch) -> PollResult:
+        fut: asyncio.Future[PollResult] = asyncio.get_running_loop().create_future()
         self.pending[task.key] = fut
         self.started.append(task.key)
         return await fut
 
     async def finish(self, key: str, delay: float | None) -> None:
-        self.pending.pop(key).set_result(delay)
+        self.pending.pop(key).set_result(DONE if delay is None else delay)
         await settle()
 
     async def fail(self, key: str, exc: BaseException) -> None:
@@ -64,6 +64,7 @@ class Rig:
         self.done: list[str] = []
         self.crashes: list[BaseException] = []
         self.pause = 0.0
+        self.wakeup = ManualWakeup()
         self.sched = PollScheduler(
             self.polls.poll,
             self.clock,
@@ -71,9 +72,8 @@ class Rig:
             on_task_done=lambda t: self.done.append(t.key),
             on_crash=self.crashes.append,
             paused_for=lambda: self.pause,
+            wakeup=lambda dispatch: self.wakeup,
         )
-        self.wakeup = ManualWakeup()
-        self.sched.wakeup = self.wakeup
 
     async def tick(self, seconds: float = 0.0) -> None:
         self.clock.advance(seconds)
@@ -216,15 +216,21 @@ async def test_apscheduler_wakeup_dispatches_at_the_armed_time() -> None:
     fired = asyncio.Event()
     clock = SystemClock()
 
-    async def poll(task: TaskWatch) -> float | None:
+    async def poll(task: TaskWatch) -> PollResult:
         fired.set()
-        return None
+        return DONE
 
-    sched = PollScheduler(poll, clock, 4, on_task_done=lambda t: None, on_crash=lambda e: None)
     aps = make_apscheduler()
     aps.start()
     try:
-        sched.wakeup = ApschedulerWakeup(aps, sched, clock)
+        sched = PollScheduler(
+            poll,
+            clock,
+            4,
+            on_task_done=lambda t: None,
+            on_crash=lambda e: None,
+            wakeup=lambda dispatch: ApschedulerWakeup(aps, dispatch, clock),
+        )
         await asyncio.sleep(0)  # let the first heartbeat tick find an empty heap
         sched.add(make_task("a"), due=clock.monotonic() + 0.05)
         await asyncio.wait_for(fired.wait(), timeout=5)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from enkwatch.clock import FakeClock
 from enkwatch.errors import ConfigError
-from enkwatch.models import parse_observation
+from enkwatch.kinds.dataset import parse_observation
 from enkwatch.simulator import (
     ARRIVALS_KEPT,
     STATS,

@@ -16,7 +16,8 @@ from enkwatch.clock import SystemClock
 from enkwatch.config import SinksConfig, WebhookConfig, parse_config
 from enkwatch.errors import ConfigError
 from enkwatch.sinks import Outbox, Sink, build_sinks, sink_id
-from enkwatch.store import OutboxRow, SqliteStore, TaskRecord
+from enkwatch.state.base import OutboxRow, TaskRecord
+from enkwatch.state.sqlite import SqliteStore
 
 SECRET = "whsec-test-123"
 
@@ -234,7 +235,7 @@ def test_webhook_config_validation_names_paths_without_echoing_urls() -> None:
 
 def test_webhook_event_names_match_the_vocabulary() -> None:
     from enkwatch import events as ev
-    from enkwatch.config import WEBHOOK_EVENTS
+    from enkwatch.models import WEBHOOK_EVENTS
 
     names = {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str) and "." in v}
     assert names >= WEBHOOK_EVENTS

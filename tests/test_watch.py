@@ -8,18 +8,20 @@ from typing import Any
 
 import orjson
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
-from enkwatch.client import ApiClient, RequestGate
+from enkwatch.client import ApiClient
 from enkwatch.clock import FakeClock
 from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import AuthError
-from enkwatch.store import SqliteStore, TaskRecord
-from enkwatch.watch import AUTH_CONFIRM_DELAY_S, Poller, TaskWatch
+from enkwatch.events import EventWriter
+from enkwatch.limits import RequestGate
+from enkwatch.state.base import TaskRecord
+from enkwatch.state.sqlite import SqliteStore
+from enkwatch.watch import AUTH_CONFIRM_DELAY_S, DONE, AuthRejected, Poller, TaskWatch
 
 SECRET = "sk-test-SECRET-watch"
 TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
@@ -86,11 +88,6 @@ class Harness:
         return self.poller.polling
 
 
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
-    structlog.reset_defaults()
-
-
 @pytest.fixture
 async def harness(aiohttp_server: Any) -> AsyncIterator[Harness]:
     api = FakeApi()
@@ -109,7 +106,8 @@ async def harness(aiohttp_server: Any) -> AsyncIterator[Harness]:
         clock.advance(seconds)
 
     async with ApiClient(str(server.make_url("")), SECRET, 5, RequestGate(0, clock)) as client:
-        poller = Poller(client, store, clock, polling, random.Random(7), sleep=fake_sleep)
+        writer = EventWriter(clock, store)
+        poller = Poller(client, writer, clock, polling, random.Random(7), sleep=fake_sleep)
         h = Harness(api, poller, store, clock)
         h.sleeps = sleeps
         yield h
@@ -175,7 +173,7 @@ async def test_every_change_once_and_terminal_stops(harness: Harness) -> None:
     task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(5)]
-    assert delays[-1] is None and all(d is not None for d in delays[:-1])
+    assert delays[-1] is DONE and all(d is not DONE for d in delays[:-1])
     transitions = [(e["previous_status"], e["status"]) for e in logs]
     assert transitions == [(None, "Queued"), ("Queued", "Running"), ("Running", "Finished")]
     assert [e["seq"] for e in logs] == [1, 2, 3]
@@ -189,7 +187,7 @@ async def test_failed_is_a_warning(harness: Harness) -> None:
     harness.api.script(ok("Failed"))
     task = await harness.task()
     with capture_logs() as logs:
-        assert await harness.poller.poll(task) is None
+        assert await harness.poller.poll(task) is DONE
     assert logs[0]["log_level"] == "warning"
     assert task.failed
 
@@ -256,7 +254,7 @@ async def test_not_found_counts_then_gives_up(harness: Harness) -> None:
     task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(6)]
-    assert delays[:5] != [None] * 5 and delays[5] is None
+    assert delays[:5] != [DONE] * 5 and delays[5] is DONE
     assert names(logs) == [
         ev.TASK_POLL_FAILED,
         ev.TASK_POLL_FAILED,
@@ -277,7 +275,7 @@ async def test_error_200_not_found_counts_too(harness: Harness) -> None:
     task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(3)]
-    assert delays[2] is None
+    assert delays[2] is DONE
     assert logs[-1]["event"] == ev.TASK_GAVE_UP and logs[-1]["reason"] == "not_found"
 
 
@@ -291,7 +289,7 @@ async def test_deadline_gives_up_with_last_status(harness: Harness) -> None:
     assert second == pytest.approx(5.0)  # the next poll is at the deadline, not after it
     harness.clock.advance(5)
     with capture_logs() as logs:
-        assert await harness.poller.poll(task) is None
+        assert await harness.poller.poll(task) is DONE
     [event] = logs
     assert event["event"] == ev.TASK_GAVE_UP
     assert event["reason"] == "deadline_exceeded"
@@ -303,21 +301,21 @@ async def test_terminal_at_the_deadline_is_a_transition(harness: Harness) -> Non
     task = await harness.task(deadline_seconds=5)
     harness.clock.advance(100)
     with capture_logs() as logs:
-        assert await harness.poller.poll(task) is None
+        assert await harness.poller.poll(task) is DONE
     assert names(logs) == [ev.TASK_TRANSITION]
     assert task.record.outcome == "Finished"
 
 
-async def test_auth_rejection_confirmed_raises(harness: Harness) -> None:
+async def test_auth_rejection_confirmed_is_the_result(harness: Harness) -> None:
     harness.api.script(http(401), http(403))
     task = await harness.task()
-    with capture_logs() as logs, pytest.raises(AuthError) as info:
-        await harness.poller.poll(task)
-    assert info.value.http_status == 403
+    with capture_logs() as logs:
+        result = await harness.poller.poll(task)
+    assert result == AuthRejected(403)
     assert harness.sleeps == [AUTH_CONFIRM_DELAY_S]
     assert len(harness.api.requests) == 2
     assert logs == []
-    assert SECRET not in str(info.value)
+    assert SECRET not in str(AuthError(result.http_status))
 
 
 async def test_unconfirmed_auth_rejection_is_an_ordinary_failure(harness: Harness) -> None:
@@ -364,6 +362,6 @@ async def test_invalid_answers_are_failures_not_crashes(harness: Harness) -> Non
     task = await harness.task()
     with capture_logs() as logs:
         delays = [await harness.poller.poll(task) for _ in range(5)]
-    assert delays[-1] is None
+    assert delays[-1] is DONE
     assert [e.get("error") for e in logs[:4]] == ["invalid_response"] * 4
     assert logs[-1]["status"] == "Finished"

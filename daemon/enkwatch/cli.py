@@ -18,6 +18,8 @@ from typing import Any, Final
 from enkwatch import __version__
 from enkwatch import events as ev
 from enkwatch.admin import ADMIN_TOKEN_ENV
+from enkwatch.client import ApiClient
+from enkwatch.clock import SystemClock
 from enkwatch.config import (
     CONFIG_PATH_ENV,
     Config,
@@ -26,19 +28,65 @@ from enkwatch.config import (
     normalized_watch_list,
     parse_config,
 )
-from enkwatch.errors import ConfigError, PollError
-from enkwatch.service import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    Service,
-    fetch_status,
-    status_exit_code,
+from enkwatch.errors import (
+    AuthError,
+    ConfigError,
+    EnkwatchError,
+    NotFound,
+    PollError,
+    UnauthorizedAnswer,
 )
+from enkwatch.events import EventWriter
+from enkwatch.health import Outcome, StopReason
+from enkwatch.kinds import DEFAULT_KIND
+from enkwatch.limits import RequestGate
+from enkwatch.models import Observation
+from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
 
+# CONTRACT §6
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_GAVE_UP: Final = 3
+EXIT_AUTH: Final = 4
+EXIT_UNREACHABLE: Final = 5
 # an internal error (a bug): not one of the contract's codes; EX_SOFTWARE of sysexits.h
 EXIT_INTERNAL: Final = 70
+
+
+def exit_code(outcome: Outcome) -> int:
+    """CONTRACT §6 for a run: a stop by signal is 0 (4 if the key was rejected); else
+    4 > 3 > 1 > 0."""
+    if outcome.auth_failed:
+        return EXIT_AUTH
+    if outcome.reason in (StopReason.SIGNAL, StopReason.STOP_REQUESTED):
+        return EXIT_OK
+    if outcome.gave_up:
+        return EXIT_GAVE_UP
+    if outcome.failed:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def status_exit_code(err: EnkwatchError) -> int:
+    """CONTRACT §6 for `status`."""
+    if isinstance(err, AuthError | UnauthorizedAnswer):
+        return EXIT_AUTH
+    if isinstance(err, NotFound):
+        return EXIT_GAVE_UP
+    if isinstance(err, ConfigError):
+        return EXIT_USAGE
+    return EXIT_UNREACHABLE
+
+
+async def fetch_status(
+    config: Config, api_key: str, task_id: str | None, dataset: str | None
+) -> Observation:
+    """One request for `status`: an Observation or a typed error."""
+    api = config.api
+    async with ApiClient(api.base_url, api_key, api.timeout_seconds, RequestGate(0), 1) as client:
+        return await client.get_task(DEFAULT_KIND, task_id, dataset)
 
 
 class _UsageError(Exception):
@@ -209,9 +257,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "healthcheck":
         return _healthcheck(args)
     if command == "demo":
-        from enkwatch.demo import run_demo
-
-        return asyncio.run(run_demo())
+        return asyncio.run(_demo())
     raise AssertionError(command)
 
 
@@ -268,7 +314,24 @@ async def _run_service(config: Config, exit_when_done: bool, config_path: str | 
         sinks=sinks,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
     )
-    return await service.run()
+    return exit_code(await service.run())
+
+
+async def _demo() -> int:
+    """The simulator and the daemon on the bundled demo config; 0 when it ended as scripted."""
+    from enkwatch.demo import DEMO_API_KEY, demo_config, demo_ok
+    from enkwatch.simulator import default_scenario, start_simulator
+
+    runner, port, _ = await start_simulator(default_scenario(), "127.0.0.1", 0)
+    try:
+        service = Service(
+            demo_config(f"http://127.0.0.1:{port}"), DEMO_API_KEY, exit_when_done=True
+        )
+        await service.run()
+    finally:
+        await runner.cleanup()
+    assert service.running is not None
+    return EXIT_OK if demo_ok(service.running.watchlist.tasks.values()) else EXIT_FAILED
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -289,7 +352,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from enkwatch.migrate import migrate_state
+    from enkwatch.state.migrate import migrate_state
 
     report = await migrate_state(args.source, args.target)
     print(
@@ -351,7 +414,7 @@ async def _simulate(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
 
     def ready(port: int) -> None:
-        ev.log(
+        EventWriter(SystemClock()).daemon_event(
             "simulator.listening",
             host=args.host,
             port=port,

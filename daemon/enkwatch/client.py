@@ -2,34 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import math
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 import orjson
-from aiolimiter import AsyncLimiter
 
 from enkwatch import __version__
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.errors import (
+    ERR_CONNECTION,
+    ERR_HTTP_STATUS,
+    ERR_RATE_LIMITED,
+    ERR_TIMEOUT,
     InvalidResponse,
     NotFound,
     PollError,
     TransientPollError,
     UnauthorizedAnswer,
 )
-from enkwatch.events import ERR_CONNECTION, ERR_HTTP_STATUS, ERR_RATE_LIMITED, ERR_TIMEOUT
-from enkwatch.models import Observation, parse_observation
+from enkwatch.limits import RequestGate
+from enkwatch.models import Observation, TaskKind
 
-PATH: Final = "/datasets/get-task"
 MAX_BODY_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = f"enkwatch/{__version__}"
 # a Retry-After larger than this is treated as this: a typo on the server must not stall us for days
 MAX_RETRY_AFTER_S: Final = 3600.0
+# the answers whose Retry-After pauses every request (any 5xx's still delays its own task)
+PAUSING_STATUSES: Final = (429, 503)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -54,92 +56,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-class RequestGate:
-    """Limits shared by every request: requests per second, and a global Retry-After pause."""
-
-    def __init__(
-        self,
-        max_requests_per_second: float,
-        clock: Clock | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._clock = clock or SystemClock()
-        self._sleep = sleep
-        self._limiter: AsyncLimiter | None = None
-        self.set_rate(max_requests_per_second)
-        self.paused_until = 0.0
-        self.pauses = 0
-        # for metrics: requests that had to wait, and how long all waits took together
-        self.limit_waits = 0
-        self.wait_seconds = 0.0
-        # the tasks waiting their turn in acquire(): close() cancels them
-        self._waiting: set[asyncio.Task[Any]] = set()
-        self.closed = False
-
-    def set_rate(self, max_requests_per_second: float) -> None:
-        """(Re)set the limit; 0 = none."""
-        # a bucket of one request spaces requests evenly: at most rate + 1 in any one-second window
-        self._limiter = (
-            AsyncLimiter(1, 1.0 / max_requests_per_second) if max_requests_per_second > 0 else None
-        )
-
-    def pause(self, seconds: float) -> None:
-        """Hold every request for `seconds` (a Retry-After from the API)."""
-        until = self._clock.monotonic() + seconds
-        if until > self.paused_until:
-            self.paused_until = until
-            self.pauses += 1
-
-    def pause_remaining(self) -> float:
-        return max(0.0, self.paused_until - self._clock.monotonic())
-
-    def close(self) -> int:
-        """Let no more requests through (shutdown): cancel the tasks waiting their turn; how many.
-
-        A poll held by the rate limit or a Retry-After pause has sent nothing yet: sending it
-        after SIGTERM would be a new request, and waiting for it would hold up the exit.
-        """
-        self.closed = True
-        waiting = [task for task in self._waiting if not task.done()]
-        for task in waiting:
-            task.cancel()
-        return len(waiting)
-
-    async def acquire(self) -> None:
-        """Wait for the global pause to end and for a slot in the rate limit.
-
-        After close() nothing goes through: the caller is cancelled instead.
-        """
-        if self.closed:
-            raise asyncio.CancelledError
-        if self._limiter is None and self.paused_until <= self._clock.monotonic():
-            return  # the hot path without limits: nothing to wait for, nothing to track
-        task = asyncio.current_task()
-        if task is not None:
-            self._waiting.add(task)
-        try:
-            await self._wait_turn()
-        finally:
-            if task is not None:
-                self._waiting.discard(task)
-
-    async def _wait_turn(self) -> None:
-        # a loop, not an Event: another Retry-After may extend the pause while we wait
-        while (wait := self.pause_remaining()) > 0:
-            self.wait_seconds += wait
-            await self._sleep(wait)
-        if self._limiter is not None:
-            if self._limiter.has_capacity():
-                await self._limiter.acquire()
-            else:
-                started = self._clock.monotonic()
-                self.limit_waits += 1
-                await self._limiter.acquire()
-                self.wait_seconds += self._clock.monotonic() - started
-
-
 class ApiClient:
-    """`GET {base_url}/datasets/get-task` over one shared keep-alive session."""
+    """The request of a task's kind (`GET {base_url}<path>`) over one keep-alive session."""
 
     def __init__(
         self,
@@ -150,7 +68,7 @@ class ApiClient:
         pool_size: int = 16,
         clock: Clock | None = None,
     ) -> None:
-        self._url = base_url.rstrip("/") + PATH
+        self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._gate = gate
@@ -178,23 +96,18 @@ class ApiClient:
             await self._session.close()
             self._session = None
 
-    def _headers(self, task_id: str | None, dataset: str | None) -> dict[str, str]:
-        headers = {"apikey": self._api_key}
-        if task_id is not None:
-            headers["X-Enkrypt-Task-ID"] = task_id
-        if dataset is not None:
-            headers["X-Enkrypt-Dataset"] = dataset
-        return headers
-
-    async def get_task(self, task_id: str | None, dataset: str | None) -> Observation:
+    async def get_task(
+        self, kind: TaskKind, task_id: str | None, dataset: str | None
+    ) -> Observation:
         """One request; an Observation, or a PollError subclass saying why not."""
         if self._session is None:
             raise RuntimeError("ApiClient used outside `async with`")
+        url = self._base_url + kind.path(task_id, dataset)
+        headers = kind.headers(task_id, dataset)
+        headers["apikey"] = self._api_key
         await self._gate.acquire()
         try:
-            async with self._session.get(
-                self._url, headers=self._headers(task_id, dataset), allow_redirects=False
-            ) as resp:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                 body = await _read_limited(resp)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
@@ -203,36 +116,40 @@ class ApiClient:
         except aiohttp.ClientError as err:
             raise TransientPollError(ERR_CONNECTION, _describe(err)) from None
         try:
-            return self._classify(status, body, retry_after)
+            return classify(kind, status, body, retry_after, self._clock)
         except PollError as err:
+            wait = err.retry_after_s if isinstance(err, TransientPollError) else None
+            if wait is not None and status in PAUSING_STATUSES:
+                self._gate.pause(wait)  # slows every task, not only the one that got it
             # the body's error message is the server's text: it may echo the key back
             if self._api_key in err.detail:
                 err.detail = err.detail.replace(self._api_key, "[redacted]")
                 err.args = (err.detail,)
             raise
 
-    def _classify(self, status: int, body: bytes | None, retry_after: str | None) -> Observation:
-        """The one place where an answer becomes an Observation or a typed error."""
-        if status in (401, 403):
-            raise UnauthorizedAnswer(f"HTTP {status}", status)
-        if status == 404:
-            raise NotFound("HTTP 404: the API does not know this task", 404)
-        if status in (429, 503) or status >= 500:
-            wait = parse_retry_after(retry_after, self._clock.now())
-            if wait is not None and status in (429, 503):
-                self._gate.pause(wait)
-            kind = ERR_RATE_LIMITED if status == 429 else ERR_HTTP_STATUS
-            raise TransientPollError(kind, f"HTTP {status}", status, wait)
-        if 300 <= status < 400:
-            raise InvalidResponse(f"HTTP {status}: redirects are not followed", status)
-        if status != 200:
-            raise InvalidResponse(f"HTTP {status}", status)
-        if body is None:
-            raise InvalidResponse(f"the body is larger than {MAX_BODY_BYTES} bytes", status)
-        return parse_body(body, status)
+
+def classify(
+    kind: TaskKind, status: int, body: bytes | None, retry_after: str | None, clock: Clock
+) -> Observation:
+    """The one place where an answer becomes an Observation or a typed error; no side effects."""
+    if status in (401, 403):
+        raise UnauthorizedAnswer(f"HTTP {status}", status)
+    if status == 404:
+        raise NotFound("HTTP 404: the API does not know this task", 404)
+    if status in (429, 503) or status >= 500:
+        wait = parse_retry_after(retry_after, clock.now())
+        error = ERR_RATE_LIMITED if status == 429 else ERR_HTTP_STATUS
+        raise TransientPollError(error, f"HTTP {status}", status, wait)
+    if 300 <= status < 400:
+        raise InvalidResponse(f"HTTP {status}: redirects are not followed", status)
+    if status != 200:
+        raise InvalidResponse(f"HTTP {status}", status)
+    if body is None:
+        raise InvalidResponse(f"the body is larger than {MAX_BODY_BYTES} bytes", status)
+    return parse_body(kind, body, status)
 
 
-def parse_body(body: bytes, http_status: int = 200) -> Observation:
+def parse_body(kind: TaskKind, body: bytes, http_status: int = 200) -> Observation:
     """Parse a 200 body; raise NotFound or InvalidResponse for anything but an observation."""
     try:
         payload = orjson.loads(body)
@@ -244,7 +161,7 @@ def parse_body(body: bytes, http_status: int = 200) -> Observation:
             raise NotFound(f"the API says: {message[:200]}", None)
         raise InvalidResponse(f"the API answered 200 with an error: {message[:200]}", http_status)
     try:
-        return parse_observation(payload)
+        return kind.parse(payload)
     except ValueError as err:
         raise InvalidResponse(str(err), http_status) from None
 
@@ -278,4 +195,4 @@ def _describe(err: aiohttp.ClientError) -> str:
     return type(err).__name__
 
 
-__all__ = ["ApiClient", "PollError", "RequestGate", "parse_body", "parse_retry_after"]
+__all__ = ["ApiClient", "PollError", "classify", "parse_body", "parse_retry_after"]

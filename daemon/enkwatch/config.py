@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enkwatch.errors import ConfigError
+from enkwatch.models import WEBHOOK_EVENTS, is_postgres_url
 
 ENV_PREFIX = "ENKWATCH_"
 API_KEY_ENV = "ENKRYPTAI_API_KEY"
@@ -24,24 +25,6 @@ _INLINE_KEY_NAMES = frozenset({"api_key", "apikey", "key", "token", "secret"})
 # C0, DEL and C1: every Unicode control character (category Cc)
 _UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
-
-# the events a webhook can select (names as in CONTRACT §5; config imports nothing of ours)
-WEBHOOK_EVENTS = frozenset(
-    {
-        "task.transition",
-        "task.poll_failed",
-        "task.unknown_status",
-        "task.gave_up",
-        "api.auth_failed",
-        "config.reloaded",
-        "config.reload_failed",
-        "daemon.started",
-        "daemon.all_done",
-        "daemon.stopping",
-        "daemon.stopped",
-        "sink.delivery_failed",
-    }
-)
 
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -108,7 +91,7 @@ class StateConfig(_Model):
     def _check_path(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty (use ":memory:" for no persistence)')
-        if value.startswith(("postgresql://", "postgres://")):
+        if is_postgres_url(value):
             parts = urlsplit(value)
             if not parts.hostname and "host=" not in parts.query:
                 raise ValueError("a postgresql:// URL needs a host")
@@ -117,7 +100,7 @@ class StateConfig(_Model):
     @property
     def shared(self) -> bool:
         """A PostgreSQL state shared by replicas."""
-        return self.path.startswith(("postgresql://", "postgres://"))
+        return is_postgres_url(self.path)
 
 
 class AdminConfig(_Model):

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
+
+# the `error` values of task.poll_failed (CONTRACT §5): each PollError's `kind`
+ERR_TIMEOUT: Final = "timeout"
+ERR_CONNECTION: Final = "connection"
+ERR_HTTP_STATUS: Final = "http_status"
+ERR_RATE_LIMITED: Final = "rate_limited"
+ERR_INVALID_RESPONSE: Final = "invalid_response"
 
 
 class EnkwatchError(Exception):
@@ -34,7 +42,7 @@ class AuthError(EnkwatchError):
 class PollError(EnkwatchError):
     """One request for a task did not give an observation."""
 
-    kind: str = "invalid_response"
+    kind: str = ERR_INVALID_RESPONSE
 
     def __init__(self, detail: str, http_status: int | None = None) -> None:
         self.detail = detail
@@ -60,7 +68,7 @@ class TransientPollError(PollError):
 class InvalidResponse(PollError):
     """The API answered, but not with an observation of the spec's shape."""
 
-    kind = "invalid_response"
+    kind = ERR_INVALID_RESPONSE
 
 
 class NotFound(PollError):
@@ -68,14 +76,14 @@ class NotFound(PollError):
 
     def __init__(self, detail: str, http_status: int | None = None) -> None:
         # a 404 is reported as an http_status failure, a 200 {"error": ...} as invalid_response
-        self.kind = "http_status" if http_status == 404 else "invalid_response"
+        self.kind = ERR_HTTP_STATUS if http_status == 404 else ERR_INVALID_RESPONSE
         super().__init__(detail, http_status)
 
 
 class UnauthorizedAnswer(PollError):
     """A single 401/403: confirmed by a second try before it becomes an AuthError."""
 
-    kind = "http_status"
+    kind = ERR_HTTP_STATUS
 
 
 class LeaseLost(EnkwatchError):

@@ -1,45 +1,50 @@
-"""The event vocabulary of CONTRACT §5 (names defined once) and the structlog set-up."""
+"""The events of CONTRACT §5: their vocabulary, the structlog set-up, and the one writer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-# event names
-DAEMON_STARTED: Final = "daemon.started"
-TASK_TRANSITION: Final = "task.transition"
-TASK_POLL_FAILED: Final = "task.poll_failed"
-TASK_UNKNOWN_STATUS: Final = "task.unknown_status"
-TASK_GAVE_UP: Final = "task.gave_up"
-API_AUTH_FAILED: Final = "api.auth_failed"
-CONFIG_RELOADED: Final = "config.reloaded"
-CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
-DAEMON_ALL_DONE: Final = "daemon.all_done"
-DAEMON_STOPPING: Final = "daemon.stopping"
-DAEMON_STOPPED: Final = "daemon.stopped"
-SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
-STATE_UNAVAILABLE: Final = "state.unavailable"
-STATE_RECOVERED: Final = "state.recovered"
+from enkwatch.clock import Clock
+from enkwatch.errors import (
+    ERR_CONNECTION,
+    ERR_HTTP_STATUS,
+    ERR_INVALID_RESPONSE,
+    ERR_RATE_LIMITED,
+    ERR_TIMEOUT,
+    StateUnavailable,
+)
+from enkwatch.models import (
+    API_AUTH_FAILED,
+    CONFIG_RELOAD_FAILED,
+    CONFIG_RELOADED,
+    DAEMON_ALL_DONE,
+    DAEMON_STARTED,
+    DAEMON_STOPPED,
+    DAEMON_STOPPING,
+    SINK_DELIVERY_FAILED,
+    STATE_RECOVERED,
+    STATE_UNAVAILABLE,
+    TASK_GAVE_UP,
+    TASK_POLL_FAILED,
+    TASK_TRANSITION,
+    TASK_UNKNOWN_STATUS,
+)
+from enkwatch.state.base import EventJournal, JournaledEvent, TaskRecord
 
 # levels
 INFO: Final = "info"
 WARNING: Final = "warning"
 ERROR: Final = "error"
 CRITICAL: Final = "critical"
-
-# `error` values of task.poll_failed
-ERR_TIMEOUT: Final = "timeout"
-ERR_CONNECTION: Final = "connection"
-ERR_HTTP_STATUS: Final = "http_status"
-ERR_RATE_LIMITED: Final = "rate_limited"
-ERR_INVALID_RESPONSE: Final = "invalid_response"
 
 # `reason` values of task.gave_up
 GAVE_UP_DEADLINE: Final = "deadline_exceeded"
@@ -130,6 +135,142 @@ def emit(event_dict: Mapping[str, Any]) -> None:
     structlog.get_logger("enkwatch").log(level_number(level), name, **fields)
 
 
-def log(name: str, level: str = INFO, **fields: Any) -> None:
-    """Write one event that is not about a task (daemon.*, config.*, api.*)."""
-    emit({"event": name, "level": level, **fields})
+class WatchedTask(Protocol):
+    """What an event about a task carries of it (the poller's TaskWatch)."""
+
+    key: str
+    task_id: str | None
+    dataset: str | None
+    labels: dict[str, str]
+    record: TaskRecord
+
+
+class EventWriter:
+    """The one way an event is written, for tasks and the daemon alike.
+
+    In this order, once: build the body -> journal it (task events: with the task's new
+    state, and its webhook deliveries, in one transaction) -> render it on stdout -> count
+    it in the metrics -> wake the outbox. Daemon events are not journaled; their webhook
+    deliveries are queued after they were written.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        journal: EventJournal | None = None,
+        observe: Callable[[Mapping[str, Any]], None] | None = None,
+        sinks_for: Callable[[str], Sequence[str]] | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._journal = journal
+        self._observe = observe
+        self._sinks_for = sinks_for or _no_sinks
+        self._notify = notify
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def task_event(
+        self, task: WatchedTask, name: str, level: str, fields: Mapping[str, Any]
+    ) -> None:
+        """An event about a task: its seq moves on; journaled before it is written out.
+
+        Raises what the journal raises (LeaseLost, StateUnavailable): then nothing was written.
+        """
+        rec = task.record
+        rec.seq += 1
+        body: dict[str, Any] = {
+            "timestamp": rfc3339(self._clock.now()),
+            "level": level,
+            "event": name,
+            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
+            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "task_key": task.key,
+            "seq": rec.seq,
+            "event_id": f"{task.key}:{rec.seq}",
+        }
+        if task.labels:
+            body["labels"] = task.labels
+        body.update(fields)
+        sinks = self._sinks_for(name)
+        if self._journal is not None:
+            await self._journal.record_event(rec, body, sinks)
+        emit(body)
+        if self._journal is not None:
+            await self._journal.mark_written(task.key, rec.seq)
+        if self._observe is not None:
+            self._observe(body)
+        if sinks and self._notify is not None:
+            self._notify()
+
+    def daemon_event(self, name: str, level: str = INFO, **fields: Any) -> None:
+        """An event that is not about a task: written, counted, and queued for webhooks."""
+        body: dict[str, Any] = {
+            "timestamp": rfc3339(self._clock.now()),
+            "level": level,
+            "event": name,
+            **fields,
+        }
+        emit(body)
+        if self._observe is not None:
+            self._observe(body)
+        sinks = self._sinks_for(name)
+        if sinks and self._journal is not None:
+            job = asyncio.ensure_future(self._enqueue(self._journal, sinks, body))
+            self._background.add(job)
+            job.add_done_callback(self._background.discard)
+
+    async def _enqueue(
+        self, journal: EventJournal, sinks: Sequence[str], body: Mapping[str, Any]
+    ) -> None:
+        try:
+            await journal.enqueue(sinks, body)
+        except StateUnavailable:
+            return  # a daemon-level event; the store is down: it was written to stdout
+        if self._notify is not None:
+            self._notify()
+
+    def replay(self, events: Iterable[JournaledEvent]) -> None:
+        """Write again events that were journaled but not confirmed written (same event_id)."""
+        for item in events:
+            emit(item.body)
+
+    def cancel_pending(self) -> None:
+        """Shutdown: drop webhook deliveries of daemon events not yet stored."""
+        for job in list(self._background):
+            job.cancel()
+
+
+def _no_sinks(name: str) -> Sequence[str]:
+    return ()
+
+
+__all__ = [
+    "API_AUTH_FAILED",
+    "CONFIG_RELOADED",
+    "CONFIG_RELOAD_FAILED",
+    "CRITICAL",
+    "DAEMON_ALL_DONE",
+    "DAEMON_STARTED",
+    "DAEMON_STOPPED",
+    "DAEMON_STOPPING",
+    "ERROR",
+    "ERR_CONNECTION",
+    "ERR_HTTP_STATUS",
+    "ERR_INVALID_RESPONSE",
+    "ERR_RATE_LIMITED",
+    "ERR_TIMEOUT",
+    "INFO",
+    "SINK_DELIVERY_FAILED",
+    "STATE_RECOVERED",
+    "STATE_UNAVAILABLE",
+    "TASK_GAVE_UP",
+    "TASK_POLL_FAILED",
+    "TASK_TRANSITION",
+    "TASK_UNKNOWN_STATUS",
+    "WARNING",
+    "EventWriter",
+    "configure_logging",
+    "emit",
+    "level_number",
+    "rfc3339",
+]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Final
 
@@ -13,14 +12,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from enkwatch import events as ev
-from enkwatch.client import RequestGate
-from enkwatch.models import KNOWN_STATUSES
+from enkwatch.clock import Clock
+from enkwatch.kinds import KNOWN_STATUSES
+from enkwatch.limits import RequestGate
 from enkwatch.watch import TaskWatch
 
-OUTCOME_OK: Final = "ok"
-OUTCOME_NOT_FOUND: Final = "not_found"
-OUTCOME_UNAUTHORIZED: Final = "unauthorized"
-
+_RELOAD_RESULTS: Final = {ev.CONFIG_RELOADED: "ok", ev.CONFIG_RELOAD_FAILED: "failed"}
 _LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
@@ -28,7 +25,7 @@ _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400,
 class Metrics:
     """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.polls = Counter(
@@ -82,24 +79,7 @@ class Metrics:
             buckets=(5, 10, 15, 20, 25, 30, 45, 60, 120),
             registry=r,
         )
-        self._state = _StateCollector()
-        r.register(self._state)
         self._poll_children: dict[str, Any] = {}
-
-    def bind(
-        self,
-        tasks: Callable[[], Iterable[TaskWatch]],
-        gate: Callable[[], RequestGate | None],
-        in_flight: Callable[[], int],
-        outbox: Callable[[], tuple[int, float | None]],
-        replication: Callable[[], dict[str, float]] | None = None,
-    ) -> None:
-        """Tell the scrape-time collector where the live state is."""
-        self._state.replication = replication
-        self._state.tasks = tasks
-        self._state.gate = gate
-        self._state.in_flight = in_flight
-        self._state.outbox = outbox
 
     def observe_poll(self, outcome: str, seconds: float) -> None:
         # a poll's hot path: the labelled child is looked up once per outcome, then cached
@@ -109,9 +89,11 @@ class Metrics:
         child.inc()
         self.poll_latency.observe(seconds)
 
-    def observe_event(self, _task: TaskWatch | None, body: dict[str, Any]) -> None:
+    def observe_event(self, body: Mapping[str, Any]) -> None:
         name = body.get("event", "")
         self.events.labels(name).inc()
+        if name in _RELOAD_RESULTS:
+            self.reloads.labels(_RELOAD_RESULTS[name]).inc()
         if name != ev.TASK_TRANSITION:
             return
         previous = body.get("previous_status") or "none"
@@ -129,22 +111,51 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _StateCollector(Collector):
-    """Gauges read from the live state at scrape time (cheap: one pass over the tasks)."""
+class StateGauges(Collector):
+    """Gauges read from the live state at scrape time (cheap: one pass over the tasks).
 
-    def __init__(self) -> None:
-        self.tasks: Callable[[], Iterable[TaskWatch]] = list
-        self.gate: Callable[[], RequestGate | None] = lambda: None
-        self.in_flight: Callable[[], int] = lambda: 0
-        self.outbox: Callable[[], tuple[int, float | None]] = lambda: (0, None)
-        self.replication: Callable[[], dict[str, float]] | None = None
+    Registered into the service's registry once the pieces it reads exist.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        tasks: Callable[[], Iterable[TaskWatch]],
+        gate: RequestGate,
+        in_flight: Callable[[], int],
+        outbox: Callable[[], tuple[int, float | None]],
+        replication: Callable[[], dict[str, float] | None],
+    ) -> None:
+        self._clock = clock
+        self.tasks = tasks
+        self._gate = gate
+        self.in_flight = in_flight
+        self.outbox = outbox
+        self.replication = replication
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._task_gauges()
+        yield GaugeMetricFamily(
+            "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
+        )
+        yield from self._gate_metrics()
+        yield from self._replica_metrics()
+        pending, oldest = self.outbox()
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered webhook delivery (0 when none).",
+            value=oldest or 0.0,
+        )
+
+    def _task_gauges(self) -> Iterator[Metric]:
         by_status: Tally[str] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
-        now = time.time()
+        now = self._clock.now().timestamp()
         for task in self.tasks():
             label = _status_label(task)
             by_status[label] += 1
@@ -176,10 +187,9 @@ class _StateCollector(Collector):
             "The longest run of consecutive failed polls of any task.",
             value=worst,
         )
-        yield GaugeMetricFamily(
-            "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
-        )
-        gate = self.gate()
+
+    def _gate_metrics(self) -> Iterator[Metric]:
+        gate = self._gate
         waits = CounterMetricFamily(
             "enkwatch_rate_limit_waits",
             "Requests that waited for the requests-per-second limit.",
@@ -201,8 +211,10 @@ class _StateCollector(Collector):
             "Seconds left in the current Retry-After pause.",
             value=gate.pause_remaining() if gate else 0.0,
         )
-        if self.replication is not None:
-            stats = self.replication()
+
+    def _replica_metrics(self) -> Iterator[Metric]:
+        stats = self.replication()
+        if stats is not None:
             yield GaugeMetricFamily(
                 "enkwatch_partitions_owned",
                 "Replicas: partitions (shares of the watch list) this replica holds.",
@@ -223,15 +235,6 @@ class _StateCollector(Collector):
                 ("enkwatch_state_commits", "commits", "Database transactions committed."),
             ):
                 yield CounterMetricFamily(name, f"Replicas: {doc}", value=stats[key])
-        pending, oldest = self.outbox()
-        yield GaugeMetricFamily(
-            "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
-        )
-        yield GaugeMetricFamily(
-            "enkwatch_outbox_oldest_age_seconds",
-            "Age of the oldest undelivered webhook delivery (0 when none).",
-            value=oldest or 0.0,
-        )
 
 
 def _status_label(task: TaskWatch) -> str:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import UTC, timedelta
+from typing import Any, Final, Protocol
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from enkwatch.clock import Clock
-from enkwatch.watch import TaskWatch
+from enkwatch.watch import DONE, AuthRejected, PollEnd, PollResult, TaskWatch
 
 # polls due within this much of now start together, saving a wake-up each
 DISPATCH_SLACK_S: Final = 0.005
@@ -48,13 +48,17 @@ DISPATCH_INSTANCES: Final = 4
 CLOCK_CHECK_EVERY_S: Final = 1.0
 CLOCK_STEP_S: Final = 1.0
 
-PollFn = Callable[[TaskWatch], Awaitable[float | None]]
+PollFn = Callable[[TaskWatch], Awaitable[PollResult]]
 
 
 class Wakeup(Protocol):
     """Something that calls the dispatcher back at (or a little after) a monotonic time."""
 
     def arm(self, at: float) -> None: ...
+
+
+# builds the wake-up of a dispatcher, given the dispatcher's `dispatch`
+WakeupFactory = Callable[[Callable[[], None]], Wakeup]
 
 
 class ManualWakeup:
@@ -78,17 +82,21 @@ class PollScheduler:
         on_task_done: Callable[[TaskWatch], None],
         on_crash: Callable[[BaseException], None],
         paused_for: Callable[[], float] = lambda: 0.0,
+        on_end: Callable[[TaskWatch, PollResult], None] | None = None,
+        wakeup: WakeupFactory | None = None,
     ) -> None:
         self._poll = poll
         self._clock = clock
         self.max_in_flight = max_in_flight
         self._on_task_done = on_task_done
         self._on_crash = on_crash
+        # a poll that ended otherwise than done (lost, auth rejected): the caller decides
+        self._on_end = on_end
         self._paused_for = paused_for
         self._heap: list[tuple[float, int, TaskWatch]] = []
         self._next_gen = 0
-        self.in_flight: set[asyncio.Task[float | None]] = set()
-        self.wakeup: Wakeup = ManualWakeup()
+        self.in_flight: set[asyncio.Task[PollResult]] = set()
+        self.wakeup: Wakeup = wakeup(self.dispatch) if wakeup is not None else ManualWakeup()
         self.stopped = False
         self.started_polls = 0
         # lateness of each start (actual minus due), for the benchmark
@@ -161,22 +169,27 @@ class PollScheduler:
         self.in_flight.add(job)
         job.add_done_callback(lambda j: self._finished(task, gen, j))
 
-    def _finished(self, task: TaskWatch, gen: int, job: asyncio.Task[float | None]) -> None:
+    def _finished(self, task: TaskWatch, gen: int, job: asyncio.Task[PollResult]) -> None:
         self.in_flight.discard(job)
         if job.cancelled():
             return
         exc = job.exception()
         if exc is not None:
-            self._on_crash(exc)
+            self._on_crash(exc)  # only a bug: expected endings are results
             return
-        delay = job.result()
+        result = job.result()
         if task.sched_gen != gen:
             pass  # removed (or re-added) while in flight: this result schedules nothing
-        elif delay is None:
+        elif result is DONE:
             task.sched_gen = -1
             self._on_task_done(task)
+        elif isinstance(result, PollEnd | AuthRejected):
+            task.sched_gen = -1
+            if self._on_end is not None:
+                self._on_end(task, result)
+            return
         elif not self.stopped:
-            self._push(task, self._clock.monotonic() + delay)
+            self._push(task, self._clock.monotonic() + result)
         self.dispatch()
 
     # -- shutdown ------------------------------------------------------------------------
@@ -200,9 +213,11 @@ class PollScheduler:
 class ApschedulerWakeup:
     """The dispatcher as one APScheduler job whose next run time follows the heap's head."""
 
-    def __init__(self, scheduler: AsyncIOScheduler, dispatcher: PollScheduler, clock: Clock):
+    def __init__(
+        self, scheduler: AsyncIOScheduler, dispatch: Callable[[], None], clock: Clock
+    ) -> None:
         self._clock = clock
-        self._dispatcher = dispatcher
+        self._dispatch = dispatch
         self._armed_at: float | None = None
         # An instance counts as running until its asyncio task has run, a loop iteration or
         # two after it fired. With max_instances=1 a wake-up armed in that gap was skipped
@@ -218,12 +233,12 @@ class ApschedulerWakeup:
             max_instances=DISPATCH_INSTANCES,
             coalesce=True,
             misfire_grace_time=None,
-            next_run_time=datetime.now(UTC),
+            next_run_time=clock.now(),
         )
 
     async def _tick(self) -> None:
         self._armed_at = None
-        self._dispatcher.dispatch()
+        self._dispatch()
 
     def arm(self, at: float) -> None:
         now = self._clock.monotonic()
@@ -233,7 +248,7 @@ class ApschedulerWakeup:
             return
         self._armed_at = at
         delay = max(0.0, at - now)
-        self._job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+        self._job.modify(next_run_time=self._clock.now() + timedelta(seconds=delay))
 
 
 class ClockStepGuard:
@@ -300,3 +315,54 @@ def make_apscheduler() -> AsyncIOScheduler:
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
+
+
+class Timers:
+    """The daemon's one APScheduler: the dispatcher's wake-up and the periodic jobs.
+
+    Started inside the running loop; every job is an `async def`, coalesced, one instance
+    at a time, never skipped for being late.
+    """
+
+    def __init__(
+        self, clock: Clock, on_clock_step: Callable[[float], None] = lambda seconds: None
+    ) -> None:
+        self._clock = clock
+        self._on_clock_step = on_clock_step
+        self._aps: AsyncIOScheduler | None = None
+        self._guard: ClockStepGuard | None = None
+
+    def start(self) -> None:
+        self._aps = make_apscheduler()
+        self._aps.start()
+        self._guard = ClockStepGuard(self._aps, self._clock, self._on_clock_step)
+        self._guard.start()
+
+    @property
+    def _scheduler(self) -> AsyncIOScheduler:
+        if self._aps is None:
+            raise RuntimeError("Timers used before start()")
+        return self._aps
+
+    def every(
+        self, seconds: float, job: Callable[[], Coroutine[Any, Any, None]], name: str
+    ) -> None:
+        """Run `job` every `seconds` (the first run one period from now)."""
+        self._scheduler.add_job(job, "interval", seconds=seconds, id=name)
+
+    def wakeup(self, dispatch: Callable[[], None]) -> ApschedulerWakeup:
+        """A WakeupFactory: the poll dispatcher as one job of this scheduler."""
+        return ApschedulerWakeup(self._scheduler, dispatch, self._clock)
+
+    def pause(self) -> None:
+        """Shutdown, first step: no job runs any more."""
+        if self._aps is not None:
+            self._aps.pause()
+
+    def shutdown(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        if self._aps is not None:
+            self._aps.shutdown(wait=False)
+            self._aps = None

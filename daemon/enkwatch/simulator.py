@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.errors import ConfigError
-from enkwatch.models import QUEUED
+from enkwatch.kinds.dataset import QUEUED
 
 FaultKind = Literal[
     "http_500",

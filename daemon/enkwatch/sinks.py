@@ -17,7 +17,7 @@ import hmac
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -26,7 +26,7 @@ from enkwatch import __version__
 from enkwatch.clock import Clock
 from enkwatch.config import SinksConfig, WebhookConfig
 from enkwatch.errors import ConfigError, StateUnavailable
-from enkwatch.store import OutboxRow
+from enkwatch.state.base import OutboxRow, OutboxStore
 
 SIGNATURE_HEADER: Final = "X-Enkwatch-Signature"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
@@ -34,18 +34,6 @@ MAX_PARALLEL_PER_SINK: Final = 8
 RETRY_BASE_S: Final = 1.0
 RETRY_MAX_S: Final = 300.0
 IDLE_RECHECK_S: Final = 5.0
-
-
-class OutboxStore(Protocol):
-    """What delivery needs of the state store."""
-
-    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
-
-    async def delivery_done(self, row_id: int) -> None: ...
-
-    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
-
-    async def delivery_dead(self, row_id: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +90,6 @@ def signature(secret: bytes, timestamp: int, body: bytes) -> str:
     """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`."""
     mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
-
-
-def encode_event(body: Mapping[str, Any]) -> bytes:
-    """The exact bytes POSTed for an event."""
-    return orjson.dumps(dict(body))
 
 
 class Outbox:
@@ -261,6 +244,24 @@ class Outbox:
             return "timeout"
         except aiohttp.ClientError as err:
             return f"connection: {type(err).__name__}"
+
+
+def dead_letter_fields(sink: Sink, row: OutboxRow, error: str) -> dict[str, Any]:
+    """The fields of the sink.delivery_failed event of a delivery given up."""
+    try:
+        event = orjson.loads(row.body)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = {}
+    return {
+        "sink": sink.id,
+        "task_key": row.task_key or None,
+        "failed_event": event.get("event"),
+        "failed_event_id": event.get("event_id"),
+        "attempts": row.attempts + 1,
+        "error": error,
+    }
 
 
 def _event_id(body: bytes) -> str | None:

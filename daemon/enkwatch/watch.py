@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 from enkwatch import events as ev
 from enkwatch.clock import Clock
@@ -16,28 +17,58 @@ from enkwatch.errors import (
     LeaseLost,
     NotFound,
     PollError,
+    StateUnavailable,
     TransientPollError,
     UnauthorizedAnswer,
 )
-from enkwatch.models import FAILED, Observation
-from enkwatch.store import Store, TaskRecord
+from enkwatch.events import EventWriter
+from enkwatch.kinds import DEFAULT_KIND
+from enkwatch.models import Observation, TaskKind
+from enkwatch.state.base import TaskRecord
 
 # "retried once for the same task within about a second"
 AUTH_CONFIRM_DELAY_S: Final = 1.0
 # a poll this close to the deadline counts as at the deadline (timers fire a little early)
 DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
+# the outcome of a request, besides the error kinds (the `outcome` label of enkwatch_polls)
+OUTCOME_OK: Final = "ok"
+OUTCOME_NOT_FOUND: Final = "not_found"
+OUTCOME_UNAUTHORIZED: Final = "unauthorized"
 
 # the labels of a task without labels (never mutated: labels are replaced, not edited)
 NO_LABELS: Final[dict[str, str]] = {}
 
-EventHook = Callable[["TaskWatch", dict[str, Any]], None]
+
+class PollEnd(enum.Enum):
+    """How a poll can end without a next delay."""
+
+    # terminal or given up: never polled again
+    DONE = "done"
+    # this replica may not (or could not) write for the task: nothing was emitted; the
+    # owner drops it here (it comes back, reloaded from the state, if still ours)
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRejected:
+    """The API confirmed that it rejects the key (a second 401/403): the daemon stops."""
+
+    http_status: int
+
+
+# what one poll returns: the seconds until the next poll, or how it ended
+PollResult: TypeAlias = float | PollEnd | AuthRejected
+DONE: Final = PollEnd.DONE
+LOST: Final = PollEnd.LOST
 
 
 class TaskClient(Protocol):
     """What the poller needs of the API client."""
 
-    async def get_task(self, task_id: str | None, dataset: str | None) -> Observation: ...
+    async def get_task(
+        self, kind: TaskKind, task_id: str | None, dataset: str | None
+    ) -> Observation: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +82,8 @@ class TaskWatch:
     interval_s: float
     deadline_s: float | None
     record: TaskRecord
+    # the kind of Enkrypt job: its request, answer and status words
+    kind: TaskKind = DEFAULT_KIND
     source: str = "config"
     failures: int = 0
     not_found: int = 0
@@ -88,7 +121,14 @@ class TaskWatch:
 
     @property
     def failed(self) -> bool:
-        return self.record.outcome == FAILED
+        """Ended in a status its kind counts as Failed."""
+        return self.record.outcome in self.kind.failed
+
+    @property
+    def finished(self) -> bool:
+        """Ended in a terminal status that is not a failure."""
+        outcome = self.record.outcome
+        return outcome in self.kind.terminal and outcome not in self.kind.failed
 
 
 class Poller:
@@ -97,66 +137,66 @@ class Poller:
     def __init__(
         self,
         client: TaskClient,
-        store: Store,
+        writer: EventWriter,
         clock: Clock,
         polling: PollingConfig,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        may_poll: Callable[[str], bool] | None = None,
+        observe_poll: Callable[[str, float], None] | None = None,
     ) -> None:
         self._client = client
-        self._store = store
+        self._writer = writer
         self._clock = clock
         self.polling = polling
         self._rng = rng or random.Random()
         self._sleep = sleep
-        # called after each event is written (metrics, webhook wake-up)
-        self.hooks: list[EventHook] = []
-        # called with (outcome, seconds) after each request: "ok" or the error kind
-        self.observe_poll: Callable[[str, float], None] | None = None
-        # the webhook sinks that take an event, by name; their deliveries are journaled with it
-        self.sinks_for: Callable[[str], Sequence[str]] = lambda name: ()
-        # with shared state: may this replica poll the task now (does it hold a fresh lease)?
-        self.may_poll: Callable[[TaskWatch], bool] | None = None
+        # with leases: may this replica poll the task now (does it hold a fresh lease)?
+        self._may_poll = may_poll
+        # after each request: "ok" or the error kind, and the seconds it took
+        self._observe_poll = observe_poll
 
     # -- the poll ---------------------------------------------------------------------
 
-    async def poll(self, task: TaskWatch) -> float | None:
-        """Poll `task` once; the seconds until its next poll, or None when it is done.
+    async def poll(self, task: TaskWatch) -> PollResult:
+        """Poll `task` once: the seconds until its next poll, or how polling it ended.
 
-        Raises AuthError when the API confirms that it rejects the key, LeaseLost when this
-        replica may not poll the task (shared state), StateUnavailable when the shared
-        state could not be written.
+        Expected endings are results (DONE, LOST, AuthRejected); only a bug raises.
         """
-        if self.may_poll is not None and not self.may_poll(task):
-            raise LeaseLost(task.key, "this replica's lease on the task is not fresh")
+        if self._may_poll is not None and not self._may_poll(task.key):
+            return LOST
+        # one coroutine per poll, as before: the endings are caught here, not one level down
         started = self._clock.monotonic()
         try:
-            obs = await self._request(task)
-        except NotFound as err:
-            self._observe("not_found", started)
-            return await self._not_found(task, err)
-        except PollError as err:
-            self._observe(err.kind, started)
-            return await self._failed(task, err)
-        except AuthError:
-            self._observe("unauthorized", started)
-            raise
-        self._observe("ok", started)
-        return await self._observed(task, obs)
+            try:
+                obs = await self._request(task)
+            except NotFound as err:
+                self._observe(OUTCOME_NOT_FOUND, started)
+                return await self._not_found(task, err)
+            except PollError as err:
+                self._observe(err.kind, started)
+                return await self._failed(task, err)
+            self._observe(OUTCOME_OK, started)
+            return await self._observed(task, obs)
+        except AuthError as err:
+            self._observe(OUTCOME_UNAUTHORIZED, started)
+            return AuthRejected(err.http_status)
+        except (LeaseLost, StateUnavailable):
+            return LOST
 
     def _observe(self, outcome: str, started: float) -> None:
-        if self.observe_poll is not None:
-            self.observe_poll(outcome, self._clock.monotonic() - started)
+        if self._observe_poll is not None:
+            self._observe_poll(outcome, self._clock.monotonic() - started)
 
     async def _request(self, task: TaskWatch) -> Observation:
         task.record.polls += 1
         try:
-            return await self._client.get_task(task.task_id, task.dataset)
+            return await self._client.get_task(task.kind, task.task_id, task.dataset)
         except UnauthorizedAnswer as first:
             await self._sleep(AUTH_CONFIRM_DELAY_S)
             task.record.polls += 1
             try:
-                obs = await self._client.get_task(task.task_id, task.dataset)
+                obs = await self._client.get_task(task.kind, task.task_id, task.dataset)
             except UnauthorizedAnswer as second:
                 raise AuthError(second.http_status or 401) from None
             except PollError:
@@ -167,7 +207,7 @@ class Poller:
 
     # -- outcomes -----------------------------------------------------------------------
 
-    async def _observed(self, task: TaskWatch, obs: Observation) -> float | None:
+    async def _observed(self, task: TaskWatch, obs: Observation) -> float | PollEnd:
         rec = task.record
         task.failures = 0
         task.not_found = 0
@@ -190,7 +230,7 @@ class Poller:
                 await self._emit(
                     task,
                     ev.TASK_TRANSITION,
-                    ev.WARNING if obs.status == FAILED else ev.INFO,
+                    ev.WARNING if obs.status in task.kind.failed else ev.INFO,
                     previous_status=previous,
                     status=obs.status,
                     terminal=obs.terminal,
@@ -200,35 +240,35 @@ class Poller:
                     watched_seconds=round(self._watched_s(task), 3),
                 )
             if obs.terminal:
-                return None
+                return DONE
         elif obs.status != rec.last_unknown_status:
             rec.last_unknown_status = obs.status
             await self._emit(task, ev.TASK_UNKNOWN_STATUS, ev.WARNING, status=obs.status)
         return await self._within_deadline(task, self.next_interval(task))
 
-    async def _not_found(self, task: TaskWatch, err: NotFound) -> float | None:
+    async def _not_found(self, task: TaskWatch, err: NotFound) -> float | PollEnd:
         task.not_found += 1
         if task.not_found >= self.polling.not_found_attempts:
             task.failures += 1
             task.last_error = err.kind
             await self._give_up(task, ev.GAVE_UP_NOT_FOUND)
-            return None
+            return DONE
         not_found = task.not_found
         delay = await self._failed(task, err)
         task.not_found = not_found  # _failed resets it for other errors
         return delay
 
-    async def _failed(self, task: TaskWatch, err: PollError) -> float | None:
+    async def _failed(self, task: TaskWatch, err: PollError) -> float | PollEnd:
         task.failures += 1
         task.not_found = 0
         task.last_error = err.kind
         delay = self.backoff(task)
         if isinstance(err, TransientPollError) and err.retry_after_s is not None:
             delay = max(delay, err.retry_after_s)
-        delay_or_none = await self._within_deadline(task, delay)
-        if delay_or_none is not None:
-            await self._report_failure(task, err, delay_or_none, counted=True)
-        return delay_or_none
+        delay_or_end = await self._within_deadline(task, delay)
+        if isinstance(delay_or_end, float):
+            await self._report_failure(task, err, delay_or_end, counted=True)
+        return delay_or_end
 
     async def _report_failure(
         self, task: TaskWatch, err: PollError, retry_in_s: float, counted: bool = False
@@ -281,36 +321,17 @@ class Poller:
             return None
         return task.record.watch_started_at + task.deadline_s - self._clock.now().timestamp()
 
-    async def _within_deadline(self, task: TaskWatch, delay: float) -> float | None:
+    async def _within_deadline(self, task: TaskWatch, delay: float) -> float | PollEnd:
         remaining = self.deadline_remaining(task)
         if remaining is None:
             return delay
         if remaining <= DEADLINE_SLACK_S:
             await self._give_up(task, ev.GAVE_UP_DEADLINE)
-            return None
+            return DONE
         return min(delay, remaining)
 
     # -- events -------------------------------------------------------------------------
 
     async def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
-        """Journal the event with the task's new state, then write it out."""
-        rec = task.record
-        rec.seq += 1
-        body: dict[str, Any] = {
-            "timestamp": ev.rfc3339(self._clock.now()),
-            "level": level,
-            "event": name,
-            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
-            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
-            "task_key": task.key,
-            "seq": rec.seq,
-            "event_id": f"{task.key}:{rec.seq}",
-        }
-        if task.labels:
-            body["labels"] = task.labels
-        body.update(fields)
-        await self._store.record_event(rec, body, self.sinks_for(name))
-        ev.emit(body)
-        await self._store.mark_written(task.key, rec.seq)
-        for hook in self.hooks:
-            hook(task, body)
+        """Journal the event with the task's new state, then write it out (the one writer)."""
+        await self._writer.task_event(task, name, level, fields)

@@ -11,14 +11,9 @@ from typing import Any
 
 import pytest
 
-from enkwatch.store import (
-    SCHEMA_VERSION,
-    JournaledEvent,
-    SqliteStore,
-    StateError,
-    TaskRecord,
-    open_store,
-)
+from enkwatch.state import open_store
+from enkwatch.state.base import JournaledEvent, StateError, TaskRecord
+from enkwatch.state.sqlite import SCHEMA_VERSION, SqliteStore
 
 TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
 

@@ -29,25 +29,35 @@ transaction mode.
 from __future__ import annotations
 
 import asyncio
-import functools
-import math
-import time
-import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, ParamSpec, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
 
 import asyncpg
 import orjson
 
+from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
-from enkwatch.store import JournaledEvent, OutboxRow, StateError, TaskRecord
+from enkwatch.models import TASK_TRANSITION
+from enkwatch.state.base import (
+    STATE_FIELDS,
+    TASK_FIELDS,
+    JournaledEvent,
+    OutboxRow,
+    StateError,
+    TaskRecord,
+    record_from_row,
+    state_values,
+    task_values,
+)
+from enkwatch.state.leases import (
+    DB_ERRORS,
+    LEASE_S,
+    PARTITIONS,
+    PartitionLeases,
+    describe_db_error,
+    guarded,
+)
 
-PARTITIONS: Final = 64
-LEASE_S: Final = 15.0
-# renew every third of a lease; stop polling two thirds of a lease after the last renewal
-RENEW_FRACTION: Final = 1 / 3
-SAFE_FRACTION: Final = 2 / 3
 NOTIFY_CHANNEL: Final = "enkwatch_tasks"
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S: Final = 0.05
@@ -113,71 +123,31 @@ CREATE INDEX IF NOT EXISTS enkwatch_outbox_pending
     ON enkwatch_outbox (sink, partition, id) WHERE state = 'pending';
 """
 
-# what a lost connection, a killed backend or a stopped server raise
-# InternalClientError: asyncpg's protocol state after the server cut a connection in the
-# middle of an operation ("cannot switch to state 11; another operation is in progress")
-DB_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
+_TASK_COLUMNS: Final = ", ".join((*TASK_FIELDS, "spec"))
+_N_TASK: Final = len(TASK_FIELDS)
+# a new task's row: every field, its partition, its spec
+_INSERT_TASK: Final = (
+    f"INSERT INTO enkwatch_tasks ({_TASK_COLUMNS}, partition) VALUES "
+    f"({', '.join(f'${i}' for i in range(1, _N_TASK + 1))}, ${_N_TASK + 1}::jsonb, "
+    f"${_N_TASK + 2}) ON CONFLICT (task_key) DO NOTHING RETURNING task_key"
 )
-
-_TASK_COLUMNS: Final = (
-    "task_key, task_id, dataset, watch_started_at, last_status, last_unknown_status, "
-    "seen_dataset, seen_task_id, seq, polls, outcome, spec"
+# an event's state change, compare-and-set on seq: $1 = task_key, then STATE_FIELDS, then seq-1
+_UPDATE_STATE: Final = (
+    "UPDATE enkwatch_tasks SET "
+    + ", ".join(f"{c} = ${i}" for i, c in enumerate(STATE_FIELDS, start=2))
+    + f" WHERE task_key = $1 AND seq = ${len(STATE_FIELDS) + 2} RETURNING seq"
 )
-
-
-@dataclass(slots=True)
-class Lease:
-    """A partition this replica holds."""
-
-    epoch: int
-    renewed_at: float  # our monotonic clock at the START of the renewing transaction
-
-
-_R = TypeVar("_R")
-_P = ParamSpec("_P")
-
-
-def _guarded(
-    method: Callable[_P, Coroutine[Any, Any, _R]],
-) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Turn every database failure into StateUnavailable (never a DSN in the message)."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return await method(*args, **kwargs)
-        except DB_ERRORS as err:
-            raise StateUnavailable(None, _describe(err)) from None
-
-    return wrapper
-
-
-def partition_of(task_key: str, partitions: int = PARTITIONS) -> int:
-    """The partition a task belongs to (stable across replicas and versions)."""
-    return zlib.crc32(task_key.encode()) % partitions
 
 
 def _record(row: Mapping[str, Any]) -> TaskRecord:
     spec = row["spec"]
-    return TaskRecord(
-        task_key=row["task_key"],
-        task_id=row["task_id"],
-        dataset=row["dataset"],
-        watch_started_at=row["watch_started_at"],
-        last_status=row["last_status"],
-        last_unknown_status=row["last_unknown_status"],
-        seen_dataset=row["seen_dataset"],
-        seen_task_id=row["seen_task_id"],
-        seq=row["seq"],
-        polls=row["polls"],
-        outcome=row["outcome"],
-        spec=orjson.loads(spec) if isinstance(spec, str) else spec,
+    return record_from_row(
+        [row[f] for f in TASK_FIELDS], orjson.loads(spec) if isinstance(spec, str) else spec
     )
+
+
+def _spec_json(spec: Mapping[str, Any] | None) -> str | None:
+    return orjson.dumps(dict(spec)).decode() if spec is not None else None
 
 
 class PgStore:
@@ -189,18 +159,16 @@ class PgStore:
         self,
         url: str,
         replica_id: str,
+        clock: Clock,
         partitions: int = PARTITIONS,
         lease_s: float = LEASE_S,
-        monotonic: Callable[[], float] = time.monotonic,
+        on_takeover: Callable[[float], None] | None = None,
     ) -> None:
         self.url = url
         self.replica_id = replica_id
-        self.partitions = partitions
         self.lease_s = lease_s
-        self.renew_every_s = lease_s * RENEW_FRACTION
-        self.safe_s = lease_s * SAFE_FRACTION
-        self._monotonic = monotonic
-        self.leases: dict[int, Lease] = {}
+        self._clock = clock
+        self.leases = PartitionLeases(self, replica_id, clock, partitions, lease_s, on_takeover)
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._outbox_stats: tuple[int, float | None] = (0, None)
@@ -208,8 +176,6 @@ class PgStore:
         self._confirm_job: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
         # counters for metrics
-        self.on_takeover: Callable[[float], None] = lambda seconds: None
-        self.leases_lost = 0
         self.fenced = 0
         self.conflicts = 0
         self.commits = 0
@@ -241,11 +207,12 @@ class PgStore:
                 await conn.execute(
                     "INSERT INTO enkwatch_partition_lease (partition) "
                     "SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING",
-                    self.partitions,
+                    self.leases.partitions,
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             await self.close()
-            raise StateError(f"cannot open the PostgreSQL state: {_describe(err)}") from None
+            why = describe_db_error(err)
+            raise StateError(f"cannot open the PostgreSQL state: {why}") from None
 
     async def close(self) -> None:
         if self._confirm_job is not None:
@@ -275,122 +242,9 @@ class PgStore:
             raise RuntimeError("PgStore used before open()")
         return self._pool
 
-    # -- leases ----------------------------------------------------------------------------
-
-    def usable(self, task_key: str) -> bool:
-        """May we poll (and emit for) this task now: do we hold its partition, fresh?"""
-        lease = self.leases.get(partition_of(task_key, self.partitions))
-        return lease is not None and self._monotonic() - lease.renewed_at < self.safe_s
-
-    def replication_stats(self) -> dict[str, float]:
-        """For metrics."""
-        return {
-            "partitions_owned": len(self.leases),
-            "leases_lost": self.leases_lost,
-            "fenced": self.fenced,
-            "conflicts": self.conflicts,
-            "commits": self.commits,
-        }
-
-    def owned_partitions(self) -> list[int]:
-        return sorted(self.leases)
-
-    @_guarded
-    async def balance(self) -> tuple[set[int], set[int]]:
-        """Heartbeat, renew, claim up to our share, shed above it: (gained, lost)."""
-        started = self._monotonic()
-        lost: set[int] = set()
-        gained: set[int] = set()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO enkwatch_replicas (replica_id, last_seen) VALUES ($1, now()) "
-                "ON CONFLICT (replica_id) DO UPDATE SET last_seen = now()",
-                self.replica_id,
-            )
-            live = await conn.fetchval(
-                "SELECT count(*) FROM enkwatch_replicas "
-                "WHERE last_seen > now() - make_interval(secs => $1)",
-                self.lease_s,
-            )
-            target = math.ceil(self.partitions / max(1, int(live)))
-            mine = list(self.leases)
-            renewed = await conn.fetch(
-                "UPDATE enkwatch_partition_lease "
-                "SET expires_at = now() + make_interval(secs => $2) "
-                "WHERE owner = $1 AND partition = ANY($3::int[]) AND expires_at > now() "
-                "RETURNING partition, epoch",
-                self.replica_id,
-                self.lease_s,
-                mine,
-            )
-            held = {r["partition"]: r["epoch"] for r in renewed}
-            for p in mine:
-                if held.get(p) != self.leases[p].epoch:
-                    lost.add(p)
-            for p in lost:
-                del self.leases[p]
-                held.pop(p, None)
-            for p in held:
-                self.leases[p].renewed_at = started
-            if len(self.leases) > target:
-                shed = sorted(self.leases)[target:]
-                await conn.execute(
-                    "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
-                    "WHERE owner = $1 AND partition = ANY($2::int[])",
-                    self.replica_id,
-                    shed,
-                )
-                for p in shed:
-                    del self.leases[p]
-                lost.update(shed)
-            elif len(self.leases) < target:
-                claimed = await conn.fetch(
-                    "WITH free AS ("
-                    "  SELECT partition, owner AS old_owner, expires_at AS old_expiry"
-                    "  FROM enkwatch_partition_lease"
-                    "  WHERE expires_at <= now() OR owner IS NULL"
-                    "  ORDER BY partition FOR UPDATE SKIP LOCKED LIMIT $3)"
-                    " UPDATE enkwatch_partition_lease l SET owner = $1, epoch = l.epoch + 1,"
-                    "   expires_at = now() + make_interval(secs => $2)"
-                    " FROM free WHERE l.partition = free.partition"
-                    " RETURNING l.partition, l.epoch, free.old_owner,"
-                    "   extract(epoch FROM now() - free.old_expiry)::float8 AS orphaned_s",
-                    self.replica_id,
-                    self.lease_s,
-                    target - len(self.leases),
-                )
-                for row in claimed:
-                    self.leases[row["partition"]] = Lease(row["epoch"], started)
-                    gained.add(row["partition"])
-                    if row["old_owner"] not in (None, self.replica_id):
-                        # taken over from a replica that stopped renewing: how long it lay
-                        # orphaned after its lease ran out (the lease itself comes on top)
-                        self.on_takeover(max(0.0, row["orphaned_s"]) + self.lease_s)
-        self.leases_lost += len(lost - gained)
-        self.commits += 1
-        return gained, lost
-
-    @_guarded
-    async def release_all(self) -> None:
-        """Give every partition back at once (SIGTERM): a rolling restart hands over fast."""
-        mine = list(self.leases)
-        self.leases.clear()
-        if not mine:
-            return
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
-                "WHERE owner = $1 AND partition = ANY($2::int[])",
-                self.replica_id,
-                mine,
-            )
-            await conn.execute(
-                "DELETE FROM enkwatch_replicas WHERE replica_id = $1", self.replica_id
-            )
-
     # -- the watch list --------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def load_tasks(self, partitions: Iterable[int] | None = None) -> dict[str, TaskRecord]:
         """Every watched (not removed) task, or those of some partitions."""
         query = f"SELECT {_TASK_COLUMNS} FROM enkwatch_tasks WHERE NOT removed"
@@ -401,39 +255,65 @@ class PgStore:
                 rows = await conn.fetch(query + " AND partition = ANY($1::int[])", list(partitions))
         return {r["task_key"]: _record(r) for r in rows}
 
-    @_guarded
-    async def removed_keys(self) -> set[str]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT task_key FROM enkwatch_tasks WHERE removed")
-        return {r["task_key"] for r in rows}
-
     async def add_task(self, record: TaskRecord) -> None:
         await self.add_tasks([record])
 
-    @_guarded
+    @guarded
     async def add_tasks(self, records: Sequence[TaskRecord]) -> None:
         """Insert tasks not yet known; known ones (and removed ones) keep what is stored."""
         if not records:
             return
         async with self.pool.acquire() as conn:
-            await conn.executemany(
-                "INSERT INTO enkwatch_tasks (task_key, partition, task_id, dataset, "
-                "watch_started_at, spec) VALUES ($1, $2, $3, $4, $5, $6::jsonb) "
-                "ON CONFLICT (task_key) DO NOTHING",
-                [
-                    (
-                        r.task_key,
-                        partition_of(r.task_key, self.partitions),
-                        r.task_id,
-                        r.dataset,
-                        r.watch_started_at,
-                        orjson.dumps(r.spec).decode() if r.spec is not None else None,
-                    )
-                    for r in records
-                ],
-            )
+            await conn.executemany(_INSERT_TASK, [self._task_row(r) for r in records])
 
-    @_guarded
+    def _task_row(self, r: TaskRecord) -> tuple[Any, ...]:
+        return (*task_values(r), _spec_json(r.spec), self.leases.partition(r.task_key))
+
+    async def import_state(
+        self,
+        records: Iterable[TaskRecord],
+        events: Iterable[JournaledEvent],
+        outbox: Iterable[OutboxRow],
+        replica: str,
+    ) -> tuple[int, int, int]:
+        """Copy another store's tasks (kept when already here), their journal (as written) and
+        their pending deliveries, in one transaction: (tasks, events, deliveries) copied."""
+        part = self.leases.partition
+        async with self.pool.acquire() as conn, conn.transaction():
+            copied: set[str] = set()
+            for rec in records:
+                if await conn.fetchval(_INSERT_TASK, *self._task_row(rec)) is not None:
+                    copied.add(rec.task_key)
+            n_events = 0
+            for e in (e for e in events if e.task_key in copied):
+                await conn.execute(
+                    "INSERT INTO enkwatch_events (task_key, seq, partition, status, body, "
+                    "written, replica, epoch) VALUES ($1, $2, $3, $4, $5, true, $6, 0)",
+                    e.task_key,
+                    e.seq,
+                    part(e.task_key),
+                    _status_of(e.body),
+                    orjson.dumps(e.body).decode(),
+                    replica,
+                )
+                n_events += 1
+            n_outbox = 0
+            for row in (r for r in outbox if not r.task_key or r.task_key in copied):
+                await conn.execute(
+                    "INSERT INTO enkwatch_outbox (sink, task_key, partition, body, created_at, "
+                    "attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    row.sink,
+                    row.task_key,
+                    part(row.task_key) if row.task_key else 0,
+                    row.body,
+                    row.created_at,
+                    row.attempts,
+                    row.next_attempt_at,
+                )
+                n_outbox += 1
+        return len(copied), n_events, n_outbox
+
+    @guarded
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
         """Add (spec) or remove (None) a task of the shared watch list; durable, then notify."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -447,11 +327,11 @@ class PgStore:
                     "UPDATE enkwatch_tasks SET spec = $2::jsonb, removed = false "
                     "WHERE task_key = $1",
                     task_key,
-                    orjson.dumps(dict(spec)).decode(),
+                    _spec_json(spec),
                 )
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, task_key)
 
-    @_guarded
+    @guarded
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(task_key)` when another replica changes the watch list."""
         self._listener = await asyncpg.connect(
@@ -474,14 +354,14 @@ class PgStore:
         try:
             await self._record_event(record, event, sinks)
         except DB_ERRORS as err:
-            raise StateUnavailable(record.task_key, _describe(err)) from None
+            raise StateUnavailable(record.task_key, describe_db_error(err)) from None
 
     async def _record_event(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str]
     ) -> None:
-        p = partition_of(record.task_key, self.partitions)
-        lease = self.leases.get(p)
-        if lease is None or self._monotonic() - lease.renewed_at >= self.safe_s:
+        p = self.leases.partition(record.task_key)
+        lease = self.leases.fresh(p)
+        if lease is None:
             self.fenced += 1
             raise LeaseLost(record.task_key, "this replica does not hold the partition")
         body = orjson.dumps(dict(event))
@@ -497,18 +377,7 @@ class PgStore:
                 self.fenced += 1
                 raise LeaseLost(record.task_key, "the partition's lease was lost (fenced)")
             updated = await conn.fetchval(
-                "UPDATE enkwatch_tasks SET last_status = $2, last_unknown_status = $3, "
-                "seen_dataset = $4, seen_task_id = $5, seq = $6, polls = $7, outcome = $8 "
-                "WHERE task_key = $1 AND seq = $9 RETURNING seq",
-                record.task_key,
-                record.last_status,
-                record.last_unknown_status,
-                record.seen_dataset,
-                record.seen_task_id,
-                record.seq,
-                record.polls,
-                record.outcome,
-                record.seq - 1,
+                _UPDATE_STATE, record.task_key, *state_values(record), record.seq - 1
             )
             if updated is None:
                 self.conflicts += 1
@@ -519,7 +388,7 @@ class PgStore:
                 record.task_key,
                 record.seq,
                 p,
-                event.get("status") if event.get("event") == "task.transition" else None,
+                _status_of(event),
                 body.decode(),
                 self.replica_id,
                 lease.epoch,
@@ -562,11 +431,11 @@ class PgStore:
         except DB_ERRORS:
             pass  # unconfirmed: written again by the next claim of the partition (same id)
 
-    @_guarded
+    @guarded
     async def unwritten_events(
         self, partitions: Iterable[int] | None = None
     ) -> list[JournaledEvent]:
-        parts = list(self.leases) if partitions is None else list(partitions)
+        parts = list(self.leases.held) if partitions is None else list(partitions)
         await self.flush_confirmations()  # our own written events are not to be replayed
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
@@ -576,7 +445,7 @@ class PgStore:
             )
         return [JournaledEvent(r["task_key"], r["seq"], orjson.loads(r["body"])) for r in rows]
 
-    @_guarded
+    @guarded
     async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
         items = list(polls)
         if not items:
@@ -601,14 +470,14 @@ class PgStore:
         partition: int,
         body: bytes,
     ) -> None:
-        now = time.time()
+        now = self._clock.now().timestamp()
         await conn.executemany(
             "INSERT INTO enkwatch_outbox (sink, task_key, partition, body, created_at, "
             "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5)",
             [(sink, task_key, partition, body, now) for sink in sinks],
         )
 
-    @_guarded
+    @guarded
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Deliveries of an event that is not about a task (partition 0's owner sends them)."""
         if not sinks:
@@ -616,10 +485,10 @@ class PgStore:
         async with self.pool.acquire() as conn:
             await self._enqueue(conn, sinks, "", 0, orjson.dumps(dict(event)))
 
-    @_guarded
+    @guarded
     async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
         """Deliveries of the partitions we hold: one sender per task at a time, in order."""
-        parts = [p for p, lease in self.leases.items() if self._fresh(lease)]
+        parts = self.leases.fresh_partitions()
         if not parts:
             return []
         async with self.pool.acquire() as conn:
@@ -644,15 +513,12 @@ class PgStore:
             for r in rows
         ]
 
-    def _fresh(self, lease: Lease) -> bool:
-        return self._monotonic() - lease.renewed_at < self.safe_s
-
-    @_guarded
+    @guarded
     async def delivery_done(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("DELETE FROM enkwatch_outbox WHERE id = $1", row_id)
 
-    @_guarded
+    @guarded
     async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(
@@ -662,7 +528,7 @@ class PgStore:
                 next_attempt_at,
             )
 
-    @_guarded
+    @guarded
     async def delivery_dead(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("UPDATE enkwatch_outbox SET state = 'dead' WHERE id = $1", row_id)
@@ -670,7 +536,7 @@ class PgStore:
     def outbox_stats(self) -> tuple[int, float | None]:
         return self._outbox_stats
 
-    @_guarded
+    @guarded
     async def refresh_outbox_stats(self) -> None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
@@ -678,18 +544,10 @@ class PgStore:
                 "WHERE state = 'pending'"
             )
         oldest = row["oldest"]
-        self._outbox_stats = (int(row["n"]), time.time() - oldest if oldest else None)
+        now = self._clock.now().timestamp()
+        self._outbox_stats = (int(row["n"]), now - oldest if oldest else None)
 
 
-def _describe(err: BaseException) -> str:
-    # never the DSN: it may carry a password
-    if isinstance(err, asyncpg.PostgresError):
-        return f"{type(err).__name__}: {err.args[0] if err.args else ''}"
-    return f"{type(err).__name__}: {getattr(err, 'strerror', None) or ''}".rstrip(": ")
-
-
-def is_postgres_url(path: str) -> bool:
-    return path.startswith(("postgresql://", "postgres://"))
-
-
-Opener = Callable[[], Awaitable[None]]
+def _status_of(event: Mapping[str, Any]) -> str | None:
+    """The status column of a journaled event: a transition's new status."""
+    return event.get("status") if event.get("event") == TASK_TRANSITION else None

@@ -7,27 +7,30 @@ from typing import Any
 
 import pytest
 
+from enkwatch.clock import FakeClock
 from enkwatch.errors import LeaseLost
-from enkwatch.pgstore import PgStore, partition_of
-from enkwatch.store import TaskRecord
+from enkwatch.state.base import TaskRecord
+from enkwatch.state.leases import partition_of
+from enkwatch.state.postgres import PgStore
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 
 BIN = find_bin_dir()
 pytestmark = pytest.mark.skipif(BIN is None, reason=HOW_TO_ENABLE)
 
 
-class Clock:
-    """A monotonic clock the test moves."""
+class Clock(FakeClock):
+    """A monotonic clock the test moves (`clock.now_s += s`: time passes for this replica)."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        super().__init__()
+        self.now_s = 1000.0
 
-    def __call__(self) -> float:
-        return self.now
+    def monotonic(self) -> float:
+        return self.now_s
 
 
 async def open_store(dsn: str, name: str, clock: Clock | None = None, **kw: Any) -> PgStore:
-    store = PgStore(dsn, name, monotonic=clock or Clock(), lease_s=15.0, **kw)
+    store = PgStore(dsn, name, clock or Clock(), lease_s=15.0, **kw)
     await store.open()
     return store
 
@@ -49,21 +52,21 @@ async def test_partitions_spread_over_replicas_and_come_back(dsn: str) -> None:
     b = await open_store(dsn, "b")
     c = await open_store(dsn, "c")
     try:
-        await a.balance()
-        assert len(a.leases) == 64  # alone: everything
-        await b.balance()
-        await c.balance()
-        await a.balance()  # sees three live replicas: keeps ceil(64 / 3) = 22
+        await a.leases.balance()
+        assert len(a.leases.held) == 64  # alone: everything
+        await b.leases.balance()
+        await c.leases.balance()
+        await a.leases.balance()  # sees three live replicas: keeps ceil(64 / 3) = 22
         for store in (b, c, b, c):
-            await store.balance()
-        owned = [set(s.leases) for s in (a, b, c)]
+            await store.leases.balance()
+        owned = [set(s.leases.held) for s in (a, b, c)]
         assert all(20 <= len(o) <= 22 for o in owned)  # each at most ceil(64 / 3)
         assert set().union(*owned) == set(range(64))
         assert not (owned[0] & owned[1] or owned[1] & owned[2] or owned[0] & owned[2])
-        await a.release_all()  # SIGTERM: handed over at once
-        await b.balance()
-        await c.balance()
-        assert len(b.leases) + len(c.leases) == 64
+        await a.leases.release_all()  # SIGTERM: handed over at once
+        await b.leases.balance()
+        await c.leases.balance()
+        assert len(b.leases.held) + len(c.leases.held) == 64
     finally:
         for store in (a, b, c):
             await store.close()
@@ -74,7 +77,7 @@ async def test_a_fenced_replica_cannot_write_and_the_new_owner_can(dsn: str) -> 
     a = await open_store(dsn, "a", clock_a)
     b = await open_store(dsn, "b")
     try:
-        await a.balance()
+        await a.leases.balance()
         rec = TaskRecord("task-1", "task-1", None, 0.0)
         await a.add_task(rec)
         await a.record_event(rec, transition(rec, "Queued"))
@@ -84,7 +87,7 @@ async def test_a_fenced_replica_cannot_write_and_the_new_owner_can(dsn: str) -> 
                 "UPDATE enkwatch_partition_lease SET expires_at = now() - interval '1 s'"
             )
             await conn.execute("DELETE FROM enkwatch_replicas WHERE replica_id = 'a'")
-        gained, _ = await b.balance()
+        gained, _ = await b.leases.balance()
         assert partition_of("task-1") in gained
         # a wakes up believing (by its own clock) it still holds the lease: the epoch fences it
         stale = TaskRecord("task-1", "task-1", None, 0.0, last_status="Queued", seq=1)
@@ -108,12 +111,12 @@ async def test_a_stale_local_lease_stops_writes_before_the_database_is_asked(dsn
     clock = Clock()
     a = await open_store(dsn, "a", clock)
     try:
-        await a.balance()
+        await a.leases.balance()
         rec = TaskRecord("task-1", "task-1", None, 0.0)
         await a.add_task(rec)
-        assert a.usable("task-1")
-        clock.now += a.safe_s  # frozen (SIGSTOP) past the safe window, by our own clock
-        assert not a.usable("task-1")
+        assert a.leases.usable("task-1")
+        clock.now_s += a.leases.safe_s  # frozen (SIGSTOP) past the safe window, by our own clock
+        assert not a.leases.usable("task-1")
         with pytest.raises(LeaseLost, match="does not hold"):
             await a.record_event(rec, transition(rec, "Queued"))
     finally:
@@ -123,7 +126,7 @@ async def test_a_stale_local_lease_stops_writes_before_the_database_is_asked(dsn
 async def test_two_connections_racing_the_same_transition_one_wins(dsn: str) -> None:
     a = await open_store(dsn, "a")
     try:
-        await a.balance()
+        await a.leases.balance()
         await a.add_task(TaskRecord("task-1", "task-1", None, 0.0))
         racers = [TaskRecord("task-1", "task-1", None, 0.0) for _ in range(8)]
         results = await asyncio.gather(
@@ -143,12 +146,12 @@ async def test_unwritten_events_are_found_by_the_next_owner(dsn: str) -> None:
     a = await open_store(dsn, "a")
     b = await open_store(dsn, "b")
     try:
-        await a.balance()
+        await a.leases.balance()
         rec = TaskRecord("task-1", "task-1", None, 0.0)
         await a.add_task(rec)
         await a.record_event(rec, transition(rec, "Queued"))  # then killed: never confirmed
-        await a.release_all()
-        await b.balance()
+        await a.leases.release_all()
+        await b.leases.balance()
         [event] = await b.unwritten_events()
         assert event.body["event_id"] == "task-1:1"
         await b.mark_written("task-1", 1)
@@ -182,7 +185,7 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    from enkwatch.store import SqliteStore
+    from enkwatch.state.sqlite import SqliteStore
 
     path = str(tmp_path / "state.db")
     lite = SqliteStore(path)
@@ -214,7 +217,7 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
 
     store = await open_store(dsn, "a")
     try:
-        await store.balance()
+        await store.leases.balance()
         [moved] = (await store.load_tasks()).values()
         assert (moved.seq, moved.last_status, moved.watch_started_at) == (2, "Running", 5.0)
         assert moved.spec == {"task_id": "task-1"}
@@ -272,11 +275,11 @@ async def test_a_replica_in_process_reloads_and_serves_the_shared_list(
                 ]
                 await until(lambda: bool(transitions("a")))
                 write([{"task_id": "a"}, {"task_id": "b"}])
-                await svc.reload()
+                await svc.running.watchlist.reload()
                 await until(lambda: bool(transitions("b")))
-                listed = {t["task_key"]: t for t in await svc.list_tasks()}
+                listed = {t["task_key"]: t for t in await svc.running.watchlist.list_tasks()}
                 assert set(listed) == {"a", "b"}
                 assert listed["b"]["polled_here"] is True
-                assert await svc.remove_task("a")
-                assert {t["task_key"] for t in await svc.list_tasks()} == {"b"}
-                assert "a" not in svc.tasks
+                assert await svc.running.watchlist.remove_task("a")
+                assert {t["task_key"] for t in await svc.running.watchlist.list_tasks()} == {"b"}
+                assert "a" not in svc.running.watchlist.tasks

@@ -1,4 +1,4 @@
-"""Durable state behind a small interface; SQLite (WAL) is the embedded default.
+"""The SQLite state (WAL mode), the embedded default of a single daemon.
 
 What is kept per task: the last status emitted, the event counter `seq`, when watching
 began, the poll count and how watching ended. Every task event is journaled in the same
@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
+
+from enkwatch.clock import Clock, SystemClock
+from enkwatch.state.base import (
+    STATE_FIELDS,
+    TASK_FIELDS,
+    JournaledEvent,
+    OutboxRow,
+    StateError,
+    TaskRecord,
+    record_from_row,
+    state_values,
+    task_values,
+)
 
 SCHEMA_VERSION = 1
 # confirmations of written events are committed together, at the latest this much later
@@ -57,95 +68,16 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
 """
-_TASK_COLUMNS = (
-    "task_key, task_id, dataset, watch_started_at, last_status, "
-    "last_unknown_status, seen_dataset, seen_task_id, seq, polls, outcome, spec"
+_TASK_COLUMNS = ", ".join((*TASK_FIELDS, "spec"))
+_INSERT_TASK = (
+    f"INSERT OR IGNORE INTO tasks ({_TASK_COLUMNS}) "
+    f"VALUES ({', '.join('?' * (len(TASK_FIELDS) + 1))})"
 )
+_UPDATE_STATE = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in STATE_FIELDS)} WHERE task_key = ?"
 
 
-class StateError(Exception):
-    """The state store cannot be opened or is not ours."""
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    """What the store keeps about one task."""
-
-    task_key: str
-    task_id: str | None
-    dataset: str | None
-    watch_started_at: float
-    last_status: str | None = None
-    last_unknown_status: str | None = None
-    seen_dataset: str | None = None
-    seen_task_id: str | None = None
-    seq: int = 0
-    polls: int = 0
-    outcome: str | None = None
-    spec: dict[str, Any] | None = field(default=None)
-
-
-@dataclass(frozen=True, slots=True)
-class JournaledEvent:
-    """An event that was committed but whose writing was not confirmed."""
-
-    task_key: str
-    seq: int
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """One pending delivery."""
-
-    id: int
-    sink: str
-    task_key: str
-    body: bytes
-    created_at: float
-    attempts: int
-    next_attempt_at: float
-
-
-class Store(Protocol):
-    """The interface a state backend implements (SQLite here, PostgreSQL in pgstore)."""
-
-    # True when several replicas share the state (leases decide who polls what)
-    shared: bool
-
-    async def open(self) -> None: ...
-
-    async def load_tasks(self) -> dict[str, TaskRecord]: ...
-
-    async def add_task(self, record: TaskRecord) -> None: ...
-
-    async def add_tasks(self, records: Sequence[TaskRecord]) -> None: ...
-
-    async def record_event(
-        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
-    ) -> None: ...
-
-    async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
-
-    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
-
-    async def delivery_done(self, row_id: int) -> None: ...
-
-    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
-
-    async def delivery_dead(self, row_id: int) -> None: ...
-
-    def outbox_stats(self) -> tuple[int, float | None]: ...
-
-    async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
-
-    async def mark_written(self, task_key: str, seq: int) -> None: ...
-
-    async def unwritten_events(self) -> list[JournaledEvent]: ...
-
-    async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
-
-    async def close(self) -> None: ...
+def _spec_text(spec: Mapping[str, Any] | None) -> str | None:
+    return orjson.dumps(dict(spec)).decode() if spec is not None else None
 
 
 class SqliteStore:
@@ -157,8 +89,9 @@ class SqliteStore:
 
     shared = False
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Clock | None = None) -> None:
         self.path = path
+        self._clock = clock or SystemClock()
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_timer: asyncio.TimerHandle | None = None
         try:
@@ -200,24 +133,9 @@ class SqliteStore:
 
     async def load_tasks(self) -> dict[str, TaskRecord]:
         rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks").fetchall()
-        out = {}
-        for row in rows:
-            spec = orjson.loads(row[11]) if row[11] else None
-            out[row[0]] = TaskRecord(
-                task_key=row[0],
-                task_id=row[1],
-                dataset=row[2],
-                watch_started_at=row[3],
-                last_status=row[4],
-                last_unknown_status=row[5],
-                seen_dataset=row[6],
-                seen_task_id=row[7],
-                seq=row[8],
-                polls=row[9],
-                outcome=row[10],
-                spec=spec,
-            )
-        return out
+        return {
+            row[0]: record_from_row(row, orjson.loads(row[-1]) if row[-1] else None) for row in rows
+        }
 
     async def add_task(self, record: TaskRecord) -> None:
         await self.add_tasks([record])
@@ -228,21 +146,7 @@ class SqliteStore:
             return
         with self._tx():
             self._db.executemany(
-                "INSERT OR IGNORE INTO tasks (task_key, task_id, dataset, watch_started_at, "
-                "last_status, seq, polls, spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.task_key,
-                        r.task_id,
-                        r.dataset,
-                        r.watch_started_at,
-                        r.last_status,
-                        r.seq,
-                        r.polls,
-                        orjson.dumps(r.spec).decode() if r.spec is not None else None,
-                    )
-                    for r in records
-                ],
+                _INSERT_TASK, [(*task_values(r), _spec_text(r.spec)) for r in records]
             )
 
     async def record_event(
@@ -252,20 +156,7 @@ class SqliteStore:
         with self._tx():
             if self._confirmations:
                 self._confirm_pending()  # earlier events' confirmations ride along
-            self._db.execute(
-                "UPDATE tasks SET last_status = ?, last_unknown_status = ?, seen_dataset = ?, "
-                "seen_task_id = ?, seq = ?, polls = ?, outcome = ? WHERE task_key = ?",
-                (
-                    record.last_status,
-                    record.last_unknown_status,
-                    record.seen_dataset,
-                    record.seen_task_id,
-                    record.seq,
-                    record.polls,
-                    record.outcome,
-                    record.task_key,
-                ),
-            )
+            self._db.execute(_UPDATE_STATE, (*state_values(record), record.task_key))
             self._db.execute(
                 "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)",
                 (record.task_key, record.seq, orjson.dumps(dict(event)).decode()),
@@ -281,7 +172,7 @@ class SqliteStore:
 
     def _enqueue(self, sinks: Sequence[str], task_key: str, event: Mapping[str, Any]) -> None:
         body = orjson.dumps(dict(event))
-        now = time.time()
+        now = self._clock.now().timestamp()
         self._db.executemany(
             "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -313,12 +204,14 @@ class SqliteStore:
         count, oldest = self._db.execute(
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
         ).fetchone()
-        return int(count), (time.time() - oldest) if oldest is not None else None
+        now = self._clock.now().timestamp()
+        return int(count), (now - oldest) if oldest is not None else None
 
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
         """Persist (or, with None, forget) a task added through the admin API."""
-        value = orjson.dumps(dict(spec)).decode() if spec is not None else None
-        self._db.execute("UPDATE tasks SET spec = ? WHERE task_key = ?", (value, task_key))
+        self._db.execute(
+            "UPDATE tasks SET spec = ? WHERE task_key = ?", (_spec_text(spec), task_key)
+        )
 
     async def mark_written(self, task_key: str, seq: int) -> None:
         """Confirm that an event was written out.
@@ -352,6 +245,21 @@ class SqliteStore:
         ).fetchall()
         return [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
 
+    def journal(self) -> list[JournaledEvent]:
+        """Every journaled event, by task and seq (what `migrate` copies)."""
+        rows = self._db.execute(
+            "SELECT task_key, seq, body FROM events ORDER BY task_key, seq"
+        ).fetchall()
+        return [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
+
+    def pending_outbox(self) -> list[OutboxRow]:
+        """Every pending delivery of every sink, oldest first (what `migrate` copies)."""
+        rows = self._db.execute(
+            "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
+            "WHERE state = 'pending' ORDER BY id"
+        ).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
+
     def events(self, task_key: str) -> list[dict[str, Any]]:
         """Every journaled event of a task, in order (for inspection and tests)."""
         rows = self._db.execute(
@@ -381,12 +289,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-
-
-def open_store(path: str, replica_id: str = "", lease_s: float = 15.0) -> Store:
-    """The store for `state.path`: PostgreSQL for a postgresql:// URL, else SQLite."""
-    if path.startswith(("postgresql://", "postgres://")):
-        from enkwatch.pgstore import PgStore
-
-        return PgStore(path, replica_id, lease_s=lease_s)
-    return SqliteStore(path)

@@ -1,0 +1,90 @@
+"""The dataset-generation task: `GET /datasets/get-task` (the spec's DatasetsGetTaskResponse)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+from enkwatch.models import Observation
+
+QUEUED: Final = "Queued"
+RUNNING: Final = "Running"
+FINISHED: Final = "Finished"
+FAILED: Final = "Failed"
+
+PATH: Final = "/datasets/get-task"
+TASK_ID_HEADER: Final = "X-Enkrypt-Task-ID"
+DATASET_HEADER: Final = "X-Enkrypt-Dataset"
+REQUIRED_FIELDS: Final = ("dataset_name", "created_at", "status", "task_id")
+
+# the one string object of each known status: 100,000 watched tasks then share four strings
+# instead of holding a copy each, as every parsed answer would give them
+_CANONICAL: Final[dict[str, str]] = {s: s for s in (QUEUED, RUNNING, FINISHED, FAILED)}
+
+
+def normalize_timestamp(value: object) -> str | None:
+    """An ISO 8601 date-time string as given, or None when empty or malformed."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value
+
+
+class DatasetKind:
+    """Today's (and the default) kind of task."""
+
+    name = "dataset"
+    statuses: frozenset[str] = frozenset({QUEUED, RUNNING, FINISHED, FAILED})
+    terminal: frozenset[str] = frozenset({FINISHED, FAILED})
+    failed: frozenset[str] = frozenset({FAILED})
+
+    def path(self, task_id: str | None, dataset: str | None) -> str:
+        return PATH
+
+    def headers(self, task_id: str | None, dataset: str | None) -> dict[str, str]:
+        headers = {}
+        if task_id is not None:
+            headers[TASK_ID_HEADER] = task_id
+        if dataset is not None:
+            headers[DATASET_HEADER] = dataset
+        return headers
+
+    def parse(self, payload: object) -> Observation:
+        return parse_observation(payload)
+
+
+DATASET: Final = DatasetKind()
+
+
+def parse_observation(payload: object) -> Observation:
+    """Parse a decoded JSON body; raise ValueError naming what is wrong."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"body is a JSON {type(payload).__name__}, not an object")
+    if "error" in payload:
+        raise ValueError(f"error: {str(payload['error'])[:200]}")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("'data' is missing or not an object")
+    missing = [f for f in REQUIRED_FIELDS if f not in data]
+    if missing:
+        raise ValueError(f"'data' lacks required field(s): {', '.join(missing)}")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(data[field], str):
+            raise ValueError(f"data.{field} is not a string")
+    status: str = data["status"]
+    if not status:
+        raise ValueError("data.status is empty")
+    status = _CANONICAL.get(status, status)
+    return Observation(
+        task_id=data["task_id"],
+        dataset_name=data["dataset_name"],
+        status=status,
+        created_at=data["created_at"],
+        started_at=normalize_timestamp(data.get("started_at")),
+        data=data,
+        known=status in DatasetKind.statuses,
+        terminal=status in DatasetKind.terminal,
+    )

@@ -1,0 +1,143 @@
+"""What every state backend keeps and offers: the records and three small protocols.
+
+The mapping between a record and its columns is written here once (`TASK_FIELDS`,
+`STATE_FIELDS`: the column names are the field names in every backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, Final, Protocol
+
+
+class StateError(Exception):
+    """The state store cannot be opened or is not ours."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """What the store keeps about one task."""
+
+    task_key: str
+    task_id: str | None
+    dataset: str | None
+    watch_started_at: float
+    last_status: str | None = None
+    last_unknown_status: str | None = None
+    seen_dataset: str | None = None
+    seen_task_id: str | None = None
+    seq: int = 0
+    polls: int = 0
+    outcome: str | None = None
+    spec: dict[str, Any] | None = field(default=None)
+
+
+# the columns of a task row, in this order, `spec` (JSON) last
+TASK_FIELDS: Final = (
+    "task_key",
+    "task_id",
+    "dataset",
+    "watch_started_at",
+    "last_status",
+    "last_unknown_status",
+    "seen_dataset",
+    "seen_task_id",
+    "seq",
+    "polls",
+    "outcome",
+)
+# what an event changes, journaled with it (WHERE task_key = ...)
+STATE_FIELDS: Final = (
+    "last_status",
+    "last_unknown_status",
+    "seen_dataset",
+    "seen_task_id",
+    "seq",
+    "polls",
+    "outcome",
+)
+task_values: Final = attrgetter(*TASK_FIELDS)
+state_values: Final = attrgetter(*STATE_FIELDS)
+
+
+def record_from_row(row: Sequence[Any], spec: dict[str, Any] | None) -> TaskRecord:
+    """A record from the TASK_FIELDS columns of a row (in that order) and its decoded spec."""
+    record = TaskRecord(*row[: len(TASK_FIELDS)])
+    record.spec = spec
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """An event that was committed but whose writing was not confirmed."""
+
+    task_key: str
+    seq: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending delivery."""
+
+    id: int
+    sink: str
+    task_key: str
+    body: bytes
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+
+
+class TaskState(Protocol):
+    """The watch list's durable side."""
+
+    async def load_tasks(self) -> dict[str, TaskRecord]: ...
+
+    async def add_task(self, record: TaskRecord) -> None: ...
+
+    async def add_tasks(self, records: Sequence[TaskRecord]) -> None: ...
+
+    async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
+
+    async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
+
+
+class EventJournal(Protocol):
+    """Every task event, committed with the state change it reports, before it is written."""
+
+    async def record_event(
+        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
+    ) -> None: ...
+
+    async def mark_written(self, task_key: str, seq: int) -> None: ...
+
+    async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
+
+
+class OutboxStore(Protocol):
+    """What webhook delivery needs of the state."""
+
+    async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]: ...
+
+    async def delivery_done(self, row_id: int) -> None: ...
+
+    async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None: ...
+
+    async def delivery_dead(self, row_id: int) -> None: ...
+
+    def outbox_stats(self) -> tuple[int, float | None]: ...
+
+
+class Store(TaskState, EventJournal, OutboxStore, Protocol):
+    """A whole backend: the three protocols, opened and closed."""
+
+    shared: bool
+
+    async def open(self) -> None: ...
+
+    async def unwritten_events(self) -> list[JournaledEvent]: ...
+
+    async def close(self) -> None: ...

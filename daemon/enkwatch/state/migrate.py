@@ -1,0 +1,56 @@
+"""`enkwatch migrate-state`: copy a SQLite state into PostgreSQL, for moving to replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from enkwatch.clock import SystemClock
+from enkwatch.errors import ConfigError
+from enkwatch.models import is_postgres_url
+from enkwatch.state.base import StateError
+from enkwatch.state.leases import DB_ERRORS
+from enkwatch.state.postgres import PgStore
+from enkwatch.state.sqlite import SqliteStore
+
+MIGRATION_REPLICA = "migrate-state"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """What was copied (rows already in PostgreSQL are kept, not overwritten)."""
+
+    tasks: int
+    tasks_skipped: int
+    events: int
+    outbox: int
+
+
+async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
+    """Copy tasks, their event journal and pending webhook deliveries; idempotent per task.
+
+    `sqlite_path` must name an existing file (checked by the caller: SQLite would create it).
+    """
+    if not is_postgres_url(postgres_url):
+        raise ConfigError(["--to: must be a postgresql:// URL"])
+    clock = SystemClock()
+    try:
+        source = SqliteStore(sqlite_path, clock)
+    except StateError as err:
+        raise ConfigError([f"--from: {err}"]) from None
+    target = PgStore(postgres_url, MIGRATION_REPLICA, clock)
+    try:
+        await target.open()
+    except StateError as err:
+        await source.close()
+        raise ConfigError([f"--to: {err}"]) from None
+    try:
+        records = await source.load_tasks()
+        tasks, events, outbox = await target.import_state(
+            records.values(), source.journal(), source.pending_outbox(), MIGRATION_REPLICA
+        )
+    except DB_ERRORS as err:
+        raise ConfigError([f"--to: the copy failed: {type(err).__name__}"]) from None
+    finally:
+        await source.close()
+        await target.close()
+    return MigrationReport(tasks, len(records) - tasks, events, outbox)

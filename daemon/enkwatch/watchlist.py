@@ -1,0 +1,311 @@
+"""The set of watched tasks: loading, the reload diff, and the task API's backend.
+
+One interface (`adopt`, `drop`, `add_task`, `remove_task`, `list_tasks`, `reload`) serves
+the admin app, config reloads and the replica owner alike; what depends on who shares the
+list is asked of the owner (`ownership`), chosen once at assembly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Final
+
+from enkwatch import events as ev
+from enkwatch.admin import TaskExists
+from enkwatch.clock import Clock
+from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
+from enkwatch.errors import ConfigError, StateUnavailable
+from enkwatch.events import EventWriter
+from enkwatch.ownership import SOURCE_API, Owner
+from enkwatch.schedule import PollScheduler
+from enkwatch.state.base import TaskRecord, TaskState
+from enkwatch.watch import NO_LABELS, TaskWatch
+
+SOURCE_CONFIG: Final = "config"
+RESTART_SECTIONS: Final = ("api", "state", "admin", "sinks")
+# poll counts are checkpointed in chunks that each block the loop for a few milliseconds at
+# most, even at 100,000 tasks
+CHECKPOINT_CHUNK: Final = 1000
+
+
+def file_signature(path: str) -> tuple[int, int, int, int, str] | None:
+    """What changes when a config file is edited or swapped (also a ConfigMap symlink swap)."""
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_dev, st.st_size, real)
+
+
+class WatchList:
+    """The watched tasks of this process, and every change to them."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: TaskState,
+        owner: Owner,
+        scheduler: PollScheduler,
+        writer: EventWriter,
+        clock: Clock,
+        config_path: str | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        on_polling: Callable[[Config], None] = lambda config: None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._owner = owner
+        self._scheduler = scheduler
+        self._writer = writer
+        self._clock = clock
+        self.config_path = config_path
+        self._config_sig = file_signature(config_path) if config_path else None
+        # a task ended or left: the service checks whether everything is done
+        self._on_change = on_change
+        # the polling section changed: the limits shared by all tasks follow it
+        self._on_polling = on_polling
+        self.tasks: dict[str, TaskWatch] = {}
+        self._config_tasks: dict[str, TaskConfig] = {t.key: t for t in config.tasks}
+        self._config_keys: set[str] = set(self._config_tasks)
+        self.stopped = False
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def load_all(self, records: dict[str, TaskRecord]) -> None:
+        """The config's tasks (new ones stored, in one transaction) and those added by API."""
+        now = self._clock.now().timestamp()
+        new: list[TaskRecord] = []
+        for cfg in self.config.tasks:
+            record = records.get(cfg.key)
+            if record is None:
+                record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+                new.append(record)
+            self.tasks[cfg.key] = self._watch(cfg, record, SOURCE_CONFIG)
+        await self._store.add_tasks(new)
+        # tasks added through the admin API survive restarts
+        for key, record in records.items():
+            if key not in self.tasks and (task := self.watch_for_record(record)) is not None:
+                self.tasks[key] = task
+        self._settle_config()
+
+    async def register_config(self) -> None:
+        """Make sure every task of our config has its row (idempotent)."""
+        now = self._clock.now().timestamp()
+        await self._store.add_tasks(
+            [TaskRecord(c.key, c.task_id, c.dataset, now) for c in self._config_tasks.values()]
+        )
+
+    def _settle_config(self) -> None:
+        # a sole owner forgets the entries once its watches are built (at 100,000 tasks the
+        # pydantic models would be half of its memory); replicas build watches from them later
+        if not self._owner.keeps_config:
+            self._config_tasks = {}
+            self.config = self.config.model_copy(update={"tasks": []})
+
+    def _watch(self, cfg: TaskConfig, record: TaskRecord, source: str) -> TaskWatch:
+        return TaskWatch.from_config(cfg, self.config.polling, record, source)
+
+    def watch_for_record(self, record: TaskRecord) -> TaskWatch | None:
+        """The watch of a stored task: from our config, else from its API spec; else None."""
+        cfg = self._config_tasks.get(record.task_key)
+        if cfg is not None:
+            return self._watch(cfg, record, SOURCE_CONFIG)
+        if record.spec is None:
+            return None
+        try:
+            cfg = validate_task_entry(record.spec)
+        except ConfigError:
+            return None
+        return self._watch(cfg, record, SOURCE_API)
+
+    async def _watch_for(
+        self, cfg: TaskConfig, source: str, record: TaskRecord | None
+    ) -> TaskWatch:
+        if record is None:
+            now = self._clock.now().timestamp()
+            record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+            await self._store.add_task(record)
+        return self._watch(cfg, record, source)
+
+    # -- watching ----------------------------------------------------------------------------
+
+    def adopt(self, task: TaskWatch) -> None:
+        """Start watching a task (polled at once unless done)."""
+        self.tasks[task.key] = task
+        if not task.done and not self.stopped:
+            self._scheduler.add(task)
+
+    def drop(self, task: TaskWatch) -> None:
+        """Stop watching a task here."""
+        self.tasks.pop(task.key, None)
+        self._scheduler.remove(task)
+
+    def outcomes(self) -> dict[str, int]:
+        """How many tasks finished, failed, and were given up."""
+        done = self.tasks.values()
+        return {
+            "finished": sum(1 for t in done if t.finished),
+            "failed": sum(1 for t in done if t.failed),
+            "gave_up": sum(1 for t in done if t.gave_up),
+        }
+
+    async def checkpoint(self) -> None:
+        """The periodic job: store the poll counts, in chunks that let due polls start."""
+        counts = [(t.key, t.record.polls) for t in self.tasks.values()]
+        for start in range(0, len(counts), CHECKPOINT_CHUNK):
+            # poll counts are statistics: if the store is down, the next checkpoint has them
+            with contextlib.suppress(StateUnavailable):
+                await self._store.checkpoint_polls(counts[start : start + CHECKPOINT_CHUNK])
+            await asyncio.sleep(0)
+
+    def start_polling(self) -> None:
+        self._scheduler.add_many(t for t in self.tasks.values() if not t.done)
+
+    # -- the task API ------------------------------------------------------------------------
+
+    async def list_tasks(self) -> list[dict[str, Any]]:
+        out = []
+        for task, polled_here in await self._owner.listing():
+            item = self.describe(task)
+            if polled_here is not None:
+                item["polled_here"] = polled_here
+            out.append(item)
+        return out
+
+    async def add_task(self, entry: object) -> dict[str, Any]:
+        cfg = validate_task_entry(entry)
+        if await self._owner.watches(cfg.key):
+            raise TaskExists(f"the task {cfg.key} is already watched")
+        records = await self._store.load_tasks()
+        spec = cfg.model_dump(mode="json", exclude_none=True)
+        task = await self._watch_for(cfg, SOURCE_API, records.get(cfg.key))
+        await self._store.set_task_spec(cfg.key, spec)
+        task.record.spec = spec
+        self._owner.admit(task)
+        return self.describe(task)
+
+    async def remove_task(self, task_key: str) -> bool:
+        if not await self._owner.watches(task_key):
+            return False
+        task = self.tasks.get(task_key)
+        if task is not None:
+            self.drop(task)
+        await self._owner.forget(task_key, task)
+        self._on_change()
+        return True
+
+    def describe(self, task: TaskWatch) -> dict[str, Any]:
+        """A task as GET /tasks shows it."""
+        rec = task.record
+        next_poll = None
+        if task.next_due is not None:
+            delta = task.next_due - self._clock.monotonic()
+            next_poll = ev.rfc3339(self._clock.now() + timedelta(seconds=delta))
+        return {
+            "task_key": task.key,
+            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
+            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "labels": task.labels,
+            "source": task.source,
+            "status": rec.last_status,
+            "unknown_status": rec.last_unknown_status,
+            "outcome": rec.outcome,
+            "polls": rec.polls,
+            "consecutive_failures": task.failures,
+            "last_error": task.last_error,
+            "next_poll_at": next_poll,
+            "interval_seconds": task.interval_s,
+            "deadline_seconds": task.deadline_s,
+            "seq": rec.seq,
+        }
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def check_config_file(self) -> None:
+        """The periodic job: reload when the config file changed."""
+        if self.config_path is None:
+            return
+        sig = file_signature(self.config_path)
+        if sig is not None and sig != self._config_sig:
+            self._config_sig = sig
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the config file and apply the difference; the old config stays on errors."""
+        if self.config_path is None or self.stopped:
+            return
+        self._config_sig = file_signature(self.config_path)
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            self._writer.daemon_event(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
+            return
+        await self.apply(new)
+
+    async def apply(self, new: Config) -> None:
+        """Apply a new config: tasks added, changed and removed; polling settings."""
+        old, old_keys = self.config, self._config_keys
+        new_tasks = {t.key: t for t in new.tasks}
+        restart_required = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+        if new.polling != old.polling:
+            self._apply_polling(old, new, new_tasks)
+            self._on_polling(new)
+        self.config, self._config_tasks, self._config_keys = new, new_tasks, set(new_tasks)
+        records = await self._store.load_tasks()
+        added, changed = [], []
+        for key, cfg in new_tasks.items():
+            current = self.tasks.get(key)
+            if current is None:
+                self._owner.admit(await self._watch_for(cfg, SOURCE_CONFIG, records.get(key)))
+                added.append(key)
+            elif key not in old_keys or _differs(current, cfg, new):
+                _update(current, cfg, new)
+                current.source = SOURCE_CONFIG
+                changed.append(key)
+        removed = [k for k in old_keys - new_tasks.keys() if self._drop_config_task(k)]
+        self._settle_config()
+        self._writer.daemon_event(
+            ev.CONFIG_RELOADED,
+            added=sorted(added),
+            removed=sorted(removed),
+            changed=sorted(changed),
+            restart_required=restart_required,
+        )
+        self._on_change()
+
+    def _drop_config_task(self, key: str) -> bool:
+        task = self.tasks.get(key)
+        if task is None or task.source != SOURCE_CONFIG:
+            return False
+        self.drop(task)
+        return True
+
+    def _apply_polling(self, old: Config, new: Config, new_tasks: dict[str, TaskConfig]) -> None:
+        for task in self.tasks.values():
+            cfg = new_tasks.get(task.key)
+            own = cfg.interval_seconds if cfg is not None else None
+            if own is None and task.interval_s == old.polling.interval_seconds:
+                task.interval_s = new.polling.interval_seconds
+
+
+def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
+    return (
+        task.task_id != cfg.task_id
+        or task.dataset != cfg.dataset
+        or task.labels != cfg.labels
+        or task.interval_s != (cfg.interval_seconds or config.polling.interval_seconds)
+        or task.deadline_s != cfg.deadline_seconds
+    )
+
+
+def _update(task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
+    task.task_id = cfg.task_id
+    task.dataset = cfg.dataset
+    task.labels = dict(cfg.labels) if cfg.labels else NO_LABELS
+    task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
+    task.deadline_s = cfg.deadline_seconds
