@@ -1,0 +1,143 @@
+"""Hostile peers and hostile inputs, end to end: the installed command as a subprocess.
+
+Each peer is a real aiohttp server on 127.0.0.1 in the test's event loop. Memory is
+checked as the child's peak RSS, reported by a small wrapper process whose only child is
+the command (so no other test's subprocess counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.bombs import bomb
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+API_KEY = "sk-test-SECRET-hard"
+TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
+MIB = 1024 * 1024
+# a Python process running enkwatch is well under this; a body inflated in full is over it
+RSS_CEILING_BYTES = 256 * MIB
+
+# runs argv[1:], then prints the child's peak RSS (KiB on Linux) as the last stderr line
+_PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+    " file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+@dataclass
+class Done:
+    rc: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
+    env["ENKRYPTAI_API_KEY"] = API_KEY
+    env.update(extra)
+    return env
+
+
+async def run_enkwatch(*args: str, within_s: float = 60.0, **env: str) -> Done:
+    """`python -m enkwatch ARGS` to its end, with its peak RSS."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _PEAK_RSS_WRAPPER,
+        sys.executable,
+        "-m",
+        "enkwatch",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(**env),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"enkwatch {args} still running after {within_s} s") from None
+    lines = err.decode().splitlines()
+    assert lines and lines[-1].startswith("peak_rss_kib "), err
+    assert proc.returncode is not None
+    stderr = "\n".join(lines[:-1])
+    assert API_KEY not in stderr and API_KEY not in out.decode()
+    assert "Traceback" not in stderr, stderr
+    return Done(proc.returncode, out.decode(), stderr, int(lines[-1].split()[1]) * 1024)
+
+
+@pytest.fixture
+def serve(aiohttp_server: Any) -> Any:
+    async def start(handler: Any, path: str = "/{tail:.*}") -> TestServer:
+        app = web.Application()
+        app.router.add_route("*", path, handler)
+        server: TestServer = await aiohttp_server(app)
+        return server
+
+    return start
+
+
+def valid_observation_head() -> bytes:
+    data = {
+        "dataset_name": "Election2",
+        "created_at": "2026-01-01T10:00:00Z",
+        "status": "Running",
+        "task_id": TASK_ID,
+    }
+    # a valid answer with a huge extra field: inflated in full it would be accepted
+    return json.dumps({"data": data, "pad": ""}).encode()[:-2]
+
+
+# -- 13.1: the API body limit holds for the decoded bytes ---------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_gzip_bomb_from_the_api_is_refused_with_little_memory(
+    serve: Any, chunked: bool
+) -> None:
+    wire = bomb("gzip", 900 * MIB, valid_observation_head(), b'"}')
+    assert len(wire) < MIB  # under the limit on the wire (Content-Length), 900 MiB decoded
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        if not chunked:
+            return web.Response(body=wire, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for i in range(0, len(wire), 64 * 1024):
+                await resp.write(wire[i : i + 64 * 1024])
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client hung up after the limit: as it should
+        return resp
+
+    server = await serve(answer)
+    done = await run_enkwatch(
+        "status",
+        "--task-id",
+        TASK_ID,
+        ENKWATCH_API__BASE_URL=str(server.make_url("")).rstrip("/"),
+    )
+    assert done.rc == 5, done.stderr
+    assert "invalid_response" in done.stderr
+    assert "larger than 1048576 bytes" in done.stderr
+    assert done.peak_rss_bytes < RSS_CEILING_BYTES, done.peak_rss_bytes
