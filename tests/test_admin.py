@@ -171,3 +171,36 @@ async def test_mutations_are_forbidden_without_a_configured_token(tmp_path: Path
                 assert r.status == 403
             async with http.delete(f"{base}/tasks/t1", headers=headers) as r:
                 assert r.status == 403
+
+
+async def test_a_huge_duration_is_400_naming_its_key_and_the_list_still_answers(
+    tmp_path: Path,
+) -> None:
+    async with simulator(two_tasks()) as (url, _):
+        config = make_config(url, ":memory:", [], admin={"listen": "127.0.0.1:0"})
+        async with running(config, admin_token=TOKEN) as svc, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{svc.admin_port}"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            for key, raw in (
+                ("interval_seconds", b"1e308"),
+                ("interval_seconds", b"1e12"),
+                ("deadline_seconds", b"1e308"),
+                ("deadline_seconds", b"1e400"),  # json: infinity
+                ("interval_seconds", b"NaN"),
+            ):
+                body = b'{"task_id": "t1", "' + key.encode() + b'": ' + raw + b"}"
+                async with http.post(f"{base}/tasks", data=body, headers=auth) as resp:
+                    assert resp.status == 400, (key, raw)
+                    errors = (await resp.json())["errors"]
+                    assert any(e.startswith(f"{key}: ") for e in errors), errors
+            async with http.get(f"{base}/tasks") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["tasks"] == []
+            # at the ceilings the task is taken, and listed
+            entry = {"task_id": "t1", "interval_seconds": 86_400, "deadline_seconds": 366 * 86_400}
+            async with http.post(f"{base}/tasks", json=entry, headers=auth) as resp:
+                assert resp.status == 201, await resp.text()
+            async with http.get(f"{base}/tasks") as resp:
+                assert resp.status == 200
+                [task] = (await resp.json())["tasks"]
+                assert task["interval_seconds"] == 86_400

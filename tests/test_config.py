@@ -699,3 +699,58 @@ def test_a_json_config_is_read_as_json(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert info.value.problems[0].startswith("not valid JSON")
+
+
+# --- every duration is bounded ------------------------------------------------------------
+
+DURATIONS = [
+    # (where in the document, its key path, its ceiling)
+    (("api", "timeout_seconds"), "api.timeout_seconds", 600.0),
+    (("polling", "interval_seconds"), "polling.interval_seconds", 86_400.0),
+    (("polling", "max_backoff_seconds"), "polling.max_backoff_seconds", 86_400.0),
+    (("state", "lease_seconds"), "state.lease_seconds", 600.0),
+    (("tasks", 0, "interval_seconds"), "tasks[0].interval_seconds", 86_400.0),
+    (("tasks", 0, "deadline_seconds"), "tasks[0].deadline_seconds", 366 * 86_400.0),
+    (("sinks", "webhooks", 0, "timeout_seconds"), "sinks.webhooks[0].timeout_seconds", 600.0),
+    (
+        ("sinks", "webhooks", 0, "max_age_seconds"),
+        "sinks.webhooks[0].max_age_seconds",
+        30 * 86_400.0,
+    ),
+]
+
+
+def doc_with(where: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "tasks": [{"task_id": TASK_ID}],
+        "sinks": {"webhooks": [{"url": "https://hooks.example.test/x"}]},
+    }
+    node: Any = raw
+    for part in where[:-1]:
+        node = node.setdefault(part, {}) if isinstance(part, str) else node[part]
+    node[where[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(("where", "path", "ceiling"), DURATIONS, ids=[d[1] for d in DURATIONS])
+@pytest.mark.parametrize("value", [1e12, 1e308, float("inf"), float("nan"), "1e400"])
+def test_a_duration_beyond_its_ceiling_names_its_key_path(
+    where: tuple[str | int, ...], path: str, ceiling: float, value: object
+) -> None:
+    problem = one_problem(doc_with(where, value))
+    assert problem.startswith(f"{path}: "), problem
+
+
+@pytest.mark.parametrize(("where", "path", "ceiling"), DURATIONS, ids=[d[1] for d in DURATIONS])
+def test_a_duration_at_its_ceiling_is_accepted(
+    where: tuple[str | int, ...], path: str, ceiling: float
+) -> None:
+    parse_config(doc_with(where, ceiling), {})
+    problem = one_problem(doc_with(where, ceiling * 1.001))
+    assert problem.startswith(f"{path}: must be at most {ceiling:.0f} seconds"), problem
+
+
+def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
+    problem = one_problem({}, {"ENKWATCH_POLLING__INTERVAL_SECONDS": "1e12"})
+    assert "ENKWATCH_POLLING__INTERVAL_SECONDS" in problem
+    assert "at most 86400 seconds" in problem

@@ -12,9 +12,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -141,3 +143,48 @@ async def test_a_gzip_bomb_from_the_api_is_refused_with_little_memory(
     assert "invalid_response" in done.stderr
     assert "larger than 1048576 bytes" in done.stderr
     assert done.peak_rss_bytes < RSS_CEILING_BYTES, done.peak_rss_bytes
+
+
+# -- 13.7: every duration bounded at load time, with its key path -------------------------
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+async def test_huge_durations_in_a_config_exit_2_naming_each_key(
+    tmp_path: Path, command: str
+) -> None:
+    cfg = write_yaml(
+        tmp_path / "huge.yaml",
+        {
+            "api": {"base_url": "http://127.0.0.1:9", "timeout_seconds": 1e9},
+            "polling": {"interval_seconds": 1e12, "max_backoff_seconds": 1e308},
+            "state": {"path": ":memory:"},
+            "tasks": [{"task_id": TASK_ID, "deadline_seconds": 1e308, "interval_seconds": 1e300}],
+        },
+    )
+    done = await run_enkwatch(command, "--config", cfg)
+    assert done.rc == 2, done.stderr
+    assert done.stdout == ""
+    for path in (
+        "api.timeout_seconds",
+        "polling.interval_seconds",
+        "polling.max_backoff_seconds",
+        "tasks[0].deadline_seconds",
+        "tasks[0].interval_seconds",
+    ):
+        assert f"{path}: must be at most" in done.stderr, (path, done.stderr)
+
+
+async def test_huge_durations_on_the_watch_command_line_exit_2_naming_the_option() -> None:
+    done = await run_enkwatch(
+        "watch", "--task-id", TASK_ID, "--interval", "1e12", "--deadline", "inf"
+    )
+    assert done.rc == 2, done.stderr
+    assert "--interval: must be at most 86400 seconds" in done.stderr, done.stderr
+    assert "--deadline (task 1 on the command line): Input should be a finite number" in (
+        done.stderr
+    ), done.stderr

@@ -6,12 +6,20 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from enkwatch.errors import ConfigError
 
@@ -43,7 +51,30 @@ WEBHOOK_EVENTS = frozenset(
     }
 )
 
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Every duration has a ceiling: far beyond what a user needs, far below what a datetime or a
+# timer can hold (1e12 s overflowed `timedelta` in GET /tasks). NaN and infinity are refused.
+DAY_S: Final = 86_400.0
+MAX_INTERVAL_S: Final = DAY_S  # polls of a task, and the backoff after errors
+MAX_DEADLINE_S: Final = 366 * DAY_S
+MAX_REQUEST_TIMEOUT_S: Final = 600.0  # an API request, a webhook POST
+MAX_DELIVERY_AGE_S: Final = 30 * DAY_S  # how long a webhook delivery is retried
+MAX_LEASE_S: Final = 600.0
+
+
+def _at_most(limit_s: float, words: str) -> AfterValidator:
+    def check(value: float) -> float:
+        if value > limit_s:
+            raise ValueError(f"must be at most {limit_s:.0f} seconds ({words})")
+        return value
+
+    return AfterValidator(check)
+
+
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+IntervalSeconds = Annotated[_Seconds, _at_most(MAX_INTERVAL_S, "1 day")]
+DeadlineSeconds = Annotated[_Seconds, _at_most(MAX_DEADLINE_S, "366 days")]
+TimeoutSeconds = Annotated[_Seconds, _at_most(MAX_REQUEST_TIMEOUT_S, "10 minutes")]
+DeliveryAgeSeconds = Annotated[_Seconds, _at_most(MAX_DELIVERY_AGE_S, "30 days")]
 
 
 class _Model(BaseModel):
@@ -74,7 +105,7 @@ class ApiConfig(_Model):
 
     base_url: str = DEFAULT_BASE_URL
     api_key_file: Path | None = None
-    timeout_seconds: PositiveSeconds = 10.0
+    timeout_seconds: TimeoutSeconds = 10.0
 
     @field_validator("base_url")
     @classmethod
@@ -88,11 +119,11 @@ class ApiConfig(_Model):
 class PollingConfig(_Model):
     """`polling`: cadence and the limits shared by all tasks."""
 
-    interval_seconds: PositiveSeconds = 30.0
+    interval_seconds: IntervalSeconds = 30.0
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
-    max_backoff_seconds: PositiveSeconds = 300.0
+    max_backoff_seconds: IntervalSeconds = 300.0
     not_found_attempts: Annotated[int, Field(ge=1)] = 3
 
 
@@ -101,7 +132,9 @@ class StateConfig(_Model):
 
     path: str = "enkwatch-state.db"
     # with a postgresql:// path: how long a replica's claim on its tasks lasts
-    lease_seconds: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
+    lease_seconds: Annotated[
+        float, Field(ge=1.0, allow_inf_nan=False), _at_most(MAX_LEASE_S, "10 minutes")
+    ] = 15.0
 
     @field_validator("path")
     @classmethod
@@ -150,8 +183,8 @@ class WebhookConfig(_Model):
     secret_env: str | None = None
     events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
     name: str | None = None
-    timeout_seconds: PositiveSeconds = 10.0
-    max_age_seconds: PositiveSeconds = 86400.0
+    timeout_seconds: TimeoutSeconds = 10.0
+    max_age_seconds: DeliveryAgeSeconds = 86400.0
 
     @field_validator("url")
     @classmethod
@@ -184,8 +217,8 @@ class TaskConfig(_Model):
 
     task_id: str | None = None
     dataset: str | None = None
-    interval_seconds: PositiveSeconds | None = None
-    deadline_seconds: PositiveSeconds | None = None
+    interval_seconds: IntervalSeconds | None = None
+    deadline_seconds: DeadlineSeconds | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")
