@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.bombs import bomb
+from tests.servicekit import scenario, sim_task, simulator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -188,3 +190,127 @@ async def test_huge_durations_on_the_watch_command_line_exit_2_naming_the_option
     assert "--deadline (task 1 on the command line): Input should be a finite number" in (
         done.stderr
     ), done.stderr
+
+
+# -- 13.8: credentials in URLs are never printed ------------------------------------------
+
+PG_PASSWORD = "PGSECRET-do-not-print"
+HOOK_TOKEN = "HOOKTOKEN-do-not-print"
+
+
+def no_url_secrets(done: Done) -> None:
+    for secret in (PG_PASSWORD, HOOK_TOKEN):
+        assert secret not in done.stdout, done.stdout
+        assert secret not in done.stderr, done.stderr
+
+
+async def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "state": {"path": f"postgresql://enk:{PG_PASSWORD}@db.internal:5432/enkwatch"},
+            "sinks": {
+                "webhooks": [
+                    {"url": f"https://hooks.slack.com/services/T000/B000/{HOOK_TOKEN}"},
+                    {"url": f"https://example.test/hook?token={HOOK_TOKEN}", "name": "ops"},
+                ]
+            },
+            "tasks": [{"task_id": TASK_ID}],
+        },
+    )
+    done = await run_enkwatch("check-config", "--config", cfg)
+    assert done.rc == 0, done.stderr
+    no_url_secrets(done)
+    out = json.loads(done.stdout)
+    assert out["state"]["path"] == "postgresql://[redacted]@db.internal:5432/[redacted]"
+    urls = [hook["url"] for hook in out["sinks"]["webhooks"]]
+    assert urls == [
+        "https://hooks.slack.com/[redacted]",
+        "https://example.test/[redacted]?[redacted]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "parses"),
+    [
+        (f"postgresql://enk:{PG_PASSWORD}@127.0.0.1:1/enkwatch", True),  # nothing listens
+        (f"postgresql://enk:{PG_PASSWORD}@127.0.0.1:port/enkwatch", False),
+        (f"postgresql://enk:{PG_PASSWORD}@[::1/enkwatch", False),
+    ],
+    ids=["unreachable", "bad-port", "bad-host"],
+)
+async def test_a_bad_postgresql_url_is_exit_2_without_its_password(
+    tmp_path: Path, url: str, parses: bool
+) -> None:
+    source = tmp_path / "state.db"
+    sqlite3.connect(source).close()
+    migrate = await run_enkwatch("migrate-state", "--from", str(source), "--to", url)
+    assert migrate.rc == 2, migrate.stderr
+    assert "--to: " in migrate.stderr
+    no_url_secrets(migrate)
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "api": {"base_url": "http://127.0.0.1:9"},
+            "state": {"path": url},
+            "tasks": [{"task_id": "t1"}],
+        },
+    )
+    for command in ("check-config", "run"):
+        done = await run_enkwatch(command, "--config", cfg)
+        no_url_secrets(done)
+        if command == "run" or not parses:
+            assert done.rc == 2, done.stderr
+            assert "state.path: " in done.stderr
+
+
+async def test_healthcheck_errors_redact_the_url() -> None:
+    done = await run_enkwatch(
+        "healthcheck", "--url", f"http://127.0.0.1:1/{HOOK_TOKEN}?t={HOOK_TOKEN}"
+    )
+    assert done.rc == 1
+    assert "unhealthy: http://127.0.0.1:1/[redacted]?[redacted]: " in done.stderr
+    no_url_secrets(done)
+    for bad in (
+        f"{HOOK_TOKEN}/x",
+        f"http://127.0.0.1:port/{HOOK_TOKEN}",
+        f"http://[::1/{HOOK_TOKEN}",
+    ):
+        done = await run_enkwatch("healthcheck", "--url", bad)
+        assert done.rc == 2, done.stderr
+        assert "--url: " in done.stderr
+        no_url_secrets(done)
+
+
+async def test_a_run_never_prints_a_webhook_url(tmp_path: Path, serve: Any) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        # a receiver that echoes what it was asked, URL included
+        return web.Response(status=500, text=f"no such hook: {request.path_qs}")
+
+    hooks = await serve(refuse)
+    async with simulator(scenario(sim_task("t1", ("Finished", None)))) as (api_url, _):
+        cfg = write_yaml(
+            tmp_path / "c.yaml",
+            {
+                "api": {"base_url": api_url, "timeout_seconds": 2},
+                "polling": {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0},
+                "state": {"path": str(tmp_path / "state.db")},
+                "sinks": {
+                    "webhooks": [
+                        {
+                            "url": str(hooks.make_url(f"/services/T0/B0/{HOOK_TOKEN}")),
+                            "events": ["*"],
+                            "max_age_seconds": 0.001,  # the first failure dead-letters it
+                        }
+                    ]
+                },
+                "tasks": [{"task_id": "t1"}],
+            },
+        )
+        done = await run_enkwatch("run", "--config", cfg, "--exit-when-done")
+    assert done.rc == 0, done.stderr
+    no_url_secrets(done)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    names = [e["event"] for e in events]
+    assert "daemon.started" in names and "sink.delivery_failed" in names, names

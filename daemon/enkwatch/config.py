@@ -94,10 +94,28 @@ def header_problem(value: str) -> str | None:
 
 def _http_url(value: str) -> str:
     """`value` when it is an http(s) URL with a host; the URL itself is never echoed."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL with a valid host and port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     return value
+
+
+def postgres_url_problem(value: str) -> str | None:
+    """Why `value` is not a usable postgresql:// URL, or None; the URL is never echoed."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        return "must be a postgresql:// URL"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return "the postgresql:// URL does not parse (its host or port)"
+    if not parts.hostname and "host=" not in parts.query:
+        return "a postgresql:// URL needs a host"
+    return None
 
 
 class ApiConfig(_Model):
@@ -141,10 +159,10 @@ class StateConfig(_Model):
     def _check_path(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty (use ":memory:" for no persistence)')
-        if value.startswith(("postgresql://", "postgres://")):
-            parts = urlsplit(value)
-            if not parts.hostname and "host=" not in parts.query:
-                raise ValueError("a postgresql:// URL needs a host")
+        if value.startswith(("postgresql://", "postgres://")) and (
+            problem := postgres_url_problem(value)
+        ):
+            raise ValueError(problem)
         return value
 
     @property

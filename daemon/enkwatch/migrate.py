@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from enkwatch.config import postgres_url_problem
 from enkwatch.errors import ConfigError
 from enkwatch.pgstore import DB_ERRORS, PgStore, partition_of
 from enkwatch.store import SqliteStore, StateError
@@ -27,8 +28,8 @@ async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
 
     `sqlite_path` must name an existing file (checked by the caller: SQLite would create it).
     """
-    if not postgres_url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(["--to: must be a postgresql:// URL"])
+    if problem := postgres_url_problem(postgres_url):
+        raise ConfigError([f"--to: {problem}"])
     try:
         source = SqliteStore(sqlite_path)
     except StateError as err:
