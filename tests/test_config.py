@@ -437,7 +437,60 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path, {})
-    assert info.value.problems[0].startswith("cannot read the config file: ")
+    assert info.value.source == str(tmp_path)
+    assert info.value.problems == [
+        "cannot read the config file: it is a directory, not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes
+    with pytest.raises(ConfigError) as info:
+        load_config(fifo, {})
+    assert info.value.source == str(fifo)
+    assert info.value.problems == [
+        "cannot read the config file: it is a FIFO (named pipe), not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_symlink_to_a_device_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "config.yaml"
+    link.symlink_to("/dev/urandom")  # it would be read until memory runs out
+    with pytest.raises(ConfigError) as info:
+        load_config(link, {})
+    assert info.value.problems == [
+        "cannot read the config file: it is a character device, not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_config_file_over_32_mib_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(32 * 1024 * 1024 + 1)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert info.value.problems == [
+        "cannot read the config file: it is larger than 33554432 bytes (33554433 bytes)"
+    ]
+    with path.open("r+b") as f:
+        f.truncate(32 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})  # at the limit it is read (and is no YAML mapping)
+    assert "larger than" not in str(info.value)
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    # as Kubernetes mounts a ConfigMap: ..data/config.yaml behind a symlink
+    data = tmp_path / "..data"
+    data.mkdir()
+    write(data, f"tasks: [{{task_id: {TASK_ID}}}]\n", name="config.yaml")
+    link = tmp_path / "config.yaml"
+    link.symlink_to(data / "config.yaml")
+    assert [t.key for t in load_config(link, {}).tasks] == [TASK_ID]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
@@ -522,6 +575,22 @@ def test_api_key_file_empty(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_api_key(key_file_config(path), {})
     assert info.value.problems == [f"api.api_key_file: {path} is empty"]
+
+
+@pytest.mark.timeout(10)
+def test_api_key_file_that_is_a_device_or_too_large(tmp_path: Path) -> None:
+    link = tmp_path / "key"
+    link.symlink_to("/dev/urandom")
+    with pytest.raises(ConfigError) as info:
+        load_api_key(key_file_config(link), {})
+    assert info.value.problems == [
+        f"api.api_key_file: cannot read {link}: it is a character device, not a regular file"
+    ]
+    big = tmp_path / "big"
+    big.write_bytes(b"k" * (64 * 1024 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_api_key(key_file_config(big), {})
+    assert "larger than 65536 bytes" in info.value.problems[0]
 
 
 def test_api_key_file_not_text(tmp_path: Path) -> None:

@@ -314,3 +314,28 @@ async def test_a_run_never_prints_a_webhook_url(tmp_path: Path, serve: Any) -> N
     events = [json.loads(line) for line in done.stdout.splitlines()]
     names = [e["event"] for e in events]
     assert "daemon.started" in names and "sink.delivery_failed" in names, names
+
+
+# -- a config file that is not a regular file, or too large, is refused before it is read --
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "too-large"])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+async def test_a_config_that_is_no_regular_file_is_exit_2_naming_it(
+    tmp_path: Path, kind: str, command: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    if kind == "device":
+        path.symlink_to("/dev/urandom")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with path.open("wb") as f:
+            f.truncate(32 * MIB + 1)
+    done = await run_enkwatch(command, "--config", str(path), within_s=20)
+    assert done.rc == 2, done.stderr
+    assert str(path) in done.stderr
+    assert "cannot read the config file: it is " in done.stderr
+    assert done.peak_rss_bytes < RSS_CEILING_BYTES

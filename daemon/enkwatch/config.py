@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -492,6 +493,47 @@ def validate_task_entry(entry: object, where: str = "") -> TaskConfig:
         raise ConfigError(problems) from None
 
 
+# A watch list of 100,000 tasks with labels is about 15 MB of JSON; a file larger than this
+# is a mistake (a log, a dump), or a device, read until memory runs out.
+MAX_CONFIG_BYTES: Final = 32 * 1024 * 1024
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class _FileRefused(Exception):
+    """A file that is not read: not a regular file, or larger than allowed."""
+
+
+def _check_regular(st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "something else")
+        raise _FileRefused(f"it is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise _FileRefused(f"it is larger than {limit} bytes ({st.st_size} bytes)")
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file (symlinks followed) of at most `limit` bytes.
+
+    Checked before it is opened (opening a FIFO blocks, a device may act), again on the
+    open file (the path may have been replaced), and read with a bound (it may grow).
+    """
+    _check_regular(os.stat(path), limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        _check_regular(os.fstat(fd), limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _FileRefused(f"it is larger than {limit} bytes")
+    return data
+
+
 # libyaml's loader when PyYAML has it (its wheels do): ~3x faster on a large watch list
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -504,7 +546,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except _FileRefused as err:
+        raise ConfigError([f"cannot read the config file: {err}"], source) from None
     except OSError as err:
         raise ConfigError([f"cannot read the config file: {err.strerror or err}"], source) from None
     except UnicodeDecodeError:
@@ -531,9 +575,13 @@ def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> st
     if config.api.api_key_file is not None:
         path = config.api.api_key_file
         try:
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            detail = getattr(err, "strerror", None) or "not readable UTF-8 text"
+            key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError, _FileRefused) as err:
+            detail = (
+                str(err)
+                if isinstance(err, _FileRefused)
+                else getattr(err, "strerror", None) or "not readable UTF-8 text"
+            )
             raise ConfigError([f"api.api_key_file: cannot read {path}: {detail}"]) from None
         if not key:
             raise ConfigError([f"api.api_key_file: {path} is empty"])
