@@ -204,3 +204,39 @@ async def test_a_huge_duration_is_400_naming_its_key_and_the_list_still_answers(
                 assert resp.status == 200
                 [task] = (await resp.json())["tasks"]
                 assert task["interval_seconds"] == 86_400
+
+
+async def test_deeply_nested_and_non_object_bodies_get_400(tmp_path: Path) -> None:
+    async with simulator(two_tasks()) as (url, _):
+        config = make_config(url, ":memory:", [], admin={"listen": "127.0.0.1:0"})
+        async with running(config, admin_token=TOKEN) as svc, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{svc.admin_port}"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            deep = 30_000  # within the 64 KiB body limit
+            cases: list[tuple[bytes, str]] = [
+                (b"[" * deep + b"]" * deep, "(body): nested too deeply"),
+                (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, "(body): nested too deeply"),
+                (
+                    b'{"task_id": "t1", "labels": ' + b"[" * deep + b"]" * deep + b"}",
+                    "(body): nested too deeply",
+                ),
+                # as deep as a parser goes: each key path error is still named
+                (
+                    b'{"task_id": "t1", "labels": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}",
+                    "labels.a: Input should be a valid string",
+                ),
+                (b'{"task_id": "t1", "x": ' + b"[" * 900 + b"]" * 900 + b"}", "x: Extra inputs"),
+                (b"[]", "(body): must be an object, not list"),
+                (b'"t1"', "(body): must be an object, not str"),
+                (b"1", "(body): must be an object, not int"),
+                (b"null", "(body): must be an object, not NoneType"),
+                (b"", "(body): not valid JSON"),
+                (b"\xff\xfe{", "(body): not valid JSON"),
+            ]
+            for body, expected in cases:
+                async with http.post(f"{base}/tasks", data=body, headers=auth) as resp:
+                    assert resp.status == 400, (body[:40], await resp.text())
+                    errors = (await resp.json())["errors"]
+                    assert any(e.startswith(expected) for e in errors), (body[:40], errors)
+            async with http.get(f"{base}/healthz") as resp:
+                assert resp.status == 200
