@@ -164,3 +164,72 @@ async def test_mutations_are_forbidden_without_a_configured_token(tmp_path: Path
                 assert r.status == 403
             async with http.delete(f"{base}/tasks/t1", headers=headers) as r:
                 assert r.status == 403
+
+
+async def test_a_huge_duration_is_400_naming_its_key_and_the_list_still_answers(
+    tmp_path: Path,
+) -> None:
+    async with simulator(two_tasks()) as (url, _):
+        config = make_config(url, ":memory:", [], admin={"listen": "127.0.0.1:0"})
+        async with running(config, admin_token=TOKEN) as svc, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{svc.admin_port}"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            for key, raw in (
+                ("interval_seconds", b"1e308"),
+                ("interval_seconds", b"1e12"),
+                ("deadline_seconds", b"1e308"),
+                ("deadline_seconds", b"1e400"),  # json: infinity
+                ("interval_seconds", b"NaN"),
+            ):
+                body = b'{"task_id": "t1", "' + key.encode() + b'": ' + raw + b"}"
+                async with http.post(f"{base}/tasks", data=body, headers=auth) as resp:
+                    assert resp.status == 400, (key, raw)
+                    errors = (await resp.json())["errors"]
+                    assert any(e.startswith(f"{key}: ") for e in errors), errors
+            async with http.get(f"{base}/tasks") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["tasks"] == []
+            # at the ceilings the task is taken, and listed
+            entry = {"task_id": "t1", "interval_seconds": 86_400, "deadline_seconds": 366 * 86_400}
+            async with http.post(f"{base}/tasks", json=entry, headers=auth) as resp:
+                assert resp.status == 201, await resp.text()
+            async with http.get(f"{base}/tasks") as resp:
+                assert resp.status == 200
+                [task] = (await resp.json())["tasks"]
+                assert task["interval_seconds"] == 86_400
+
+
+async def test_deeply_nested_and_non_object_bodies_get_400(tmp_path: Path) -> None:
+    async with simulator(two_tasks()) as (url, _):
+        config = make_config(url, ":memory:", [], admin={"listen": "127.0.0.1:0"})
+        async with running(config, admin_token=TOKEN) as svc, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{svc.admin_port}"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            deep = 30_000  # within the 64 KiB body limit
+            cases: list[tuple[bytes, str]] = [
+                (b"[" * deep + b"]" * deep, "(body): nested too deeply"),
+                (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, "(body): nested too deeply"),
+                (
+                    b'{"task_id": "t1", "labels": ' + b"[" * deep + b"]" * deep + b"}",
+                    "(body): nested too deeply",
+                ),
+                # as deep as a parser goes: each key path error is still named
+                (
+                    b'{"task_id": "t1", "labels": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}",
+                    "labels.a: Input should be a valid string",
+                ),
+                (b'{"task_id": "t1", "x": ' + b"[" * 900 + b"]" * 900 + b"}", "x: Extra inputs"),
+                (b"[]", "(body): must be an object, not list"),
+                (b'"t1"', "(body): must be an object, not str"),
+                (b"1", "(body): must be an object, not int"),
+                (b"null", "(body): must be an object, not NoneType"),
+                (b"", "(body): not valid JSON"),
+                (b"\xff\xfe{", "(body): not valid JSON"),
+            ]
+            for body, expected in cases:
+                async with http.post(f"{base}/tasks", data=body, headers=auth) as resp:
+                    assert resp.status == 400, (body[:40], await resp.text())
+                    errors = (await resp.json())["errors"]
+                    assert any(e.startswith(expected) for e in errors), (body[:40], errors)
+            async with http.get(f"{base}/healthz") as resp:
+                assert resp.status == 200

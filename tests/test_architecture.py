@@ -28,9 +28,9 @@ LAYERS: list[set[str]] = [
     {"events", "client", "simulator"},
     {"limits", "kinds", "state"},
     {"config"},
-    {"models", "errors", "clock"},
+    {"models", "errors", "clock", "bodies", "redact"},
 ]
-LEAVES = {"models", "errors", "clock"}
+LEAVES = {"models", "errors", "clock", "bodies", "redact"}
 MAX_FUNCTION_LINES = 60
 MAX_SERVICE_LINES = 300
 

@@ -40,6 +40,7 @@ from enkwatch.kinds.dataset import DATASET as DATASET_KIND
 from enkwatch.kinds.dataset import PATH
 from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
+from tests.bombs import bomb
 
 API_KEY = "sk-test-4f1c0e9a7b2d-DO-NOT-LEAK"
 TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
@@ -842,3 +843,108 @@ async def test_gate_rate_spaces_requests_evenly(clock: FakeClock, sleeps: Sleeps
         assert len(in_window) <= rate + 1
     assert 3 * rate <= len(sent) <= 3 * rate + 1
     assert sleeps.waits == []
+
+
+# --- content codings: the limit holds for the decoded bytes ----------------------------------
+
+BOMB_DECODED_BYTES = 64 * 1024 * 1024
+
+
+def _compressor(coding: str) -> Any:
+    import zlib
+
+    if coding == "gzip":
+        return zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS)
+
+
+def valid_bomb(coding: str, decoded_bytes: int = BOMB_DECODED_BYTES) -> bytes:
+    """A VALID observation padded to `decoded_bytes` once decoded, a few KB on the wire.
+
+    Valid on purpose: a body the client inflated in full would be accepted, not refused as
+    "not JSON" by accident.
+    """
+    head = json.dumps({"data": task_data(), "pad": ""}).encode()[:-2]
+    return bomb(coding, decoded_bytes, head, b'"}')
+
+
+def compressed_answer(raw: bytes, coding: str, chunked: bool) -> Responder:
+    async def respond(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+        if not chunked:
+            return web.Response(body=raw, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for i in range(0, len(raw), 16 * 1024):
+                await resp.write(raw[i : i + 16 * 1024])
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client hung up once it had read enough: as it should
+        return resp
+
+    return respond
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_compression_bomb_is_refused_after_the_limit(
+    client: ApiClient, api: FakeApi, coding: str, chunked: bool
+) -> None:
+    import tracemalloc
+
+    raw = valid_bomb(coding)
+    assert len(raw) < MAX_BODY_BYTES  # on the wire it is small: Content-Length says nothing
+    api.then(compressed_answer(raw, coding, chunked))
+    tracemalloc.start()
+    try:
+        err = await poll_error(client)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(err, InvalidResponse)
+    assert err.kind == "invalid_response"
+    assert "larger than" in err.detail
+    # about the limit was inflated, never the 64 MiB
+    assert peak < 8 * MAX_BODY_BYTES, peak
+    # the connection was dropped, not drained: the next poll works at once
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_compressed_answer_under_the_limit_is_read(
+    client: ApiClient, api: FakeApi, coding: str, chunked: bool
+) -> None:
+    # decoded it is exactly the limit; on the wire a few KB
+    head = body({"data": task_data()})
+    plain = head + b" " * (MAX_BODY_BYTES - len(head))
+    comp = _compressor(coding)
+    api.then(compressed_answer(comp.compress(plain) + comp.flush(), coding, chunked))
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID
+
+
+async def test_a_compressed_answer_one_byte_over_the_limit(client: ApiClient, api: FakeApi) -> None:
+    head = body({"data": task_data()})
+    plain = head + b" " * (MAX_BODY_BYTES + 1 - len(head))
+    comp = _compressor("gzip")
+    api.then(compressed_answer(comp.compress(plain) + comp.flush(), "gzip", chunked=False))
+    err = await poll_error(client)
+    assert isinstance(err, InvalidResponse)
+    assert "larger than" in err.detail
+
+
+async def test_a_gzip_answer_longer_on_the_wire_than_the_limit(
+    client: ApiClient, api: FakeApi
+) -> None:
+    # stored (level 0) deflate blocks: Content-Length > the limit, decoded exactly the limit
+    import zlib
+
+    head = body({"data": task_data()})
+    plain = head + b" " * (MAX_BODY_BYTES - len(head))
+    comp = zlib.compressobj(0, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    raw = comp.compress(plain) + comp.flush()
+    assert len(raw) > MAX_BODY_BYTES
+    api.then(compressed_answer(raw, "gzip", chunked=False))
+    assert (await client.get_task(DATASET_KIND, TASK_ID, DATASET)).task_id == TASK_ID

@@ -437,7 +437,60 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path, {})
-    assert info.value.problems[0].startswith("cannot read the config file: ")
+    assert info.value.source == str(tmp_path)
+    assert info.value.problems == [
+        "cannot read the config file: it is a directory, not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes
+    with pytest.raises(ConfigError) as info:
+        load_config(fifo, {})
+    assert info.value.source == str(fifo)
+    assert info.value.problems == [
+        "cannot read the config file: it is a FIFO (named pipe), not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_symlink_to_a_device_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "config.yaml"
+    link.symlink_to("/dev/urandom")  # it would be read until memory runs out
+    with pytest.raises(ConfigError) as info:
+        load_config(link, {})
+    assert info.value.problems == [
+        "cannot read the config file: it is a character device, not a regular file"
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_a_config_file_over_32_mib_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(32 * 1024 * 1024 + 1)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert info.value.problems == [
+        "cannot read the config file: it is larger than 33554432 bytes (33554433 bytes)"
+    ]
+    with path.open("r+b") as f:
+        f.truncate(32 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})  # at the limit it is read (and is no YAML mapping)
+    assert "larger than" not in str(info.value)
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    # as Kubernetes mounts a ConfigMap: ..data/config.yaml behind a symlink
+    data = tmp_path / "..data"
+    data.mkdir()
+    write(data, f"tasks: [{{task_id: {TASK_ID}}}]\n", name="config.yaml")
+    link = tmp_path / "config.yaml"
+    link.symlink_to(data / "config.yaml")
+    assert [t.key for t in load_config(link, {}).tasks] == [TASK_ID]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
@@ -522,6 +575,22 @@ def test_api_key_file_empty(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_api_key(key_file_config(path), {})
     assert info.value.problems == [f"api.api_key_file: {path} is empty"]
+
+
+@pytest.mark.timeout(10)
+def test_api_key_file_that_is_a_device_or_too_large(tmp_path: Path) -> None:
+    link = tmp_path / "key"
+    link.symlink_to("/dev/urandom")
+    with pytest.raises(ConfigError) as info:
+        load_api_key(key_file_config(link), {})
+    assert info.value.problems == [
+        f"api.api_key_file: cannot read {link}: it is a character device, not a regular file"
+    ]
+    big = tmp_path / "big"
+    big.write_bytes(b"k" * (64 * 1024 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_api_key(key_file_config(big), {})
+    assert "larger than 65536 bytes" in info.value.problems[0]
 
 
 def test_api_key_file_not_text(tmp_path: Path) -> None:
@@ -699,3 +768,58 @@ def test_a_json_config_is_read_as_json(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert info.value.problems[0].startswith("not valid JSON")
+
+
+# --- every duration is bounded ------------------------------------------------------------
+
+DURATIONS = [
+    # (where in the document, its key path, its ceiling)
+    (("api", "timeout_seconds"), "api.timeout_seconds", 600.0),
+    (("polling", "interval_seconds"), "polling.interval_seconds", 86_400.0),
+    (("polling", "max_backoff_seconds"), "polling.max_backoff_seconds", 86_400.0),
+    (("state", "lease_seconds"), "state.lease_seconds", 600.0),
+    (("tasks", 0, "interval_seconds"), "tasks[0].interval_seconds", 86_400.0),
+    (("tasks", 0, "deadline_seconds"), "tasks[0].deadline_seconds", 366 * 86_400.0),
+    (("sinks", "webhooks", 0, "timeout_seconds"), "sinks.webhooks[0].timeout_seconds", 600.0),
+    (
+        ("sinks", "webhooks", 0, "max_age_seconds"),
+        "sinks.webhooks[0].max_age_seconds",
+        30 * 86_400.0,
+    ),
+]
+
+
+def doc_with(where: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "tasks": [{"task_id": TASK_ID}],
+        "sinks": {"webhooks": [{"url": "https://hooks.example.test/x"}]},
+    }
+    node: Any = raw
+    for part in where[:-1]:
+        node = node.setdefault(part, {}) if isinstance(part, str) else node[part]
+    node[where[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(("where", "path", "ceiling"), DURATIONS, ids=[d[1] for d in DURATIONS])
+@pytest.mark.parametrize("value", [1e12, 1e308, float("inf"), float("nan"), "1e400"])
+def test_a_duration_beyond_its_ceiling_names_its_key_path(
+    where: tuple[str | int, ...], path: str, ceiling: float, value: object
+) -> None:
+    problem = one_problem(doc_with(where, value))
+    assert problem.startswith(f"{path}: "), problem
+
+
+@pytest.mark.parametrize(("where", "path", "ceiling"), DURATIONS, ids=[d[1] for d in DURATIONS])
+def test_a_duration_at_its_ceiling_is_accepted(
+    where: tuple[str | int, ...], path: str, ceiling: float
+) -> None:
+    parse_config(doc_with(where, ceiling), {})
+    problem = one_problem(doc_with(where, ceiling * 1.001))
+    assert problem.startswith(f"{path}: must be at most {ceiling:.0f} seconds"), problem
+
+
+def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
+    problem = one_problem({}, {"ENKWATCH_POLLING__INTERVAL_SECONDS": "1e12"})
+    assert "ENKWATCH_POLLING__INTERVAL_SECONDS" in problem
+    assert "at most 86400 seconds" in problem

@@ -262,3 +262,98 @@ async def test_a_dead_lettered_delivery_is_an_event_of_the_service(tmp_path: Pat
     assert failed["failed_event"] == ev.TASK_TRANSITION
     assert failed["failed_event_id"] == "t1:1"
     assert failed["error"].startswith("connection")
+
+
+# --- a receiver's answer is never read whole --------------------------------------------------
+
+
+class HugeAnswer:
+    """A receiver that answers 200 with `size` bytes, generated as they are sent."""
+
+    def __init__(self, size: int, coding: str | None = None) -> None:
+        self.size = size
+        self.coding = coding
+        self.sent = 0
+        self.answers_done = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = {"Content-Type": "text/plain"}
+        if self.coding is not None:
+            headers["Content-Encoding"] = self.coding
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_length = self.size
+        await resp.prepare(request)
+        block = b"x" * (1024 * 1024)
+        try:
+            while self.sent < self.size:
+                chunk = block[: self.size - self.sent]
+                await resp.write(chunk)
+                self.sent += len(chunk)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the sender hung up: as it should, once it had the status
+        finally:
+            self.answers_done.set()
+        return resp
+
+
+async def test_a_huge_answer_is_not_read(aiohttp_server: Any) -> None:
+    receiver = HugeAnswer(800 * 1024 * 1024)
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    server = await aiohttp_server(app)
+    store = SqliteStore(":memory:")
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [make_sink(str(server.make_url("/hook")), timeout_s=30.0)],
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+    )
+    await journal(store, "a", 1, ["test"])
+    await outbox.start()
+    try:
+        assert await outbox.wait_idle(20)
+        await asyncio.wait_for(receiver.answers_done.wait(), 20)
+    finally:
+        await outbox.close()
+    assert results == ["delivered"]
+    assert store.outbox_stats() == (0, None)
+    # the sender hung up after the first bytes: what got through is what the sockets buffer
+    assert receiver.sent < 64 * 1024 * 1024, receiver.sent
+
+
+async def test_a_gzip_bomb_answer_is_not_inflated(aiohttp_server: Any) -> None:
+    import tracemalloc
+
+    from tests.bombs import bomb
+
+    wire = bomb("gzip", 512 * 1024 * 1024)
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=wire, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = await aiohttp_server(app)
+    store = SqliteStore(":memory:")
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [make_sink(str(server.make_url("/hook")), timeout_s=30.0)],
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+    )
+    await journal(store, "a", 1, ["test"])
+    tracemalloc.start()
+    try:
+        await outbox.start()
+        assert await outbox.wait_idle(20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await outbox.close()
+    assert results == ["delivered"]
+    assert peak < 16 * 1024 * 1024, peak

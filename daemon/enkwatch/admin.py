@@ -86,11 +86,13 @@ def _authorize(request: web.Request) -> web.Response | None:
 async def add_task(request: web.Request) -> web.Response:
     if (denied := _authorize(request)) is not None:
         return denied
+    raw = await request.read()  # at most MAX_BODY_BYTES: larger is 413
     try:
-        entry = await request.json(loads=json.loads)
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except ValueError:
+        entry = json.loads(raw)
+    except RecursionError:
+        # `[[[[...` in 64 KiB nests deeper than any parser's stack: a bad body, not a crash
+        return _json({"errors": ["(body): nested too deeply to be a task entry"]}, 400)
+    except ValueError:  # also a body that is not UTF-8
         return _json({"errors": ["(body): not valid JSON"]}, 400)
     try:
         task = await request.app[BACKEND].add_task(entry)

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import http.client
 import json
 import os
 import signal
 import sys
 import traceback
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any, Final
@@ -41,6 +43,7 @@ from enkwatch.health import Outcome, StopReason
 from enkwatch.kinds import DEFAULT_KIND
 from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
+from enkwatch.redact import redact_url
 from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
 
@@ -370,33 +373,58 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    url: str | None = args.url
-    if url is None:
-        config = load_config(_config_path(args))
-        listen = config.admin.host_port
-        if listen is None:
-            raise ConfigError(["admin.listen: not set, so there is no /healthz to ask"])
-        host, port = listen
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"http://{host}:{port}/healthz"
+    url = _healthcheck_url(args)
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:
             healthy = resp.status == 200
-    except (OSError, ValueError) as err:
-        print(f"enkwatch: unhealthy: {url}: {err}", file=sys.stderr)
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        # the reason, never str(err): urllib's errors may quote the whole URL
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None)
+        print(
+            f"enkwatch: unhealthy: {redact_url(url)}: {reason or type(err).__name__}",
+            file=sys.stderr,
+        )
         return 1
     return EXIT_OK if healthy else 1
 
 
+def _healthcheck_url(args: argparse.Namespace) -> str:
+    """--url, checked; else the /healthz of the config's admin.listen."""
+    url: str | None = args.url
+    if url is not None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(["--url: must be an http:// or https:// URL with a host"])
+        return url
+    config = load_config(_config_path(args))
+    listen = config.admin.host_port
+    if listen is None:
+        raise ConfigError(["admin.listen: not set, so there is no /healthz to ask"])
+    host, port = listen
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port}/healthz"
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
+    state = config.state.model_dump(mode="json")
+    state["path"] = redact_url(state["path"])
+    sinks = config.sinks.model_dump(mode="json")
+    for hook in sinks["webhooks"]:
+        hook["url"] = redact_url(hook["url"])
     out = {
         "api": config.api.model_dump(mode="json"),
         "polling": config.polling.model_dump(mode="json"),
-        "state": config.state.model_dump(mode="json"),
+        "state": state,
         "admin": config.admin.model_dump(mode="json"),
-        "sinks": config.sinks.model_dump(mode="json"),
+        "sinks": sinks,
         "tasks": normalized_watch_list(config),
     }
     print(json.dumps(out, indent=2, ensure_ascii=False), flush=True)

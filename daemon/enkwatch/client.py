@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 
 from enkwatch import __version__
+from enkwatch.bodies import read_bounded
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.errors import (
     ERR_CONNECTION,
@@ -167,20 +168,15 @@ def parse_body(kind: TaskKind, body: bytes, http_status: int = 200) -> Observati
 
 
 async def _read_limited(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The body, or None when it is larger than MAX_BODY_BYTES."""
-    if resp.content_length is not None:
-        if resp.content_length > MAX_BODY_BYTES:
-            return None
-        # the length is announced and small: one read (aiohttp stops at Content-Length)
-        return await resp.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The decoded body, or None when it is larger than MAX_BODY_BYTES.
+
+    The limit holds for the decoded bytes: a gzip answer of 600 KB on the wire can inflate
+    to a gigabyte, so `Content-Length` (the size on the wire) only refuses early.
+    """
+    coding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding == "identity" and (resp.content_length or 0) > MAX_BODY_BYTES:
+        return None
+    return await read_bounded(resp, MAX_BODY_BYTES)
 
 
 def _describe(err: aiohttp.ClientError) -> str:

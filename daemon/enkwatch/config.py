@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from enkwatch.errors import ConfigError
 from enkwatch.models import WEBHOOK_EVENTS, is_postgres_url
@@ -26,7 +35,30 @@ _INLINE_KEY_NAMES = frozenset({"api_key", "apikey", "key", "token", "secret"})
 _UNSAFE_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
 
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Every duration has a ceiling: far beyond what a user needs, far below what a datetime or a
+# timer can hold (1e12 s overflowed `timedelta` in GET /tasks). NaN and infinity are refused.
+DAY_S: Final = 86_400.0
+MAX_INTERVAL_S: Final = DAY_S  # polls of a task, and the backoff after errors
+MAX_DEADLINE_S: Final = 366 * DAY_S
+MAX_REQUEST_TIMEOUT_S: Final = 600.0  # an API request, a webhook POST
+MAX_DELIVERY_AGE_S: Final = 30 * DAY_S  # how long a webhook delivery is retried
+MAX_LEASE_S: Final = 600.0
+
+
+def _at_most(limit_s: float, words: str) -> AfterValidator:
+    def check(value: float) -> float:
+        if value > limit_s:
+            raise ValueError(f"must be at most {limit_s:.0f} seconds ({words})")
+        return value
+
+    return AfterValidator(check)
+
+
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+IntervalSeconds = Annotated[_Seconds, _at_most(MAX_INTERVAL_S, "1 day")]
+DeadlineSeconds = Annotated[_Seconds, _at_most(MAX_DEADLINE_S, "366 days")]
+TimeoutSeconds = Annotated[_Seconds, _at_most(MAX_REQUEST_TIMEOUT_S, "10 minutes")]
+DeliveryAgeSeconds = Annotated[_Seconds, _at_most(MAX_DELIVERY_AGE_S, "30 days")]
 
 
 class _Model(BaseModel):
@@ -46,10 +78,28 @@ def header_problem(value: str) -> str | None:
 
 def _http_url(value: str) -> str:
     """`value` when it is an http(s) URL with a host; the URL itself is never echoed."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL with a valid host and port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     return value
+
+
+def postgres_url_problem(value: str) -> str | None:
+    """Why `value` is not a usable postgresql:// URL, or None; the URL is never echoed."""
+    if not is_postgres_url(value):
+        return "must be a postgresql:// URL"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return "the postgresql:// URL does not parse (its host or port)"
+    if not parts.hostname and "host=" not in parts.query:
+        return "a postgresql:// URL needs a host"
+    return None
 
 
 class ApiConfig(_Model):
@@ -57,7 +107,7 @@ class ApiConfig(_Model):
 
     base_url: str = DEFAULT_BASE_URL
     api_key_file: Path | None = None
-    timeout_seconds: PositiveSeconds = 10.0
+    timeout_seconds: TimeoutSeconds = 10.0
 
     @field_validator("base_url")
     @classmethod
@@ -71,11 +121,11 @@ class ApiConfig(_Model):
 class PollingConfig(_Model):
     """`polling`: cadence and the limits shared by all tasks."""
 
-    interval_seconds: PositiveSeconds = 30.0
+    interval_seconds: IntervalSeconds = 30.0
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
-    max_backoff_seconds: PositiveSeconds = 300.0
+    max_backoff_seconds: IntervalSeconds = 300.0
     not_found_attempts: Annotated[int, Field(ge=1)] = 3
 
 
@@ -84,17 +134,17 @@ class StateConfig(_Model):
 
     path: str = "enkwatch-state.db"
     # with a postgresql:// path: how long a replica's claim on its tasks lasts
-    lease_seconds: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
+    lease_seconds: Annotated[
+        float, Field(ge=1.0, allow_inf_nan=False), _at_most(MAX_LEASE_S, "10 minutes")
+    ] = 15.0
 
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
         if not value:
             raise ValueError('must not be empty (use ":memory:" for no persistence)')
-        if is_postgres_url(value):
-            parts = urlsplit(value)
-            if not parts.hostname and "host=" not in parts.query:
-                raise ValueError("a postgresql:// URL needs a host")
+        if is_postgres_url(value) and (problem := postgres_url_problem(value)):
+            raise ValueError(problem)
         return value
 
     @property
@@ -133,8 +183,8 @@ class WebhookConfig(_Model):
     secret_env: str | None = None
     events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
     name: str | None = None
-    timeout_seconds: PositiveSeconds = 10.0
-    max_age_seconds: PositiveSeconds = 86400.0
+    timeout_seconds: TimeoutSeconds = 10.0
+    max_age_seconds: DeliveryAgeSeconds = 86400.0
 
     @field_validator("url")
     @classmethod
@@ -167,8 +217,8 @@ class TaskConfig(_Model):
 
     task_id: str | None = None
     dataset: str | None = None
-    interval_seconds: PositiveSeconds | None = None
-    deadline_seconds: PositiveSeconds | None = None
+    interval_seconds: IntervalSeconds | None = None
+    deadline_seconds: DeadlineSeconds | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")
@@ -424,6 +474,47 @@ def validate_task_entry(entry: object, where: str = "") -> TaskConfig:
         raise ConfigError(problems) from None
 
 
+# A watch list of 100,000 tasks with labels is about 15 MB of JSON; a file larger than this
+# is a mistake (a log, a dump), or a device, read until memory runs out.
+MAX_CONFIG_BYTES: Final = 32 * 1024 * 1024
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class _FileRefused(Exception):
+    """A file that is not read: not a regular file, or larger than allowed."""
+
+
+def _check_regular(st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "something else")
+        raise _FileRefused(f"it is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise _FileRefused(f"it is larger than {limit} bytes ({st.st_size} bytes)")
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file (symlinks followed) of at most `limit` bytes.
+
+    Checked before it is opened (opening a FIFO blocks, a device may act), again on the
+    open file (the path may have been replaced), and read with a bound (it may grow).
+    """
+    _check_regular(os.stat(path), limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        _check_regular(os.fstat(fd), limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _FileRefused(f"it is larger than {limit} bytes")
+    return data
+
+
 # libyaml's loader when PyYAML has it (its wheels do): ~3x faster on a large watch list
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -436,7 +527,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except _FileRefused as err:
+        raise ConfigError([f"cannot read the config file: {err}"], source) from None
     except OSError as err:
         raise ConfigError([f"cannot read the config file: {err.strerror or err}"], source) from None
     except UnicodeDecodeError:
@@ -463,9 +556,13 @@ def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> st
     if config.api.api_key_file is not None:
         path = config.api.api_key_file
         try:
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            detail = getattr(err, "strerror", None) or "not readable UTF-8 text"
+            key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError, _FileRefused) as err:
+            detail = (
+                str(err)
+                if isinstance(err, _FileRefused)
+                else getattr(err, "strerror", None) or "not readable UTF-8 text"
+            )
             raise ConfigError([f"api.api_key_file: cannot read {path}: {detail}"]) from None
         if not key:
             raise ConfigError([f"api.api_key_file: {path} is empty"])

@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 
 from enkwatch import __version__
+from enkwatch.bodies import read_prefix
 from enkwatch.clock import Clock
 from enkwatch.config import SinksConfig, WebhookConfig
 from enkwatch.errors import ConfigError, StateUnavailable
@@ -34,6 +35,8 @@ MAX_PARALLEL_PER_SINK: Final = 8
 RETRY_BASE_S: Final = 1.0
 RETRY_MAX_S: Final = 300.0
 IDLE_RECHECK_S: Final = 5.0
+# the most of a receiver's answer ever read (decoded); more closes the connection instead
+MAX_ANSWER_READ_BYTES: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +239,8 @@ class Outbox:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=sink.timeout_s),
             ) as resp:
-                await resp.read()
+                # only the status matters: a short answer is read (keep-alive), never a long one
+                await read_prefix(resp, MAX_ANSWER_READ_BYTES)
                 if 200 <= resp.status < 300:
                     return None
                 return f"HTTP {resp.status}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from enkwatch.clock import SystemClock
+from enkwatch.config import postgres_url_problem
 from enkwatch.errors import ConfigError
-from enkwatch.models import is_postgres_url
 from enkwatch.state.base import StateError
 from enkwatch.state.leases import DB_ERRORS
 from enkwatch.state.postgres import PgStore
@@ -30,8 +30,8 @@ async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
 
     `sqlite_path` must name an existing file (checked by the caller: SQLite would create it).
     """
-    if not is_postgres_url(postgres_url):
-        raise ConfigError(["--to: must be a postgresql:// URL"])
+    if problem := postgres_url_problem(postgres_url):
+        raise ConfigError([f"--to: {problem}"])
     clock = SystemClock()
     try:
         source = SqliteStore(sqlite_path, clock)

@@ -1,0 +1,341 @@
+"""Hostile peers and hostile inputs, end to end: the installed command as a subprocess.
+
+Each peer is a real aiohttp server on 127.0.0.1 in the test's event loop. Memory is
+checked as the child's peak RSS, reported by a small wrapper process whose only child is
+the command (so no other test's subprocess counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.bombs import bomb
+from tests.servicekit import scenario, sim_task, simulator
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+API_KEY = "sk-test-SECRET-hard"
+TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
+MIB = 1024 * 1024
+# a Python process running enkwatch is well under this; a body inflated in full is over it
+RSS_CEILING_BYTES = 256 * MIB
+
+# runs argv[1:], then prints the child's peak RSS (KiB on Linux) as the last stderr line
+_PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+    " file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+@dataclass
+class Done:
+    rc: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
+    env["ENKRYPTAI_API_KEY"] = API_KEY
+    env.update(extra)
+    return env
+
+
+async def run_enkwatch(*args: str, within_s: float = 60.0, **env: str) -> Done:
+    """`python -m enkwatch ARGS` to its end, with its peak RSS."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _PEAK_RSS_WRAPPER,
+        sys.executable,
+        "-m",
+        "enkwatch",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(**env),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"enkwatch {args} still running after {within_s} s") from None
+    lines = err.decode().splitlines()
+    assert lines and lines[-1].startswith("peak_rss_kib "), err
+    assert proc.returncode is not None
+    stderr = "\n".join(lines[:-1])
+    assert API_KEY not in stderr and API_KEY not in out.decode()
+    assert "Traceback" not in stderr, stderr
+    return Done(proc.returncode, out.decode(), stderr, int(lines[-1].split()[1]) * 1024)
+
+
+@pytest.fixture
+def serve(aiohttp_server: Any) -> Any:
+    async def start(handler: Any, path: str = "/{tail:.*}") -> TestServer:
+        app = web.Application()
+        app.router.add_route("*", path, handler)
+        server: TestServer = await aiohttp_server(app)
+        return server
+
+    return start
+
+
+def valid_observation_head() -> bytes:
+    data = {
+        "dataset_name": "Election2",
+        "created_at": "2026-01-01T10:00:00Z",
+        "status": "Running",
+        "task_id": TASK_ID,
+    }
+    # a valid answer with a huge extra field: inflated in full it would be accepted
+    return json.dumps({"data": data, "pad": ""}).encode()[:-2]
+
+
+# -- 13.1: the API body limit holds for the decoded bytes ---------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_gzip_bomb_from_the_api_is_refused_with_little_memory(
+    serve: Any, chunked: bool
+) -> None:
+    wire = bomb("gzip", 900 * MIB, valid_observation_head(), b'"}')
+    assert len(wire) < MIB  # under the limit on the wire (Content-Length), 900 MiB decoded
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        if not chunked:
+            return web.Response(body=wire, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for i in range(0, len(wire), 64 * 1024):
+                await resp.write(wire[i : i + 64 * 1024])
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client hung up after the limit: as it should
+        return resp
+
+    server = await serve(answer)
+    done = await run_enkwatch(
+        "status",
+        "--task-id",
+        TASK_ID,
+        ENKWATCH_API__BASE_URL=str(server.make_url("")).rstrip("/"),
+    )
+    assert done.rc == 5, done.stderr
+    assert "invalid_response" in done.stderr
+    assert "larger than 1048576 bytes" in done.stderr
+    assert done.peak_rss_bytes < RSS_CEILING_BYTES, done.peak_rss_bytes
+
+
+# -- 13.7: every duration bounded at load time, with its key path -------------------------
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+async def test_huge_durations_in_a_config_exit_2_naming_each_key(
+    tmp_path: Path, command: str
+) -> None:
+    cfg = write_yaml(
+        tmp_path / "huge.yaml",
+        {
+            "api": {"base_url": "http://127.0.0.1:9", "timeout_seconds": 1e9},
+            "polling": {"interval_seconds": 1e12, "max_backoff_seconds": 1e308},
+            "state": {"path": ":memory:"},
+            "tasks": [{"task_id": TASK_ID, "deadline_seconds": 1e308, "interval_seconds": 1e300}],
+        },
+    )
+    done = await run_enkwatch(command, "--config", cfg)
+    assert done.rc == 2, done.stderr
+    assert done.stdout == ""
+    for path in (
+        "api.timeout_seconds",
+        "polling.interval_seconds",
+        "polling.max_backoff_seconds",
+        "tasks[0].deadline_seconds",
+        "tasks[0].interval_seconds",
+    ):
+        assert f"{path}: must be at most" in done.stderr, (path, done.stderr)
+
+
+async def test_huge_durations_on_the_watch_command_line_exit_2_naming_the_option() -> None:
+    done = await run_enkwatch(
+        "watch", "--task-id", TASK_ID, "--interval", "1e12", "--deadline", "inf"
+    )
+    assert done.rc == 2, done.stderr
+    assert "--interval: must be at most 86400 seconds" in done.stderr, done.stderr
+    assert "--deadline (task 1 on the command line): Input should be a finite number" in (
+        done.stderr
+    ), done.stderr
+
+
+# -- 13.8: credentials in URLs are never printed ------------------------------------------
+
+PG_PASSWORD = "PGSECRET-do-not-print"
+HOOK_TOKEN = "HOOKTOKEN-do-not-print"
+
+
+def no_url_secrets(done: Done) -> None:
+    for secret in (PG_PASSWORD, HOOK_TOKEN):
+        assert secret not in done.stdout, done.stdout
+        assert secret not in done.stderr, done.stderr
+
+
+async def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "state": {"path": f"postgresql://enk:{PG_PASSWORD}@db.internal:5432/enkwatch"},
+            "sinks": {
+                "webhooks": [
+                    {"url": f"https://hooks.slack.com/services/T000/B000/{HOOK_TOKEN}"},
+                    {"url": f"https://example.test/hook?token={HOOK_TOKEN}", "name": "ops"},
+                ]
+            },
+            "tasks": [{"task_id": TASK_ID}],
+        },
+    )
+    done = await run_enkwatch("check-config", "--config", cfg)
+    assert done.rc == 0, done.stderr
+    no_url_secrets(done)
+    out = json.loads(done.stdout)
+    assert out["state"]["path"] == "postgresql://[redacted]@db.internal:5432/[redacted]"
+    urls = [hook["url"] for hook in out["sinks"]["webhooks"]]
+    assert urls == [
+        "https://hooks.slack.com/[redacted]",
+        "https://example.test/[redacted]?[redacted]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "parses"),
+    [
+        (f"postgresql://enk:{PG_PASSWORD}@127.0.0.1:1/enkwatch", True),  # nothing listens
+        (f"postgresql://enk:{PG_PASSWORD}@127.0.0.1:port/enkwatch", False),
+        (f"postgresql://enk:{PG_PASSWORD}@[::1/enkwatch", False),
+    ],
+    ids=["unreachable", "bad-port", "bad-host"],
+)
+async def test_a_bad_postgresql_url_is_exit_2_without_its_password(
+    tmp_path: Path, url: str, parses: bool
+) -> None:
+    source = tmp_path / "state.db"
+    sqlite3.connect(source).close()
+    migrate = await run_enkwatch("migrate-state", "--from", str(source), "--to", url)
+    assert migrate.rc == 2, migrate.stderr
+    assert "--to: " in migrate.stderr
+    no_url_secrets(migrate)
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "api": {"base_url": "http://127.0.0.1:9"},
+            "state": {"path": url},
+            "tasks": [{"task_id": "t1"}],
+        },
+    )
+    for command in ("check-config", "run"):
+        done = await run_enkwatch(command, "--config", cfg)
+        no_url_secrets(done)
+        if command == "run" or not parses:
+            assert done.rc == 2, done.stderr
+            assert "state.path: " in done.stderr
+
+
+async def test_healthcheck_errors_redact_the_url() -> None:
+    done = await run_enkwatch(
+        "healthcheck", "--url", f"http://127.0.0.1:1/{HOOK_TOKEN}?t={HOOK_TOKEN}"
+    )
+    assert done.rc == 1
+    assert "unhealthy: http://127.0.0.1:1/[redacted]?[redacted]: " in done.stderr
+    no_url_secrets(done)
+    for bad in (
+        f"{HOOK_TOKEN}/x",
+        f"http://127.0.0.1:port/{HOOK_TOKEN}",
+        f"http://[::1/{HOOK_TOKEN}",
+    ):
+        done = await run_enkwatch("healthcheck", "--url", bad)
+        assert done.rc == 2, done.stderr
+        assert "--url: " in done.stderr
+        no_url_secrets(done)
+
+
+async def test_a_run_never_prints_a_webhook_url(tmp_path: Path, serve: Any) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        # a receiver that echoes what it was asked, URL included
+        return web.Response(status=500, text=f"no such hook: {request.path_qs}")
+
+    hooks = await serve(refuse)
+    async with simulator(scenario(sim_task("t1", ("Finished", None)))) as (api_url, _):
+        cfg = write_yaml(
+            tmp_path / "c.yaml",
+            {
+                "api": {"base_url": api_url, "timeout_seconds": 2},
+                "polling": {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0},
+                "state": {"path": str(tmp_path / "state.db")},
+                "sinks": {
+                    "webhooks": [
+                        {
+                            "url": str(hooks.make_url(f"/services/T0/B0/{HOOK_TOKEN}")),
+                            "events": ["*"],
+                            "max_age_seconds": 0.001,  # the first failure dead-letters it
+                        }
+                    ]
+                },
+                "tasks": [{"task_id": "t1"}],
+            },
+        )
+        done = await run_enkwatch("run", "--config", cfg, "--exit-when-done")
+    assert done.rc == 0, done.stderr
+    no_url_secrets(done)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    names = [e["event"] for e in events]
+    assert "daemon.started" in names and "sink.delivery_failed" in names, names
+
+
+# -- a config file that is not a regular file, or too large, is refused before it is read --
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "too-large"])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+async def test_a_config_that_is_no_regular_file_is_exit_2_naming_it(
+    tmp_path: Path, kind: str, command: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    if kind == "device":
+        path.symlink_to("/dev/urandom")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with path.open("wb") as f:
+            f.truncate(32 * MIB + 1)
+    done = await run_enkwatch(command, "--config", str(path), within_s=20)
+    assert done.rc == 2, done.stderr
+    assert str(path) in done.stderr
+    assert "cannot read the config file: it is " in done.stderr
+    assert done.peak_rss_bytes < RSS_CEILING_BYTES
