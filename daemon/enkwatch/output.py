@@ -1,0 +1,192 @@
+"""Event lines to stdout from a thread of their own: the event loop never waits on a reader.
+
+A reader that stops reading (a stalled log shipper, a full pipe) used to freeze the whole
+daemon inside `write()`: no polls, no `/healthz`, no SIGTERM. Here the loop only appends
+to a queue and a writer thread does the blocking writes, reporting each line written back
+to the loop (an event is confirmed in the journal only then, so a line that never reached
+the reader is written again after a restart). The queue is bounded in bytes: past the
+bound, `write` waits (the poll that made the event waits, and admission control keeps the
+number of such polls at `max_concurrency`), so memory stays flat however long the stall.
+The stall is visible (`stalled_s`), and shutdown never waits for the reader longer than
+it is told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from enkwatch.clock import Clock, SystemClock
+
+# lines queued for the reader at most (then writers wait); resume below half of it
+MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
+# one write() call carries at most this much (lines joined)
+WRITE_CHUNK_BYTES: Final = 256 * 1024
+
+Written = Callable[[], None]
+
+
+class StdoutUnusable(Exception):
+    """stdout is closed or cannot be written (EPIPE, EBADF, ENOSPC, EIO ...)."""
+
+    def __init__(self, err: OSError) -> None:
+        name = errno.errorcode.get(err.errno or 0, "error")
+        super().__init__(f"stdout cannot be written: {err.strerror or err} ({name})")
+        self.errno = err.errno
+
+
+class LineWriter:
+    """Writes lines to a file descriptor from a daemon thread; bounded, never blocking the loop."""
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        on_unusable: Callable[[StdoutUnusable], None] = lambda err: None,
+        clock: Clock | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
+        self._fd = fd
+        self._on_unusable = on_unusable
+        self._clock = clock or SystemClock()
+        self._max = max_queued_bytes
+        self._lock = threading.Condition()
+        self._queue: deque[tuple[bytes, Written | None]] = deque()
+        self._queued = 0
+        self._closing = False
+        self.unusable: StdoutUnusable | None = None
+        # monotonic time of the last progress while lines wait for the reader (None: idle)
+        self._waiting_since: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop's side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread (in the running loop, which receives its reports)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="enkwatch-stdout", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def stalled_s(self) -> float:
+        """How long lines have waited with no write getting through (0 when nothing waits)."""
+        since = self._waiting_since
+        return 0.0 if since is None else max(0.0, self._clock.monotonic() - since)
+
+    async def write(self, line: bytes, written: Written | None = None) -> None:
+        """Queue one line (with its newline); wait first while the queue is full.
+
+        `written` is called in the loop once the line is in the reader's hands. Raises
+        StdoutUnusable once stdout has failed.
+        """
+        while self._queued >= self._max and self.unusable is None:
+            self._room.clear()
+            await self._room.wait()
+        self.write_nowait(line, written)
+
+    def write_nowait(self, line: bytes, written: Written | None = None) -> None:
+        """Queue one line whatever the queue holds (the few lines of a shutdown)."""
+        if self.unusable is not None:
+            raise self.unusable
+        with self._lock:
+            if not self._queue:
+                self._waiting_since = self._clock.monotonic()
+            self._queue.append((line, written))
+            self._queued += len(line)
+            self._idle.clear()
+            self._lock.notify()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every queued line to be written; True if they were."""
+        if self._thread is None or self.unusable is not None:
+            return self._queued == 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> bool:
+        """Flush for up to `timeout_s`, then stop the thread (a blocked write is left behind:
+        the thread is a daemon thread, and the lines it holds are unconfirmed)."""
+        flushed = await self.flush(timeout_s)
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        return flushed
+
+    # -- reports from the thread, run in the loop ------------------------------------------
+
+    def _report(self, callbacks: list[Written], size: int) -> None:
+        for done in callbacks:
+            done()
+        self._queued -= size
+        if self._queued < self._max // 2:
+            self._room.set()
+        if self._queued == 0:
+            self._idle.set()
+
+    def _report_unusable(self, err: StdoutUnusable) -> None:
+        self.unusable = err
+        self._room.set()  # writers waiting for room get the error instead
+        self._idle.set()
+        self._on_unusable(err)
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if not self._queue:
+                    return
+                batch: list[bytes] = []
+                callbacks: list[Written] = []
+                size = 0
+                while self._queue and size < WRITE_CHUNK_BYTES:
+                    line, done = self._queue.popleft()
+                    batch.append(line)
+                    size += len(line)
+                    if done is not None:
+                        callbacks.append(done)
+            try:
+                self._write_all(b"".join(batch))
+            except OSError as err:
+                self._call(self._report_unusable, StdoutUnusable(err))
+                return
+            with self._lock:
+                self._waiting_since = self._clock.monotonic() if self._queue else None
+            self._call(self._report, callbacks, size)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            return  # the loop closed meanwhile: the process is exiting
+
+
+__all__ = ["MAX_QUEUED_BYTES", "LineWriter", "StdoutUnusable"]
