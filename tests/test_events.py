@@ -29,6 +29,9 @@ class Journal:
         self.events.append((event["event_id"], list(sinks)))
 
     async def mark_written(self, task_key: str, seq: int) -> None:
+        self.confirm_written(task_key, seq)
+
+    def confirm_written(self, task_key: str, seq: int) -> None:
         self.steps.append(f"written {task_key}:{seq}")
 
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
@@ -86,5 +89,5 @@ async def test_replayed_events_keep_their_body() -> None:
 
     body = {"event": ev.TASK_TRANSITION, "level": "info", "event_id": "t1:3", "seq": 3}
     with capture_logs() as logs:
-        EventWriter(FakeClock()).replay([JournaledEvent("t1", 3, body)])
+        await EventWriter(FakeClock()).replay([JournaledEvent("t1", 3, body)])
     assert logs[0]["event_id"] == "t1:3"

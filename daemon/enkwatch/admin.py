@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import web
@@ -33,6 +34,34 @@ class AdminBackend(Protocol):
     async def add_task(self, entry: object) -> dict[str, Any]: ...
 
     async def remove_task(self, task_key: str) -> bool: ...
+
+
+class TaskApi(Protocol):
+    """The watch list's run-time task API."""
+
+    async def list_tasks(self) -> list[dict[str, Any]]: ...
+
+    async def add_task(self, entry: object) -> dict[str, Any]: ...
+
+    async def remove_task(self, task_key: str) -> bool: ...
+
+
+class AdminView:
+    """An AdminBackend from its parts: the service's health, its metrics, the task API."""
+
+    def __init__(
+        self,
+        health: Callable[[], tuple[bool, str]],
+        readiness: Callable[[], tuple[bool, str]],
+        metrics_body: Callable[[], bytes],
+        tasks: TaskApi,
+    ) -> None:
+        self.health = health
+        self.readiness = readiness
+        self.metrics_body = metrics_body
+        self.list_tasks = tasks.list_tasks
+        self.add_task = tasks.add_task
+        self.remove_task = tasks.remove_task
 
 
 BACKEND: Final = web.AppKey("backend", AdminBackend)

@@ -43,6 +43,7 @@ from enkwatch.health import Outcome, StopReason
 from enkwatch.kinds import DEFAULT_KIND
 from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
+from enkwatch.output import StdoutUnusable
 from enkwatch.redact import redact_url
 from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
@@ -63,6 +64,8 @@ def exit_code(outcome: Outcome) -> int:
     4 > 3 > 1 > 0."""
     if outcome.auth_failed:
         return EXIT_AUTH
+    if outcome.reason == StopReason.STDOUT_UNUSABLE:
+        return EXIT_FAILED
     if outcome.reason in (StopReason.SIGNAL, StopReason.STOP_REQUESTED):
         return EXIT_OK
     if outcome.gave_up:
@@ -217,25 +220,49 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if sys.stdout is None and args.command != "healthcheck":
+        # started with stdout closed (`>&-`): a file opened later would get its descriptor
+        print(
+            "enkwatch: stdout is closed (EBADF): nothing could be written; stopping",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     log_format = args.log_format or ("console" if sys.stdout.isatty() else "json")
     ev.configure_logging(log_format, args.log_level)
     try:
         return _dispatch(args)
+    except StdoutUnusable as err:
+        return _stdout_unusable(str(err))
     except ConfigError as err:
         print(f"enkwatch: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
-    except BrokenPipeError:
-        # whoever read our stdout is gone: nothing more can be reported there. Events that
-        # were journaled but not confirmed written are written again on the next start.
-        with contextlib.suppress(OSError):
-            print("enkwatch: stdout was closed; stopping", file=sys.stderr)
-        return EXIT_FAILED
+    except BrokenPipeError as err:
+        return _stdout_unusable(str(StdoutUnusable(err)))
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported, not hidden
         print("enkwatch: internal error, please report it:", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _stdout_unusable(problem: str) -> int:
+    """One line on stderr; exit 1. Journaled events not written are written after a restart."""
+    with contextlib.suppress(OSError):
+        print(f"enkwatch: {problem}; stopping", file=sys.stderr)
+    # what Python still holds for stdout goes nowhere at exit (no second complaint)
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno() if sys.stdout is not None else 1)
+    return EXIT_FAILED
+
+
+def _print_out(text: str) -> None:
+    """What the commands that only print write on stdout; StdoutUnusable if it cannot be."""
+    try:
+        print(text, flush=True)
+    except OSError as err:
+        raise StdoutUnusable(err) from None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -317,7 +344,10 @@ async def _run_service(config: Config, exit_when_done: bool, config_path: str | 
         sinks=sinks,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
     )
-    return exit_code(await service.run())
+    outcome = await service.run()
+    if outcome.problem is not None:
+        return _stdout_unusable(outcome.problem)
+    return exit_code(outcome)
 
 
 async def _demo() -> int:
@@ -330,9 +360,11 @@ async def _demo() -> int:
         service = Service(
             demo_config(f"http://127.0.0.1:{port}"), DEMO_API_KEY, exit_when_done=True
         )
-        await service.run()
+        outcome = await service.run()
     finally:
         await runner.cleanup()
+    if outcome.problem is not None:
+        return _stdout_unusable(outcome.problem)
     assert service.running is not None
     return EXIT_OK if demo_ok(service.running.watchlist.tasks.values()) else EXIT_FAILED
 
@@ -350,7 +382,7 @@ async def _status(args: argparse.Namespace) -> int:
     except PollError as err:
         print(f"enkwatch: {task.key}: {err.kind}: {err.detail}", file=sys.stderr)
         return status_exit_code(err)
-    print(json.dumps(obs.data, indent=2, ensure_ascii=False), flush=True)
+    _print_out(json.dumps(obs.data, indent=2, ensure_ascii=False))
     return EXIT_OK
 
 
@@ -358,7 +390,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     from enkwatch.state.migrate import migrate_state
 
     report = await migrate_state(args.source, args.target)
-    print(
+    _print_out(
         json.dumps(
             {
                 "tasks_copied": report.tasks,
@@ -366,8 +398,7 @@ async def _migrate(args: argparse.Namespace) -> int:
                 "events_copied": report.events,
                 "deliveries_copied": report.outbox,
             }
-        ),
-        flush=True,
+        )
     )
     return EXIT_OK
 
@@ -427,7 +458,7 @@ def _check_config(args: argparse.Namespace) -> int:
         "sinks": sinks,
         "tasks": normalized_watch_list(config),
     }
-    print(json.dumps(out, indent=2, ensure_ascii=False), flush=True)
+    _print_out(json.dumps(out, indent=2, ensure_ascii=False))
     return EXIT_OK
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
@@ -38,6 +40,7 @@ from enkwatch.models import (
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
 )
+from enkwatch.output import DirectLines, Lines, LineWriter, StdoutUnusable
 from enkwatch.state.base import EventJournal, JournaledEvent, TaskRecord
 
 # levels
@@ -55,6 +58,13 @@ AUTH_HINT: Final = (
 )
 
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+# what a secret found in an event's field is replaced with
+REDACTED: Final = "[redacted]"
+# secrets shorter than this are not searched for (they would mangle ordinary words)
+MIN_SECRET_LEN: Final = 4
+# sink.* events: a sink's own failures, never delivered to that sink nor reported again
+SINK_EVENT_PREFIX: Final = "sink."
 
 
 def level_number(name: str) -> int:
@@ -88,11 +98,24 @@ def _orjson_dumps(obj: Any, **_: Any) -> bytes:
     return orjson.dumps(obj, default=str)
 
 
+class _Output:
+    """Where configure_logging sends the lines (the stream of the process's stdout)."""
+
+    stream: TextIO | None = None
+
+
 def configure_logging(
     log_format: str = "json", level: str = "info", stream: TextIO | None = None
 ) -> None:
-    """Configure structlog once, in the CLI: JSON (or console) lines on stdout, flushed each."""
+    """Configure structlog once, in the CLI: JSON (or console) lines for `stream` (stdout).
+
+    structlog renders and returns the line (`ReturnLoggerFactory`); the writer of the
+    lines is the caller's (`EventWriter` hands it to a `Lines`: the daemon's writer thread,
+    or the stream itself). The renderer is the last processor; any that returns str or
+    bytes fits.
+    """
     out = stream or sys.stdout
+    _Output.stream = out
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -100,23 +123,14 @@ def configure_logging(
     ]
     processors: list[Processor]
     if log_format == "console":
-        processors = [
-            *shared,
-            structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False),
-        ]
-        factory: Any = structlog.PrintLoggerFactory(file=out)
+        colors = out is not None and out.isatty()
+        processors = [*shared, structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)]
     else:
         processors = [*shared, _order_keys, structlog.processors.JSONRenderer(_orjson_dumps)]
-        buffer = getattr(out, "buffer", None)
-        factory = (
-            structlog.BytesLoggerFactory(file=buffer)
-            if buffer is not None
-            else structlog.PrintLoggerFactory(file=out)
-        )
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
-        logger_factory=factory,
+        logger_factory=structlog.ReturnLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     # libraries log through the standard library: to stderr, warnings and up, never stdout
@@ -127,12 +141,79 @@ def configure_logging(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def emit(event_dict: Mapping[str, Any]) -> None:
-    """Write one event (a dict with `event` and `level`) through structlog."""
+def output_fd() -> int | None:
+    """The file descriptor of the configured stdout, flushed; None when it has none (tests)."""
+    stream = _Output.stream or sys.stdout
+    try:
+        stream.flush()
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def open_lines(clock: Clock, on_unusable: Callable[[StdoutUnusable], None]) -> Lines:
+    """The daemon's stdout: a writer thread on its file descriptor (DirectLines if none)."""
+    fd = output_fd()
+    if fd is None:
+        return direct_lines()
+    writer = LineWriter(fd, on_unusable=on_unusable, clock=clock)
+    writer.start()
+    return writer
+
+
+def direct_lines() -> Lines:
+    """The configured stream itself as the lines' writer (blocking: not for the daemon)."""
+    stream: Any = _Output.stream or sys.stdout
+    binary: Any = getattr(stream, "buffer", None) or _TextAsBinary(stream)
+    return DirectLines(binary)
+
+
+class _TextAsBinary:
+    """A text stream (StringIO, a capture) taking bytes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def render(event_dict: Mapping[str, Any]) -> bytes | None:
+    """One event (a dict with `event` and `level`) through structlog: its line with the
+    newline, or None when its level is filtered out (or a test captures it)."""
     fields: MutableMapping[str, Any] = dict(event_dict)
     name = fields.pop("event")
     level = fields.pop("level", INFO)
-    structlog.get_logger("enkwatch").log(level_number(level), name, **fields)
+    line = structlog.get_logger("enkwatch").log(level_number(level), name, **fields)
+    if line is None:
+        return None
+    if isinstance(line, str):
+        return line.encode("utf-8", "replace") + b"\n"
+    return bytes(line) + b"\n"
+
+
+def emit(event_dict: Mapping[str, Any]) -> None:
+    """Write one event at once to the configured stream (the commands that only print)."""
+    line = render(event_dict)
+    if line is not None:
+        direct_lines().write_nowait(line)
+
+
+def scrub(value: Any, secrets: Sequence[str]) -> Any:
+    """`value` with every secret in its strings (also in lists and dicts) replaced."""
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v, secrets) for v in value]
+    return value
 
 
 class WatchedTask(Protocol):
@@ -148,10 +229,13 @@ class WatchedTask(Protocol):
 class EventWriter:
     """The one way an event is written, for tasks and the daemon alike.
 
-    In this order, once: build the body -> journal it (task events: with the task's new
-    state, and its webhook deliveries, in one transaction) -> render it on stdout -> count
-    it in the metrics -> wake the outbox. Daemon events are not journaled; their webhook
-    deliveries are queued after they were written.
+    In this order, once: build the body (secrets redacted) -> journal it (task events: with
+    the task's new state, and its webhook deliveries, in one transaction, committed with
+    those of other polls of the moment) -> render it and hand the line to `out` -> count it
+    in the metrics -> wake the outbox. A task event is confirmed in the journal once its
+    line was written (`out` calls back): one that never reached the reader is written again
+    after a restart. Daemon events are not journaled; their webhook deliveries are queued
+    after they were handed over.
     """
 
     def __init__(
@@ -161,12 +245,17 @@ class EventWriter:
         observe: Callable[[Mapping[str, Any]], None] | None = None,
         sinks_for: Callable[[str], Sequence[str]] | None = None,
         notify: Callable[[], None] | None = None,
+        *,
+        out: Lines | None = None,
+        secrets: Iterable[str | None] = (),
     ) -> None:
         self._clock = clock
         self._journal = journal
         self._observe = observe
         self._sinks_for = sinks_for or _no_sinks
         self._notify = notify
+        self.out = out or direct_lines()
+        self._secrets = tuple({s for s in secrets if s and len(s) >= MIN_SECRET_LEN})
         self._background: set[asyncio.Task[None]] = set()
 
     async def task_event(
@@ -176,6 +265,16 @@ class EventWriter:
 
         Raises what the journal raises (LeaseLost, StateUnavailable): then nothing was written.
         """
+        body, sinks = self._task_body(task, name, level, fields)
+        if self._journal is not None:
+            await self._journal.record_event(task.record, body, sinks)
+        if not self.out.has_room():
+            await self.out.wait_for_room()
+        self._publish(body, sinks, (task.key, task.record.seq))
+
+    def _task_body(
+        self, task: WatchedTask, name: str, level: str, fields: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], Sequence[str]]:
         rec = task.record
         rec.seq += 1
         body: dict[str, Any] = {
@@ -191,33 +290,66 @@ class EventWriter:
         if task.labels:
             body["labels"] = task.labels
         body.update(fields)
-        sinks = self._sinks_for(name)
-        if self._journal is not None:
-            await self._journal.record_event(rec, body, sinks)
-        emit(body)
-        if self._journal is not None:
-            await self._journal.mark_written(task.key, rec.seq)
-        if self._observe is not None:
+        if self._secrets:
+            body = scrub(body, self._secrets)
+        return body, self._sinks_for(name)
+
+    def _publish(
+        self,
+        body: Mapping[str, Any],
+        sinks: Sequence[str],
+        confirm: tuple[str, int] | None = None,
+        count: bool = True,
+    ) -> None:
+        """Render and hand over the line (confirmed once written), count, wake the outbox."""
+        line = render(body)
+        journal = self._journal
+        done = (
+            functools.partial(journal.confirm_written, *confirm)
+            if confirm is not None and journal is not None
+            else None
+        )
+        if line is None:
+            if done is not None:
+                done()  # filtered out by the level: nothing to wait for
+        else:
+            # unusable: the service stops on it; the journaled event is written after a restart
+            with contextlib.suppress(StdoutUnusable):
+                self.out.write_nowait(line, done)
+        if count and self._observe is not None:
             self._observe(body)
-        if sinks and self._notify is not None:
+        if confirm is not None and sinks and self._notify is not None:
             self._notify()
 
     def daemon_event(self, name: str, level: str = INFO, **fields: Any) -> None:
-        """An event that is not about a task: written, counted, and queued for webhooks."""
+        """An event that is not about a task: written, counted, and queued for webhooks.
+
+        A sink.* event is never queued for the sink it is about.
+        """
         body: dict[str, Any] = {
             "timestamp": rfc3339(self._clock.now()),
             "level": level,
             "event": name,
             **fields,
         }
-        emit(body)
-        if self._observe is not None:
-            self._observe(body)
+        if self._secrets:
+            body = scrub(body, self._secrets)
+        self._publish(body, ())
         sinks = self._sinks_for(name)
+        if name.startswith(SINK_EVENT_PREFIX):
+            sinks = [s for s in sinks if s != fields.get("sink")]
         if sinks and self._journal is not None:
             job = asyncio.ensure_future(self._enqueue(self._journal, sinks, body))
             self._background.add(job)
             job.add_done_callback(self._background.discard)
+
+    def delivery_failed(self, fields: Mapping[str, Any]) -> None:
+        """A webhook delivery given up: `sink.delivery_failed`, unless what failed was itself
+        a sink.* event (then only the metric counts it: a storm is impossible)."""
+        failed = fields.get("failed_event")
+        if isinstance(failed, str) and failed.startswith(SINK_EVENT_PREFIX):
+            return
+        self.daemon_event(SINK_DELIVERY_FAILED, ERROR, **fields)
 
     async def _enqueue(
         self, journal: EventJournal, sinks: Sequence[str], body: Mapping[str, Any]
@@ -229,10 +361,13 @@ class EventWriter:
         if self._notify is not None:
             self._notify()
 
-    def replay(self, events: Iterable[JournaledEvent]) -> None:
-        """Write again events that were journaled but not confirmed written (same event_id)."""
+    async def replay(self, events: Iterable[JournaledEvent]) -> None:
+        """Write again events that were journaled but not confirmed written (same event_id);
+        each is confirmed once its line was written."""
         for item in events:
-            emit(item.body)
+            if not self.out.has_room():
+                await self.out.wait_for_room()
+            self._publish(item.body, (), (item.task_key, item.seq), count=False)
 
     def cancel_pending(self) -> None:
         """Shutdown: drop webhook deliveries of daemon events not yet stored."""
@@ -270,7 +405,12 @@ __all__ = [
     "WARNING",
     "EventWriter",
     "configure_logging",
+    "direct_lines",
     "emit",
     "level_number",
+    "open_lines",
+    "output_fd",
+    "render",
     "rfc3339",
+    "scrub",
 ]

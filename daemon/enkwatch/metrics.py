@@ -15,6 +15,7 @@ from enkwatch import events as ev
 from enkwatch.clock import Clock
 from enkwatch.kinds import KNOWN_STATUSES
 from enkwatch.limits import RequestGate
+from enkwatch.output import Lines
 from enkwatch.watch import TaskWatch
 
 _RELOAD_RESULTS: Final = {ev.CONFIG_RELOADED: "ok", ev.CONFIG_RELOAD_FAILED: "failed"}
@@ -107,8 +108,39 @@ class Metrics:
                     max(0.0, (seen - created).total_seconds())
                 )
 
+    def watch_stdout(self, out: Lines) -> None:
+        """The stdout writer's gauges (a stalled reader shows here and on /healthz)."""
+        self.registry.register(_StdoutGauges(out))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StdoutGauges(Collector):
+    """The stdout writer, read at scrape time."""
+
+    def __init__(self, out: Lines) -> None:
+        self._out = out
+
+    def collect(self) -> Iterator[Metric]:
+        out = self._out
+        yield GaugeMetricFamily(
+            "enkwatch_stdout_stalled_seconds",
+            "How long event lines have waited with no write to stdout getting through "
+            "(0 when none waits).",
+            value=out.stalled_s(),
+        )
+        yield GaugeMetricFamily(
+            "enkwatch_stdout_queued_bytes",
+            "Bytes of event lines queued for the stdout reader.",
+            value=out.queued_bytes,
+        )
+        yield CounterMetricFamily(
+            "enkwatch_stdout_dropped_lines",
+            "Daemon event lines dropped because the stdout reader stalled (task events are "
+            "never dropped: they wait, and are written again after a restart).",
+            value=out.dropped,
+        )
 
 
 class StateGauges(Collector):

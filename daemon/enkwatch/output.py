@@ -17,9 +17,10 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from enkwatch.clock import Clock, SystemClock
 
@@ -27,6 +28,8 @@ from enkwatch.clock import Clock, SystemClock
 MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
 # one write() call carries at most this much (lines joined)
 WRITE_CHUNK_BYTES: Final = 256 * 1024
+# lines that may not wait (daemon events, a shutdown's) are dropped past this many bytes
+HARD_MAX_FACTOR: Final = 2
 
 Written = Callable[[], None]
 
@@ -38,6 +41,67 @@ class StdoutUnusable(Exception):
         name = errno.errorcode.get(err.errno or 0, "error")
         super().__init__(f"stdout cannot be written: {err.strerror or err} ({name})")
         self.errno = err.errno
+
+
+class Lines(Protocol):
+    """Where event lines go: the writer thread (LineWriter) or a plain stream (DirectLines)."""
+
+    dropped: int
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+    def stalled_s(self) -> float: ...
+
+    def has_room(self) -> bool: ...
+
+    async def wait_for_room(self) -> None: ...
+
+    def write_nowait(self, line: bytes, written: Written | None = None) -> None: ...
+
+    def release(self) -> None: ...
+
+    async def close(self, timeout_s: float) -> bool: ...
+
+
+class _ByteStream(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class DirectLines:
+    """Lines written at once to a stream (the commands that only print, tests): blocking."""
+
+    dropped = 0
+    queued_bytes = 0
+
+    def __init__(self, stream: _ByteStream) -> None:
+        self._stream = stream
+
+    def stalled_s(self) -> float:
+        return 0.0
+
+    def has_room(self) -> bool:
+        return True
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    def write_nowait(self, line: bytes, written: Written | None = None) -> None:
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        except OSError as err:
+            raise StdoutUnusable(err) from None
+        if written is not None:
+            written()
+
+    def release(self) -> None:
+        return None
+
+    async def close(self, timeout_s: float) -> bool:
+        return True
 
 
 class LineWriter:
@@ -58,7 +122,15 @@ class LineWriter:
         self._lock = threading.Condition()
         self._queue: deque[tuple[bytes, Written | None]] = deque()
         self._queued = 0
+        self._hard_max = max_queued_bytes * HARD_MAX_FACTOR
+        # bytes handed over and not yet written (also those the thread is writing now)
+        self._unwritten = 0
         self._closing = False
+        self._released = False
+        self._confirming = True
+        self.dropped = 0
+        # CPU time of the writer thread (the benchmark adds it to the event path)
+        self.thread_cpu_s = 0.0
         self.unusable: StdoutUnusable | None = None
         # monotonic time of the last progress while lines wait for the reader (None: idle)
         self._waiting_since: float | None = None
@@ -86,24 +158,44 @@ class LineWriter:
         since = self._waiting_since
         return 0.0 if since is None else max(0.0, self._clock.monotonic() - since)
 
+    def has_room(self) -> bool:
+        return self._queued < self._max or self._released or self.unusable is not None
+
+    async def wait_for_room(self) -> None:
+        """Wait while the queue is full (the reader is slow or stalled)."""
+        while not self.has_room():
+            self._room.clear()
+            await self._room.wait()
+
     async def write(self, line: bytes, written: Written | None = None) -> None:
         """Queue one line (with its newline); wait first while the queue is full.
 
         `written` is called in the loop once the line is in the reader's hands. Raises
         StdoutUnusable once stdout has failed.
         """
-        while self._queued >= self._max and self.unusable is None:
-            self._room.clear()
-            await self._room.wait()
+        await self.wait_for_room()
         self.write_nowait(line, written)
 
+    def release(self) -> None:
+        """Shutdown: writers stop waiting for room (their few lines are queued beyond it)."""
+        self._released = True
+        self._room.set()
+
     def write_nowait(self, line: bytes, written: Written | None = None) -> None:
-        """Queue one line whatever the queue holds (the few lines of a shutdown)."""
+        """Queue one line without waiting (daemon events, a shutdown's lines).
+
+        Past twice the bound the line is dropped and counted in `dropped` (its event, if
+        journaled, stays unconfirmed and is written again after a restart).
+        """
         if self.unusable is not None:
             raise self.unusable
+        if self._queued >= self._hard_max:
+            self.dropped += 1
+            return
         with self._lock:
-            if not self._queue:
+            if self._unwritten == 0:
                 self._waiting_since = self._clock.monotonic()
+            self._unwritten += len(line)
             self._queue.append((line, written))
             self._queued += len(line)
             self._idle.clear()
@@ -124,6 +216,7 @@ class LineWriter:
         """Flush for up to `timeout_s`, then stop the thread (a blocked write is left behind:
         the thread is a daemon thread, and the lines it holds are unconfirmed)."""
         flushed = await self.flush(timeout_s)
+        self._confirming = False  # the journal closes next: later writes stay unconfirmed
         with self._lock:
             self._closing = True
             self._lock.notify()
@@ -132,8 +225,9 @@ class LineWriter:
     # -- reports from the thread, run in the loop ------------------------------------------
 
     def _report(self, callbacks: list[Written], size: int) -> None:
-        for done in callbacks:
-            done()
+        if self._confirming:
+            for done in callbacks:
+                done()
         self._queued -= size
         if self._queued < self._max // 2:
             self._room.set()
@@ -164,13 +258,16 @@ class LineWriter:
                     size += len(line)
                     if done is not None:
                         callbacks.append(done)
+            cpu = time.thread_time()
             try:
                 self._write_all(b"".join(batch))
             except OSError as err:
                 self._call(self._report_unusable, StdoutUnusable(err))
                 return
             with self._lock:
-                self._waiting_since = self._clock.monotonic() if self._queue else None
+                self._unwritten -= size
+                self._waiting_since = self._clock.monotonic() if self._unwritten else None
+            self.thread_cpu_s += time.thread_time() - cpu
             self._call(self._report, callbacks, size)
 
     def _write_all(self, data: bytes) -> None:
@@ -189,4 +286,4 @@ class LineWriter:
             return  # the loop closed meanwhile: the process is exiting
 
 
-__all__ = ["MAX_QUEUED_BYTES", "LineWriter", "StdoutUnusable"]
+__all__ = ["MAX_QUEUED_BYTES", "DirectLines", "LineWriter", "Lines", "StdoutUnusable"]

@@ -19,7 +19,7 @@ from enkwatch import events as ev
 from enkwatch.clock import Clock
 from enkwatch.errors import StateUnavailable
 from enkwatch.events import EventWriter
-from enkwatch.state.base import JournaledEvent, Store, TaskRecord
+from enkwatch.state.base import Store, TaskRecord
 from enkwatch.state.leases import DB_ERRORS
 from enkwatch.state.postgres import PgStore
 from enkwatch.watch import TaskWatch
@@ -94,10 +94,8 @@ class SoleOwner:
     async def load(self, local: LocalWatchList) -> None:
         """Write again what was journaled but not confirmed; then load every stored task."""
         self._local = local
-        replayed = await self._store.unwritten_events()
-        self._writer.replay(replayed)
-        for item in replayed:
-            await self._store.mark_written(item.task_key, item.seq)
+        # each is confirmed once its line was written
+        await self._writer.replay(await self._store.unwritten_events())
         await local.load_all(await self._store.load_tasks())
 
     async def start(self, timers: Periodic) -> None:
@@ -289,9 +287,7 @@ class PartitionOwner:
         unwritten = [
             e for e in await self.store.unwritten_events(parts) if e.task_key not in local.tasks
         ]
-        self._replay(unwritten)
-        for e in unwritten:
-            await self.store.mark_written(e.task_key, e.seq)
+        await self._writer.replay(unwritten)  # each confirmed once its line was written
         for key, record in (await self.store.load_tasks(parts)).items():
             if key in local.tasks:
                 if only_missing:
@@ -299,9 +295,6 @@ class PartitionOwner:
                 local.drop(local.tasks[key])
             if (task := local.watch_for_record(record)) is not None:
                 local.adopt(task)
-
-    def _replay(self, events: Sequence[JournaledEvent]) -> None:
-        self._writer.replay(events)
 
 
 def choose_owner(store: Store, writer: EventWriter, clock: Clock) -> Owner:

@@ -34,7 +34,9 @@ from typing import Any, Final, Protocol
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from enkwatch.clock import Clock
-from enkwatch.watch import DONE, AuthRejected, PollEnd, PollResult, TaskWatch
+from enkwatch.config import PollingConfig
+from enkwatch.limits import RequestGate
+from enkwatch.watch import DONE, AuthRejected, PollEnd, Poller, PollResult, TaskWatch
 
 # polls due within this much of now start together, saving a wake-up each
 DISPATCH_SLACK_S: Final = 0.005
@@ -366,3 +368,12 @@ class Timers:
         if self._aps is not None:
             self._aps.shutdown(wait=False)
             self._aps = None
+
+
+def follow_polling(
+    polling: PollingConfig, sched: PollScheduler, poller: Poller, gate: RequestGate
+) -> None:
+    """A reloaded config's polling settings, applied to the running pieces."""
+    sched.max_in_flight = polling.max_concurrency
+    poller.polling = polling
+    gate.set_rate(polling.max_requests_per_second)

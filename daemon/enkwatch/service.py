@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from enkwatch import __version__
 from enkwatch import events as ev
-from enkwatch.admin import build_admin_app, start_admin
+from enkwatch.admin import AdminView, build_admin_app, start_admin
 from enkwatch.client import ApiClient
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
@@ -27,9 +27,10 @@ from enkwatch.events import EventWriter
 from enkwatch.health import Health, Outcome, StopReason, tune_gc
 from enkwatch.limits import RequestGate
 from enkwatch.metrics import Metrics, StateGauges
+from enkwatch.output import Lines, StdoutUnusable
 from enkwatch.ownership import Owner, choose_owner
-from enkwatch.schedule import PollScheduler, Timers
-from enkwatch.sinks import Outbox, Sink, dead_letter_fields
+from enkwatch.schedule import PollScheduler, Timers, follow_polling
+from enkwatch.sinks import Outbox, Sink, dead_letter_fields, sink_secrets
 from enkwatch.state import open_store
 from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
@@ -43,6 +44,8 @@ OUTBOX_FLUSH_S: Final = 10.0
 CHECKPOINT_EVERY_S: Final = 60.0
 CONFIG_CHECK_EVERY_S: Final = 2.0
 WATCHDOG_EVERY_S: Final = 1.0
+# at the end, lines still queued for a stalled stdout reader are waited for this long
+STDOUT_FLUSH_S: Final = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +117,8 @@ class Service:
         if self._crash is not None:
             raise self._crash
         counts = parts.watchlist.outcomes() if self._reason == StopReason.ALL_DONE else {}
-        return Outcome(self._reason, self.health.auth_failed, **counts)
+        problem = self._reason_text if self._reason == StopReason.STDOUT_UNUSABLE else None
+        return Outcome(self._reason, self.health.auth_failed, **counts, problem=problem)
 
     def _install_signals(self, stack: AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -153,18 +157,28 @@ class Service:
             )
         return store
 
+    def _open_stdout(self, stack: AsyncExitStack) -> Lines:
+        # after the store, so closed before it: the last confirmations are committed
+        out = ev.open_lines(self.clock, self._stdout_unusable)
+        stack.push_async_callback(out.close, STDOUT_FLUSH_S)
+        self.health.stdout_stalled_s = out.stalled_s
+        self.metrics.watch_stdout(out)
+        return out
+
     async def _assemble(self, stack: AsyncExitStack) -> Running:
         store = await self._open_store(stack)
+        out = self._open_stdout(stack)
         outbox = Outbox(
             store, self._sinks, self.clock, rng=self._rng,
             on_result=lambda s, o: self.metrics.deliveries.labels(s.id, o).inc(),
-            on_dead=lambda sink, row, error: writer.daemon_event(
-                ev.SINK_DELIVERY_FAILED, ev.ERROR, **dead_letter_fields(sink, row, error)
+            on_dead=lambda sink, row, error: writer.delivery_failed(
+                dead_letter_fields(sink, row, error)
             ),
         )  # fmt: skip
         writer = EventWriter(
-            self.clock, store, self.metrics.observe_event, outbox.sinks_for, outbox.notify
-        )
+            self.clock, store, self.metrics.observe_event, outbox.sinks_for, outbox.notify,
+            out=out, secrets=[self._api_key, self._admin_token, *sink_secrets(self._sinks)],
+        )  # fmt: skip
         owner = choose_owner(store, writer, self.clock)
         polling = self.config.polling
         gate = RequestGate(polling.max_requests_per_second, self.clock)
@@ -191,7 +205,7 @@ class Service:
         watchlist = WatchList(
             self.config, store, owner, sched, writer, self.clock, self.config_path,
             on_change=lambda: self._check_all_done(watchlist),
-            on_polling=lambda new: _follow_polling(new, sched, poller, gate),
+            on_polling=lambda new: follow_polling(new.polling, sched, poller, gate),
         )  # fmt: skip
         await owner.load(watchlist)
         self.metrics.registry.register(
@@ -215,7 +229,10 @@ class Service:
         if self.config_path:
             timers.every(CONFIG_CHECK_EVERY_S, watchlist.check_config_file, "config-watch")
         if (listen := self.config.admin.host_port) is not None:
-            app = build_admin_app(_AdminView(self, watchlist), self._admin_token)
+            view = AdminView(
+                self.health.health, self.health.readiness, self.metrics.render, watchlist
+            )
+            app = build_admin_app(view, self._admin_token)
             try:
                 runner, self.admin_port = await start_admin(app, *listen)
             except OSError as err:
@@ -237,6 +254,7 @@ class Service:
         reason = self._reason_text
         writer.daemon_event(ev.DAEMON_STOPPING, reason=reason)
         sched.stop()
+        writer.out.release()  # polls no longer wait for a stalled reader: the drain is quick
         watchlist.stopped = True
         parts.gate.close()  # polls still waiting for the rate limit or a pause send nothing
         cancelled = await sched.drain(min(self.config.api.timeout_seconds, MAX_DRAIN_S))
@@ -272,25 +290,10 @@ class Service:
                 )  # fmt: skip
             self.request_stop(StopReason.AUTH_FAILED)
 
+    def _stdout_unusable(self, err: StdoutUnusable) -> None:
+        self.request_stop(StopReason.STDOUT_UNUSABLE, str(err))
+
     def _crashed(self, exc: BaseException) -> None:
         if self._crash is None:
             self._crash = exc
         self.request_stop(StopReason.CRASH)
-
-
-class _AdminView:
-    """The admin app's backend: the service's health, its metrics, the watch list's API."""
-
-    def __init__(self, service: Service, watchlist: WatchList) -> None:
-        self.health = service.health.health
-        self.readiness = service.health.readiness
-        self.metrics_body = service.metrics.render
-        self.list_tasks = watchlist.list_tasks
-        self.add_task = watchlist.add_task
-        self.remove_task = watchlist.remove_task
-
-
-def _follow_polling(new: Config, sched: PollScheduler, poller: Poller, gate: RequestGate) -> None:
-    sched.max_in_flight = new.polling.max_concurrency
-    poller.polling = new.polling
-    gate.set_rate(new.polling.max_requests_per_second)

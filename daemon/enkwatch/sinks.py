@@ -89,6 +89,11 @@ def build_sinks(config: SinksConfig, environ: Mapping[str, str]) -> list[Sink]:
     return sinks
 
 
+def sink_secrets(sinks: Sequence[Sink]) -> list[str]:
+    """The sinks' secrets, as text (redacted wherever they would show)."""
+    return [s.secret.decode("utf-8", "replace") for s in sinks if s.secret]
+
+
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:
     """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`."""
     mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()

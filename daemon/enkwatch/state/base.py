@@ -114,6 +114,10 @@ class EventJournal(Protocol):
 
     async def mark_written(self, task_key: str, seq: int) -> None: ...
 
+    def confirm_written(self, task_key: str, seq: int) -> None:
+        """`mark_written` from a callback: the confirmation is committed soon after."""
+        ...
+
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
 
 

@@ -398,6 +398,9 @@ class PgStore:
         self.commits += 1
 
     async def mark_written(self, task_key: str, seq: int) -> None:
+        self.confirm_written(task_key, seq)
+
+    def confirm_written(self, task_key: str, seq: int) -> None:
         """Confirm that an event was written out; confirmations go in batches.
 
         They are committed together CONFIRM_WITHIN_S later (one round trip for all the events

@@ -31,6 +31,7 @@ from enkwatch.state.base import (
 SCHEMA_VERSION = 1
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
+_INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,6 +95,7 @@ class SqliteStore:
         self._clock = clock or SystemClock()
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_timer: asyncio.TimerHandle | None = None
+        self._batch: _Batch | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
@@ -152,17 +154,51 @@ class SqliteStore:
     async def record_event(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
     ) -> None:
-        """Store the task's new state, its event and its webhook deliveries in one transaction."""
-        with self._tx():
-            if self._confirmations:
-                self._confirm_pending()  # earlier events' confirmations ride along
-            self._db.execute(_UPDATE_STATE, (*state_values(record), record.task_key))
-            self._db.execute(
-                "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)",
-                (record.task_key, record.seq, orjson.dumps(dict(event)).decode()),
-            )
-            if sinks:
-                self._enqueue(sinks, record.task_key, event)
+        """Store the task's new state, its event and its webhook deliveries, committed.
+
+        Group commit: the events of every poll that ends in the same turn of the event loop
+        go in ONE transaction (flushed by `call_soon` once the turn is over); each caller
+        returns once that transaction committed (journal before write, per-task order: a
+        task's next event is built only after this one returned).
+        """
+        await self._stage(record, event, sinks)
+
+    def _stage(
+        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str]
+    ) -> asyncio.Future[None]:
+        """Add an event to the batch of this turn; the future resolves once it committed."""
+        batch = self._batch
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._batch = _Batch(loop.create_future())
+            loop.call_soon(self._flush_batch)
+        key = record.task_key
+        batch.states.append((*state_values(record), key))
+        batch.events.append((key, record.seq, orjson.dumps(dict(event)).decode()))
+        if sinks:
+            batch.outbox.append((sinks, key, event))
+        return batch.done
+
+    def _flush_batch(self) -> None:
+        """Commit the batch of this turn (with pending confirmations) and wake its callers."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            with self._tx():
+                if self._confirmations:
+                    self._confirm_pending()  # earlier events' confirmations ride along
+                self._db.executemany(_UPDATE_STATE, batch.states)
+                self._db.executemany(_INSERT_EVENT, batch.events)
+                for sinks, key, event in batch.outbox:
+                    self._enqueue(sinks, key, event)
+        except sqlite3.Error as err:
+            if not batch.done.done():
+                batch.done.set_exception(err)
+                batch.done.exception()  # retrieved by every caller; none left: no warning
+            return
+        if not batch.done.done():
+            batch.done.set_result(None)
 
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Queue webhook deliveries of an event that is not about a task."""
@@ -221,6 +257,10 @@ class SqliteStore:
         of an event). A kill in that window writes the event again on the next start, with
         the same event_id; nothing is lost.
         """
+        self.confirm_written(task_key, seq)
+
+    def confirm_written(self, task_key: str, seq: int) -> None:
+        """`mark_written` for a callback (the writer thread's report, in the loop)."""
         self._confirmations.append((task_key, seq))
         if self._confirm_timer is None:
             loop = asyncio.get_running_loop()
@@ -276,8 +316,21 @@ class SqliteStore:
     async def close(self) -> None:
         if self._confirm_timer is not None:
             self._confirm_timer.cancel()
+        self._flush_batch()
         self._flush_confirmations()
         self._db.close()
+
+
+class _Batch:
+    """The events of one turn of the event loop, committed together."""
+
+    __slots__ = ("done", "events", "outbox", "states")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.states: list[tuple[Any, ...]] = []
+        self.events: list[tuple[str, int, str]] = []
+        self.outbox: list[tuple[Sequence[str], str, Mapping[str, Any]]] = []
 
 
 class _Transaction:
