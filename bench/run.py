@@ -257,6 +257,11 @@ def run_size(n: int, plan: Plan, server: Server, bare: Child, tmp: Path) -> dict
         "event_cpu_s": events["event_cpu_s"],
         "events_window_cpu_s": events["cpu_s"],
         "event_cost_us": events["event_cpu_s"] / max(events["events"], 1) * 1e6,
+        # where an event's CPU goes (µs per event, by phase; the writer thread's included)
+        "event_phases_us": {
+            k: v / max(events["events"], 1) * 1e6
+            for k, v in events.get("event_phases_s", {}).items()
+        },
         "add_us_mean": adds["mean_us"],
         "add_us_max": adds["max_us"],
         "stop_s": stop["stop_s"],

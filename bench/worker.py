@@ -129,7 +129,9 @@ class EnkwatchWorker:
         self._first_round_at: float | None = None
         self._t_run = 0.0
         self._lateness: list[float] | None = None
-        self.event_cpu_s = 0.0
+        self._event_cpu_s = 0.0
+        # CPU seconds of each timed phase of the event path
+        self.phases: dict[str, float] = {}
         self.events = 0
         self._events_file: Any = None
 
@@ -143,6 +145,56 @@ class EnkwatchWorker:
             self._first_round_at = time.perf_counter()
 
     def _time_events(self) -> None:
+        """Add the CPU of every phase of the event path to a total.
+
+        An event's path suspends (it awaits its group commit, and the writer thread writes
+        it), so timing the coroutine from start to end would count whatever else ran
+        meanwhile. Each synchronous phase is timed instead: the body (with redaction), the
+        staging into the batch, the batch's commit, rendering and queueing the line with the
+        metrics and outbox hooks, the confirmations (the writer thread's reports and their
+        batched commit); the writer thread's own CPU (time.thread_time) is added at read time.
+        """
+        from enkwatch.events import EventWriter
+
+        if not hasattr(EventWriter, "_task_body"):
+            self._time_poller_emit()  # an older enkwatch: one commit per event, no awaits
+            return
+        from enkwatch.output import LineWriter
+        from enkwatch.state.sqlite import SqliteStore
+
+        worker = self
+
+        def timed(cls: Any, name: str, counts: bool = False) -> None:
+            original: Any = getattr(cls, name)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                start = time.process_time()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spent = time.process_time() - start
+                    worker._event_cpu_s += spent
+                    worker.phases[name] = worker.phases.get(name, 0.0) + spent
+                    if counts:
+                        worker.events += 1
+
+            setattr(cls, name, wrapper)
+
+        timed(EventWriter, "_task_body", counts=True)
+        timed(EventWriter, "_publish")
+        timed(SqliteStore, "_stage")
+        timed(SqliteStore, "_flush_batch")
+        timed(SqliteStore, "_flush_confirmations")
+        timed(LineWriter, "_report")
+
+    @property
+    def event_cpu_s(self) -> float:
+        """The event path's CPU so far, the writer thread's included."""
+        running = getattr(self.service, "running", None)
+        out = getattr(running.writer, "out", None) if running is not None else None
+        return self._event_cpu_s + float(getattr(out, "thread_cpu_s", 0.0))
+
+    def _time_poller_emit(self) -> None:
         """Add the CPU of every `Poller._emit` (journal, render, write, hooks) to a total."""
         from enkwatch.watch import Poller
 
@@ -157,7 +209,7 @@ class EnkwatchWorker:
                 try:
                     await original(self, task, name, level, **fields)
                 finally:
-                    worker.event_cpu_s += time.process_time() - start
+                    worker._event_cpu_s += time.process_time() - start
                     worker.events += 1
 
             Poller._emit = timed  # type: ignore[method-assign]
@@ -172,7 +224,7 @@ class EnkwatchWorker:
                 try:
                     flush(store)
                 finally:
-                    worker.event_cpu_s += time.process_time() - start
+                    worker._event_cpu_s += time.process_time() - start
 
             SqliteStore._flush_confirmations = timed_flush  # type: ignore[method-assign]
         else:
@@ -182,7 +234,7 @@ class EnkwatchWorker:
                 try:
                     original(self, task, name, level, **fields)
                 finally:
-                    worker.event_cpu_s += time.process_time() - start
+                    worker._event_cpu_s += time.process_time() - start
                     worker.events += 1
 
             Poller._emit = timed_sync  # type: ignore[method-assign]
@@ -238,6 +290,7 @@ class EnkwatchWorker:
             "complete": done,
             "events": self.events,
             "event_cpu_s": self.event_cpu_s,
+            "event_phases_s": dict(self.phases),
             "rss_bytes": rss_bytes(),
         }
 
@@ -282,6 +335,7 @@ class EnkwatchWorker:
         await asyncio.sleep(settle_s)
         self._lateness = []
         events0, event_cpu0 = self.events, self.event_cpu_s
+        phases0, thread0 = dict(self.phases), self.event_cpu_s - self._event_cpu_s
         window = Window(lambda: self._started)
         rss_max = 0
         end = time.monotonic() + window_s
@@ -303,6 +357,10 @@ class EnkwatchWorker:
             },
             events=self.events - events0,
             event_cpu_s=self.event_cpu_s - event_cpu0,
+            event_phases_s={
+                **{k: v - phases0.get(k, 0.0) for k, v in self.phases.items()},
+                "writer_thread": self.event_cpu_s - self._event_cpu_s - thread0,
+            },
         )
         return out
 
