@@ -309,9 +309,25 @@ class ClockStepGuard:
         return step
 
 
+class _ShutdownCancellation(logging.Filter):
+    """A job cancelled because the scheduler shut down is not an error.
+
+    APScheduler 3 logs every job future that ends in CancelledError as "Error running job",
+    with a traceback; `shutdown(wait=False)` cancels the runs it submitted but that have not
+    started yet (a dispatcher wake-up armed just before SIGTERM, say).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (exc is not None and issubclass(exc, asyncio.CancelledError))
+
+
 def make_apscheduler() -> AsyncIOScheduler:
     """An AsyncIOScheduler on the running loop, quiet at INFO."""
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    executors = logging.getLogger("apscheduler.executors.default")
+    if not any(isinstance(f, _ShutdownCancellation) for f in executors.filters):
+        executors.addFilter(_ShutdownCancellation())
     return AsyncIOScheduler(
         event_loop=asyncio.get_running_loop(),
         timezone=UTC,

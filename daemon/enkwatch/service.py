@@ -1,18 +1,16 @@
-"""Assembly only: in an AsyncExitStack each component starts and registers its cleanup;
-`run()` serves until stopped, tears down in reverse and returns an `Outcome` (cli.py maps
-it to an exit code)."""
+"""Assembly only: each component starts in an AsyncExitStack and registers its cleanup;
+`run()` serves until stopped, tears down in reverse, returns an `Outcome` for cli.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
 import socket
 import uuid
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -59,6 +57,7 @@ class Running:
     watchlist: WatchList
     gate: RequestGate
     outbox: Outbox
+    timers: Timers
 
 
 class Service:
@@ -129,7 +128,7 @@ class Service:
         if hasattr(signal, "SIGHUP"):
             handlers.append((signal.SIGHUP, self._reload_soon, ()))
         for sig, handler, args in handlers:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler, *args)
                 stack.callback(loop.remove_signal_handler, sig)
 
@@ -216,7 +215,7 @@ class Service:
         )  # fmt: skip
         await outbox.start()
         stack.push_async_callback(outbox.close)
-        self.running = Running(store, owner, writer, sched, watchlist, gate, outbox)
+        self.running = Running(store, owner, writer, sched, watchlist, gate, outbox, timers)
         await self._start_jobs(stack, timers, owner, watchlist)
         return self.running
 
@@ -254,6 +253,7 @@ class Service:
         reason = self._reason_text
         writer.daemon_event(ev.DAEMON_STOPPING, reason=reason)
         sched.stop()
+        parts.timers.pause()  # no housekeeping job starts during the drain
         writer.out.release()  # polls no longer wait for a stalled reader: the drain is quick
         watchlist.stopped = True
         parts.gate.close()  # polls still waiting for the rate limit or a pause send nothing
