@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from enkwatch.client import (
     parse_body,
     parse_retry_after,
 )
-from enkwatch.clock import FakeClock
+from enkwatch.clock import FakeClock, SystemClock
 from enkwatch.errors import (
     InvalidResponse,
     NotFound,
@@ -39,7 +40,7 @@ from enkwatch.errors import (
 from enkwatch.kinds.dataset import DATASET as DATASET_KIND
 from enkwatch.kinds.dataset import PATH
 from enkwatch.limits import RequestGate
-from enkwatch.models import Observation
+from enkwatch.models import MAX_STATUS_CHARS, Observation
 from tests.bombs import bomb
 
 API_KEY = "sk-test-4f1c0e9a7b2d-DO-NOT-LEAK"
@@ -192,9 +193,11 @@ async def client(make_client: MakeClient) -> ApiClient:
     return await make_client()
 
 
-async def poll_error(client: ApiClient, task_id: str | None = TASK_ID) -> PollError:
+async def poll_error(
+    client: ApiClient, task_id: str | None = TASK_ID, dataset: str | None = DATASET
+) -> PollError:
     with pytest.raises(PollError) as info:
-        await client.get_task(DATASET_KIND, task_id, DATASET)
+        await client.get_task(DATASET_KIND, task_id, dataset)
     err = info.value
     assert API_KEY not in str(err)
     assert API_KEY not in err.detail
@@ -240,8 +243,56 @@ async def test_request_with_dataset_only(client: ApiClient, api: FakeApi) -> Non
 
 
 async def test_non_ascii_dataset_travels_intact(client: ApiClient, api: FakeApi) -> None:
-    await client.get_task(DATASET_KIND, None, "Élection-2024")
+    api.then(answer(payload={"data": task_data(dataset_name="Élection-2024")}))
+    obs = await client.get_task(DATASET_KIND, None, "Élection-2024")
     assert api.seen[0].headers["X-Enkrypt-Dataset"] == "Élection-2024"
+    assert obs.dataset_name == "Élection-2024"
+
+
+# --- 13: an answer about another task than the one asked --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "answered", "named"),
+    [
+        ((TASK_ID, None), {"task_id": "data-generation-someone-else"}, "data.task_id"),
+        ((TASK_ID, DATASET), {"task_id": "data-generation-someone-else"}, "data.task_id"),
+        ((None, DATASET), {"dataset_name": "AnotherDataset"}, "data.dataset_name"),
+    ],
+    ids=["by-task-id", "by-both", "by-dataset"],
+)
+async def test_an_answer_about_another_task_is_invalid(
+    client: ApiClient,
+    api: FakeApi,
+    asked: tuple[str | None, str | None],
+    answered: dict[str, str],
+    named: str,
+) -> None:
+    api.then(answer(payload={"data": task_data(**answered)}))
+    err = await poll_error(client, *asked)
+    assert isinstance(err, InvalidResponse) and err.kind == "invalid_response"
+    assert named in err.detail and "not the" in err.detail
+
+
+async def test_asked_by_task_id_another_dataset_name_is_still_an_observation(
+    client: ApiClient, api: FakeApi
+) -> None:
+    # the task id identifies the task; the dataset name is only reported
+    api.then(answer(payload={"data": task_data(dataset_name="Renamed")}))
+    obs = await client.get_task(DATASET_KIND, TASK_ID, None)
+    assert obs.dataset_name == "Renamed"
+
+
+def test_a_status_outside_the_vocabulary_is_cut_and_cleaned() -> None:
+    weird = "Paus\x1b\x00ed\r\n\u202e" + "x" * 10_000
+    obs = parse_body(DATASET_KIND, body({"data": task_data(status=weird, created_at="y" * 500)}))
+    assert obs.status.startswith("Paused") and len(obs.status) == MAX_STATUS_CHARS
+    assert obs.status.endswith("\u2026") and obs.status.isprintable()
+    assert len(obs.created_at) == MAX_STATUS_CHARS and not obs.known
+    # a known status is the one shared string object, untouched
+    assert parse_body(DATASET_KIND, body({"data": task_data(status="Running")})).known
+    with pytest.raises(InvalidResponse, match="no printable character"):
+        parse_body(DATASET_KIND, body({"data": task_data(status="\x00\x07")}))
 
 
 async def test_base_url_with_a_path_prefix(make_client: MakeClient, api: FakeApi) -> None:
@@ -532,7 +583,7 @@ async def test_429_with_retry_after_seconds_pauses_the_gate(
     assert gate.pauses == 1
     assert gate.pause_remaining() == 7
     # the next request, for any task, waits the pause out first
-    await client.get_task(DATASET_KIND, "another-task", None)
+    await client.get_task(DATASET_KIND, None, DATASET)  # another task, by dataset
     assert sleeps.waits == [7]
     assert gate.pause_remaining() == 0
 
@@ -805,6 +856,41 @@ async def test_gate_without_a_rate_limit_never_waits(clock: FakeClock, sleeps: S
     for _ in range(1000):
         await gate.acquire()
     assert sleeps.waits == []
+
+
+# -- 13.4: a wait in the gate ends at the task's deadline -------------------------------------
+
+
+async def test_gate_pause_wait_ends_at_the_deadline(clock: FakeClock, sleeps: Sleeps) -> None:
+    gate = RequestGate(0, clock=clock, sleep=sleeps)
+    gate.pause(MAX_RETRY_AFTER_S)
+    deadline = clock.monotonic() + 5
+    assert await gate.acquire(deadline) is False
+    assert sleeps.waits == [5]  # not the hour of the pause
+    assert clock.monotonic() == deadline
+    # a pause that ends before the deadline is waited out as before
+    short = RequestGate(0, clock=clock, sleep=sleeps)
+    short.pause(2)
+    assert await short.acquire(clock.monotonic() + 10) is True
+    assert sleeps.waits == [5, 2]
+
+
+async def test_gate_last_poll_never_waits_through_a_pause(clock: FakeClock, sleeps: Sleeps) -> None:
+    gate = RequestGate(0, clock=clock, sleep=sleeps)
+    gate.pause(30)
+    assert await gate.acquire(clock.monotonic()) is False  # its deadline is now
+    assert await gate.acquire(clock.monotonic() - 100) is False  # passed while down
+    assert sleeps.waits == []
+
+
+async def test_gate_rate_limit_wait_ends_at_the_deadline() -> None:
+    # the limiter keeps the loop's time: a real (short) deadline, waited on, not slept
+    gate = RequestGate(0.001, clock=SystemClock())  # one request, then one per 1000 s
+    assert await gate.acquire() is True
+    started = time.monotonic()
+    assert await gate.acquire(started + 0.05) is False
+    assert 0.04 <= time.monotonic() - started < 5
+    assert gate.limit_waits == 1 and not gate._waiting
 
 
 class LoopTime:

@@ -24,9 +24,9 @@ from enkwatch.watch import DONE, PollResult, TaskWatch
 POLLING = PollingConfig()
 
 
-def make_task(name: str) -> TaskWatch:
-    cfg = TaskConfig(task_id=name)
-    return TaskWatch.from_config(cfg, POLLING, TaskRecord(name, name, None, 0.0))
+def make_task(name: str, deadline_s: float | None = None, started_at: float = 0.0) -> TaskWatch:
+    cfg = TaskConfig(task_id=name, deadline_seconds=deadline_s)
+    return TaskWatch.from_config(cfg, POLLING, TaskRecord(name, name, None, started_at))
 
 
 class FakePolls:
@@ -35,6 +35,11 @@ class FakePolls:
     def __init__(self) -> None:
         self.pending: dict[str, asyncio.Future[PollResult]] = {}
         self.started: list[str] = []
+        self.expired: list[str] = []
+
+    async def expire(self, task: TaskWatch) -> PollResult:
+        self.expired.append(task.key)
+        return DONE
 
     async def poll(self, task: TaskWatch) -> PollResult:
         fut: asyncio.Future[PollResult] = asyncio.get_running_loop().create_future()
@@ -73,6 +78,7 @@ class Rig:
             on_crash=self.crashes.append,
             paused_for=lambda: self.pause,
             wakeup=lambda dispatch: self.wakeup,
+            expire=self.polls.expire,
         )
 
     async def tick(self, seconds: float = 0.0) -> None:
@@ -177,6 +183,40 @@ async def test_pause_holds_every_task_and_arms_for_its_end() -> None:
     rig.pause = 0.0
     await rig.tick(7)
     assert rig.polls.started == ["a"]
+
+
+async def test_a_pause_never_holds_a_deadline() -> None:
+    rig = Rig(max_in_flight=4)
+    wall = rig.clock.now().timestamp()
+    now = rig.clock.monotonic()
+    soon = make_task("soon", deadline_s=5, started_at=wall)
+    later = make_task("later", deadline_s=60, started_at=wall)
+    free = make_task("free")
+    for task in (soon, later, free):
+        rig.sched.add(task, due=now + 1)
+    rig.pause = 3600.0  # a Retry-After of an hour
+    await rig.tick(1)
+    assert rig.polls.started == [] and rig.polls.expired == []
+    # each due task is held until the earlier of its deadline and the pause's end
+    assert (soon.next_due, later.next_due, free.next_due) == (now + 5, now + 60, now + 3601)
+    assert rig.wakeup.armed == now + 5
+    await rig.tick(4)  # at the deadline: ended without a request, the pause still on
+    assert rig.polls.expired == ["soon"] and rig.done == ["soon"]
+    assert rig.polls.started == [] and rig.wakeup.armed == now + 60
+    rig.pause = 0.0
+    await rig.tick(55)  # the pause ended early: polling goes on as before
+    assert rig.polls.started == ["later"] and rig.polls.expired == ["soon"]
+
+
+async def test_a_deadline_is_anchored_once_on_the_monotonic_clock() -> None:
+    rig = Rig()
+    wall = rig.clock.now().timestamp()
+    task = make_task("a", deadline_s=100, started_at=wall - 30)  # began 30 s ago
+    rig.sched.add(task)
+    assert task.deadline_at == pytest.approx(rig.clock.monotonic() + 70)
+    rig.clock.set_wall(rig.clock.now() + timedelta(hours=2))  # a step: nothing moves
+    rig.sched.add(task)
+    assert task.deadline_at == pytest.approx(rig.clock.monotonic() + 70)
 
 
 async def test_a_crashing_poll_is_reported_not_swallowed() -> None:

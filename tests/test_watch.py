@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import AuthError
 from enkwatch.events import EventWriter
 from enkwatch.limits import RequestGate
+from enkwatch.models import MAX_STATUS_CHARS
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 from enkwatch.watch import AUTH_CONFIRM_DELAY_S, DONE, AuthRejected, Poller, TaskWatch
@@ -71,6 +73,7 @@ class Harness:
         self.store = store
         self.clock = clock
         self.sleeps: list[float] = []
+        self.gate = RequestGate(0, clock)
 
     async def task(self, **cfg: Any) -> TaskWatch:
         config = TaskConfig(**({"task_id": TASK_ID} | cfg))
@@ -105,11 +108,13 @@ async def harness(aiohttp_server: Any) -> AsyncIterator[Harness]:
         sleeps.append(seconds)
         clock.advance(seconds)
 
-    async with ApiClient(str(server.make_url("")), SECRET, 5, RequestGate(0, clock)) as client:
+    gate = RequestGate(0, clock, sleep=fake_sleep)
+    async with ApiClient(str(server.make_url("")), SECRET, 5, gate) as client:
         writer = EventWriter(clock, store)
         poller = Poller(client, writer, clock, polling, random.Random(7), sleep=fake_sleep)
         h = Harness(api, poller, store, clock)
         h.sleeps = sleeps
+        h.gate = gate
         yield h
     await store.close()
 
@@ -365,3 +370,104 @@ async def test_invalid_answers_are_failures_not_crashes(harness: Harness) -> Non
     assert delays[-1] is DONE
     assert [e.get("error") for e in logs[:4]] == ["invalid_response"] * 4
     assert logs[-1]["status"] == "Finished"
+
+
+# -- 13: deadlines on the monotonic clock, through pauses; answers about another task ----------
+
+
+async def test_a_poll_held_by_a_pause_gives_up_at_its_deadline_without_sending(
+    harness: Harness,
+) -> None:
+    harness.api.script(http(429, {"Retry-After": "1e12"}), ok("Running"))
+    task = await harness.task(deadline_seconds=25)
+    with capture_logs() as logs:
+        first = await harness.poller.poll(task)
+        assert first == pytest.approx(25.0)  # the retry is at the deadline, not in an hour
+        assert harness.gate.pause_remaining() == pytest.approx(3600.0)
+        # a poll that finds the gate paused (it was in flight when the pause began)
+        assert await harness.poller.poll(task) is DONE
+    assert len(harness.api.requests) == 1  # nothing sent after the 429
+    assert harness.sleeps == [pytest.approx(25.0)]  # waited until the deadline, not after
+    assert names(logs) == [ev.TASK_POLL_FAILED, ev.TASK_GAVE_UP]
+    gave_up = logs[-1]
+    assert gave_up["reason"] == "deadline_exceeded"
+    assert gave_up["polls"] == 1 and task.record.polls == 1
+    assert gave_up["watched_seconds"] == pytest.approx(25.0)
+
+
+async def test_expire_gives_up_only_once_the_deadline_came(harness: Harness) -> None:
+    task = await harness.task(deadline_seconds=5)
+    early = await harness.poller.expire(task)
+    assert early == pytest.approx(5.0)
+    harness.clock.advance(5)
+    with capture_logs() as logs:
+        assert await harness.poller.expire(task) is DONE
+    assert names(logs) == [ev.TASK_GAVE_UP] and harness.api.requests == []
+
+
+@pytest.mark.parametrize("step_s", [7200.0, -7200.0])
+async def test_a_wall_clock_step_neither_ends_nor_extends_a_deadline(
+    harness: Harness, step_s: float
+) -> None:
+    harness.api.script(ok("Running"))
+    task = await harness.task(deadline_seconds=3600)
+    await harness.poller.poll(task)
+    harness.clock.set_wall(harness.clock.now() + timedelta(seconds=step_s))
+    with capture_logs() as logs:
+        delay = await harness.poller.poll(task)
+    assert logs == [] and delay is not DONE  # +2 h on the wall: still watched
+    assert harness.poller.deadline_remaining(task) == pytest.approx(3600.0)
+    harness.clock.advance(3600)  # an hour of monotonic time: the deadline, whatever the wall
+    with capture_logs() as logs:
+        assert await harness.poller.poll(task) is DONE
+    assert names(logs) == [ev.TASK_GAVE_UP]
+    assert logs[0]["watched_seconds"] == pytest.approx(3600.0)
+
+
+async def test_a_deadline_is_anchored_on_the_stored_start_across_restarts(
+    harness: Harness,
+) -> None:
+    harness.api.script(ok("Running"))
+    task = await harness.task(deadline_seconds=100)
+    task.record.watch_started_at -= 60  # watching began 60 s ago, in an earlier process
+    assert harness.poller.deadline_remaining(task) == pytest.approx(40.0)
+    late = await harness.task(deadline_seconds=100)
+    late.record.watch_started_at -= 1000  # the deadline passed while the daemon was down
+    with capture_logs() as logs:
+        assert await harness.poller.poll(late) is DONE  # polled once, then given up
+    assert len(harness.api.requests) == 1
+    assert names(logs) == [ev.TASK_TRANSITION, ev.TASK_GAVE_UP]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "answered"),
+    [
+        ({}, {"task_id": "data-generation-someone-else"}),
+        ({"task_id": None, "dataset": "Election2"}, {"dataset_name": "Other"}),
+    ],
+    ids=["by-task-id", "by-dataset"],
+)
+async def test_an_answer_about_another_task_is_a_failure_not_a_transition(
+    harness: Harness, cfg: dict[str, Any], answered: dict[str, str]
+) -> None:
+    harness.api.script(ok("Finished", **answered))
+    task = await harness.task(**cfg)
+    with capture_logs() as logs:
+        delay = await harness.poller.poll(task)
+    assert delay is not DONE and not task.done
+    [event] = logs
+    assert event["event"] == ev.TASK_POLL_FAILED and event["error"] == "invalid_response"
+    assert "not the" in event["detail"]
+    assert task.record.last_status is None and task.record.seen_task_id is None
+
+
+async def test_an_unknown_status_is_cut_and_cleaned_in_its_event(harness: Harness) -> None:
+    harness.api.script(ok("Stuck\x1b]0;pwned\x07\n" + "!" * 5000))
+    task = await harness.task()
+    with capture_logs() as logs:
+        await harness.poller.poll(task)
+    [event] = logs
+    assert event["event"] == ev.TASK_UNKNOWN_STATUS
+    assert event["status"].startswith("Stuck]0;pwned!")
+    assert len(event["status"]) == MAX_STATUS_CHARS and event["status"].isprintable()
+    assert task.record.last_unknown_status == event["status"]

@@ -18,6 +18,7 @@ from enkwatch.errors import (
     ERR_HTTP_STATUS,
     ERR_RATE_LIMITED,
     ERR_TIMEOUT,
+    DeadlineReached,
     InvalidResponse,
     NotFound,
     PollError,
@@ -98,15 +99,24 @@ class ApiClient:
             self._session = None
 
     async def get_task(
-        self, kind: TaskKind, task_id: str | None, dataset: str | None
+        self,
+        kind: TaskKind,
+        task_id: str | None,
+        dataset: str | None,
+        give_up_at: float | None = None,
     ) -> Observation:
-        """One request; an Observation, or a PollError subclass saying why not."""
+        """One request; an Observation, or a PollError subclass saying why not.
+
+        `give_up_at` (monotonic): the task's deadline; DeadlineReached, and nothing sent, when
+        the request's turn in the gate (rate limit, Retry-After pause) would come after it.
+        """
         if self._session is None:
             raise RuntimeError("ApiClient used outside `async with`")
         url = self._base_url + kind.path(task_id, dataset)
         headers = kind.headers(task_id, dataset)
         headers["apikey"] = self._api_key
-        await self._gate.acquire()
+        if not await self._gate.acquire(give_up_at):
+            raise DeadlineReached
         try:
             async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                 body = await _read_limited(resp)
@@ -117,7 +127,7 @@ class ApiClient:
         except aiohttp.ClientError as err:
             raise TransientPollError(ERR_CONNECTION, _describe(err)) from None
         try:
-            return classify(kind, status, body, retry_after, self._clock)
+            return classify(kind, status, body, retry_after, self._clock, task_id, dataset)
         except PollError as err:
             wait = err.retry_after_s if isinstance(err, TransientPollError) else None
             if wait is not None and status in PAUSING_STATUSES:
@@ -130,9 +140,18 @@ class ApiClient:
 
 
 def classify(
-    kind: TaskKind, status: int, body: bytes | None, retry_after: str | None, clock: Clock
+    kind: TaskKind,
+    status: int,
+    body: bytes | None,
+    retry_after: str | None,
+    clock: Clock,
+    task_id: str | None = None,
+    dataset: str | None = None,
 ) -> Observation:
-    """The one place where an answer becomes an Observation or a typed error; no side effects."""
+    """The one place where an answer becomes an Observation or a typed error; no side effects.
+
+    `task_id` and `dataset` are what was asked: an answer about another task is invalid.
+    """
     if status in (401, 403):
         raise UnauthorizedAnswer(f"HTTP {status}", status)
     if status == 404:
@@ -147,10 +166,16 @@ def classify(
         raise InvalidResponse(f"HTTP {status}", status)
     if body is None:
         raise InvalidResponse(f"the body is larger than {MAX_BODY_BYTES} bytes", status)
-    return parse_body(kind, body, status)
+    return parse_body(kind, body, status, task_id, dataset)
 
 
-def parse_body(kind: TaskKind, body: bytes, http_status: int = 200) -> Observation:
+def parse_body(
+    kind: TaskKind,
+    body: bytes,
+    http_status: int = 200,
+    task_id: str | None = None,
+    dataset: str | None = None,
+) -> Observation:
     """Parse a 200 body; raise NotFound or InvalidResponse for anything but an observation."""
     try:
         payload = orjson.loads(body)
@@ -162,7 +187,7 @@ def parse_body(kind: TaskKind, body: bytes, http_status: int = 200) -> Observati
             raise NotFound(f"the API says: {message[:200]}", None)
         raise InvalidResponse(f"the API answered 200 with an error: {message[:200]}", http_status)
     try:
-        return kind.parse(payload)
+        return kind.parse(payload, task_id, dataset)
     except ValueError as err:
         raise InvalidResponse(str(err), http_status) from None
 

@@ -86,6 +86,14 @@ class UnauthorizedAnswer(PollError):
     kind = ERR_HTTP_STATUS
 
 
+class DeadlineReached(EnkwatchError):
+    """A poll's task reached its deadline while the poll waited its turn (a rate limit or a
+    Retry-After pause): nothing was sent; the task is given up."""
+
+    def __init__(self) -> None:
+        super().__init__("the task's deadline came while its request waited its turn")
+
+
 class LeaseLost(EnkwatchError):
     """This replica may not poll or emit for a task (its partition's lease is gone, or another
     writer moved the task on): nothing was emitted; the task is dropped here."""

@@ -62,34 +62,55 @@ class RequestGate:
             task.cancel()
         return len(waiting)
 
-    async def acquire(self) -> None:
-        """Wait for the global pause to end and for a slot in the rate limit.
+    async def acquire(self, give_up_at: float | None = None) -> bool:
+        """Wait for the global pause to end and for a slot in the rate limit; True when it is
+        this request's turn, False when `give_up_at` (a task's deadline, monotonic) came first.
 
-        After close() nothing goes through: the caller is cancelled instead.
+        A request whose deadline is still ahead waits until its deadline at most. The last poll
+        of a task (at or after its deadline) still waits its turn in the rate limit, but never
+        through a pause. After close() nothing goes through: the caller is cancelled instead.
         """
         if self.closed:
             raise asyncio.CancelledError
         if self._limiter is None and self.paused_until <= self._clock.monotonic():
-            return  # the hot path without limits: nothing to wait for, nothing to track
+            return True  # the hot path without limits: nothing to wait for, nothing to track
         task = asyncio.current_task()
         if task is not None:
             self._waiting.add(task)
         try:
-            await self._wait_turn()
+            return await self._wait_pause(give_up_at) and await self._wait_limit(give_up_at)
         finally:
             if task is not None:
                 self._waiting.discard(task)
 
-    async def _wait_turn(self) -> None:
+    async def _wait_pause(self, give_up_at: float | None) -> bool:
         # a loop, not an Event: another Retry-After may extend the pause while we wait
         while (wait := self.pause_remaining()) > 0:
+            if give_up_at is not None and wait >= give_up_at - self._clock.monotonic():
+                left = give_up_at - self._clock.monotonic()
+                if left > 0:
+                    self.wait_seconds += left
+                    await self._sleep(left)
+                return False
             self.wait_seconds += wait
             await self._sleep(wait)
-        if self._limiter is not None:
-            if self._limiter.has_capacity():
+        return True
+
+    async def _wait_limit(self, give_up_at: float | None) -> bool:
+        if self._limiter is None:
+            return True
+        if self._limiter.has_capacity():
+            await self._limiter.acquire()
+            return True
+        started = self._clock.monotonic()
+        self.limit_waits += 1
+        # None: no deadline, or the last poll (its deadline already here): it waits its turn
+        left = None if give_up_at is None or give_up_at <= started else give_up_at - started
+        try:
+            async with asyncio.timeout(left):
                 await self._limiter.acquire()
-            else:
-                started = self._clock.monotonic()
-                self.limit_waits += 1
-                await self._limiter.acquire()
-                self.wait_seconds += self._clock.monotonic() - started
+        except TimeoutError:
+            return False
+        finally:
+            self.wait_seconds += self._clock.monotonic() - started
+        return True

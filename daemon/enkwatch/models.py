@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
+
+# a status (or created_at) string from the API is cut to this many characters in events
+# and in the state (the last one marked with ELLIPSIS), after its control characters go
+MAX_STATUS_CHARS: Final = 64
+ELLIPSIS: Final = "\u2026"
 
 # event names (CONTRACT §5), defined once: events.py, config.py and the stores use these
 DAEMON_STARTED: Final = "daemon.started"
@@ -45,6 +51,15 @@ def is_postgres_url(path: str) -> bool:
     return path.startswith(("postgresql://", "postgres://"))
 
 
+def clean_text(text: str, limit: int = MAX_STATUS_CHARS) -> str:
+    """`text` without control or format characters (Unicode category C*: CR/LF, ESC, NUL,
+    bidi overrides...), cut to `limit` characters (the last one then an ellipsis)."""
+    if text.isprintable() and len(text) <= limit:
+        return text  # the usual case: nothing to do, the same object
+    kept = "".join(c for c in text if not unicodedata.category(c).startswith("C"))
+    return kept if len(kept) <= limit else kept[: limit - 1] + ELLIPSIS
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """One successful answer about one task, parsed by its kind."""
@@ -80,6 +95,7 @@ class TaskKind(Protocol):
         """The request's identifying headers (a new dict: the client adds the key)."""
         ...
 
-    def parse(self, payload: object) -> Observation:
-        """An Observation from a decoded 200 answer; ValueError naming what is wrong."""
+    def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
+        """An Observation from a decoded 200 answer to the request for `task_id` (else
+        `dataset`); ValueError naming what is wrong, also when it is about another task."""
         ...

@@ -14,7 +14,10 @@ The design, chosen deliberately (the benchmark holds it to 10,000-100,000 tasks)
   without waiting for a timer. An overloaded daemon therefore grows late, never large:
   memory stays flat and no backlog of coroutines piles up.
 * Requests per second and Retry-After pauses are enforced in the client's `RequestGate`,
-  shared by every request; the dispatcher also does not start polls during a pause.
+  shared by every request; the dispatcher also does not start polls during a pause. A
+  pause never holds a deadline: during one, a due task whose deadline has come is ended
+  by `expire` (no request), and any other due task waits, re-pushed at the earlier of its
+  deadline and the pause's end, so the heap's head stays the next thing to do.
 * Due times are monotonic; APScheduler 3 keeps its jobs in wall time. A step of the wall
   clock (NTP, a VM resumed) would shift every job by the step: a step back of two hours
   left the dispatcher and the housekeeping jobs asleep for two hours. `ClockStepGuard`
@@ -86,8 +89,11 @@ class PollScheduler:
         paused_for: Callable[[], float] = lambda: 0.0,
         on_end: Callable[[TaskWatch, PollResult], None] | None = None,
         wakeup: WakeupFactory | None = None,
+        expire: PollFn | None = None,
     ) -> None:
         self._poll = poll
+        # ends a task at its deadline without a request (during a pause); None: never asked
+        self._expire = expire
         self._clock = clock
         self.max_in_flight = max_in_flight
         self._on_task_done = on_task_done
@@ -111,13 +117,17 @@ class PollScheduler:
 
     def add(self, task: TaskWatch, due: float | None = None) -> None:
         """Schedule `task` at monotonic time `due` (now when None); O(log n), no I/O."""
-        self._push(task, self._clock.monotonic() if due is None else due)
+        now = self._clock.monotonic()
+        task.anchor(self._clock.now().timestamp(), now)
+        self._push(task, now if due is None else due)
         self._arm()
 
     def add_many(self, tasks: Iterable[TaskWatch]) -> None:
         """Schedule tasks due now (a watch list loading): one wake-up for them all."""
         now = self._clock.monotonic()
+        wall = self._clock.now().timestamp()
         for task in tasks:
+            task.anchor(wall, now)  # the deadline, on the monotonic clock from here on
             self._push(task, now)
         self._arm()
 
@@ -145,8 +155,8 @@ class PollScheduler:
         heap = self._heap
         now = self._clock.monotonic()
         paused = self._paused_for()
-        if paused > 0:
-            self.wakeup.arm(now + paused)
+        if paused > DISPATCH_SLACK_S:
+            self._dispatch_paused(now, now + paused)
             return
         horizon = now + DISPATCH_SLACK_S
         while heap and len(self.in_flight) < self.max_in_flight:
@@ -161,12 +171,35 @@ class PollScheduler:
         if heap and len(self.in_flight) < self.max_in_flight:
             self.wakeup.arm(heap[0][0])
 
-    def _start(self, task: TaskWatch, due: float, now: float) -> None:
+    def _dispatch_paused(self, now: float, resume_at: float) -> None:
+        """During a pause: end the due tasks whose deadline has come, hold the others."""
+        heap = self._heap
+        horizon = now + DISPATCH_SLACK_S
+        while heap and len(self.in_flight) < self.max_in_flight:
+            due, gen, task = heap[0]
+            if gen != task.sched_gen:
+                heapq.heappop(heap)
+                continue
+            if due > horizon:
+                break
+            heapq.heappop(heap)
+            deadline = task.deadline_at
+            if deadline is not None and deadline <= horizon and self._expire is not None:
+                self._start(task, due, now, self._expire)
+            elif deadline is not None and deadline > horizon:
+                self._push(task, min(deadline, resume_at))
+            else:
+                self._push(task, resume_at)
+        if heap and len(self.in_flight) < self.max_in_flight:
+            self.wakeup.arm(heap[0][0])
+
+    def _start(self, task: TaskWatch, due: float, now: float, run: PollFn | None = None) -> None:
         task.next_due = None
-        self.started_polls += 1
-        if self.lateness_hook is not None:
-            self.lateness_hook(now - due)
-        job = asyncio.ensure_future(self._poll(task))
+        if run is None:  # a poll (an expiry sends nothing)
+            self.started_polls += 1
+            if self.lateness_hook is not None:
+                self.lateness_hook(now - due)
+        job = asyncio.ensure_future((run or self._poll)(task))
         gen = task.sched_gen
         self.in_flight.add(job)
         job.add_done_callback(lambda j: self._finished(task, gen, j))

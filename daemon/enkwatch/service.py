@@ -199,7 +199,7 @@ class Service:
             on_task_done=lambda task: self._check_all_done(watchlist),
             on_crash=self._crashed, paused_for=gate.pause_remaining,
             on_end=lambda task, result: self._poll_ended(owner, writer, task, result),
-            wakeup=timers.wakeup,
+            wakeup=timers.wakeup, expire=poller.expire,
         )  # fmt: skip
         watchlist = WatchList(
             self.config, store, owner, sched, writer, self.clock, self.config_path,

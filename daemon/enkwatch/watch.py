@@ -14,6 +14,7 @@ from enkwatch.clock import Clock
 from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import (
     AuthError,
+    DeadlineReached,
     LeaseLost,
     NotFound,
     PollError,
@@ -67,7 +68,11 @@ class TaskClient(Protocol):
     """What the poller needs of the API client."""
 
     async def get_task(
-        self, kind: TaskKind, task_id: str | None, dataset: str | None
+        self,
+        kind: TaskKind,
+        task_id: str | None,
+        dataset: str | None,
+        give_up_at: float | None = None,
     ) -> Observation: ...
 
 
@@ -93,6 +98,9 @@ class TaskWatch:
     status_since: float | None = None
     # the scheduler's generation of this task's heap entry (lazy deletion)
     sched_gen: int = 0
+    # when watching began on this process's monotonic clock (see `anchor`): deadlines and
+    # watched_seconds are measured from it, so a step of the wall clock moves neither
+    started_mono: float | None = None
 
     @classmethod
     def from_config(
@@ -109,6 +117,21 @@ class TaskWatch:
             record=record,
             source=source,
         )
+
+    def anchor(self, wall_now: float, mono_now: float) -> float:
+        """Convert the stored wall-clock start (`watch_started_at`, what survives restarts)
+        to this process's monotonic clock, once: at adoption, or at the first poll."""
+        if self.started_mono is None:
+            elapsed = max(0.0, wall_now - self.record.watch_started_at)
+            self.started_mono = mono_now - elapsed
+        return self.started_mono
+
+    @property
+    def deadline_at(self) -> float | None:
+        """The deadline on the monotonic clock (None: none, or not anchored yet)."""
+        if self.deadline_s is None or self.started_mono is None:
+            return None
+        return self.started_mono + self.deadline_s
 
     @property
     def done(self) -> bool:
@@ -181,6 +204,18 @@ class Poller:
         except AuthError as err:
             self._observe(OUTCOME_UNAUTHORIZED, started)
             return AuthRejected(err.http_status)
+        except DeadlineReached:
+            return await self.expire(task)
+        except (LeaseLost, StateUnavailable):
+            return LOST
+
+    async def expire(self, task: TaskWatch) -> PollResult:
+        """End `task` at its deadline without a request (the gate holds every request, as a
+        Retry-After pause does); before its deadline, the seconds left until it."""
+        if self._may_poll is not None and not self._may_poll(task.key):
+            return LOST
+        try:
+            return await self._within_deadline(task, self.next_interval(task))
         except (LeaseLost, StateUnavailable):
             return LOST
 
@@ -188,15 +223,24 @@ class Poller:
         if self._observe_poll is not None:
             self._observe_poll(outcome, self._clock.monotonic() - started)
 
-    async def _request(self, task: TaskWatch) -> Observation:
+    async def _send(self, task: TaskWatch) -> Observation:
+        """One request for `task`, counted in its polls if it was sent."""
+        remaining = self.deadline_remaining(task)
+        give_up_at = None if remaining is None else self._clock.monotonic() + remaining
         task.record.polls += 1
         try:
-            return await self._client.get_task(task.kind, task.task_id, task.dataset)
+            return await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
+        except DeadlineReached:
+            task.record.polls -= 1  # nothing was sent
+            raise
+
+    async def _request(self, task: TaskWatch) -> Observation:
+        try:
+            return await self._send(task)
         except UnauthorizedAnswer as first:
             await self._sleep(AUTH_CONFIRM_DELAY_S)
-            task.record.polls += 1
             try:
-                obs = await self._client.get_task(task.kind, task.task_id, task.dataset)
+                obs = await self._send(task)
             except UnauthorizedAnswer as second:
                 raise AuthError(second.http_status or 401) from None
             except PollError:
@@ -313,13 +357,19 @@ class Poller:
         # never hammer: at least a tenth of the ceiling
         return max(self._rng.uniform(0.0, ceiling), ceiling / 10.0)
 
+    def _started_mono(self, task: TaskWatch) -> float:
+        if task.started_mono is not None:
+            return task.started_mono
+        return task.anchor(self._clock.now().timestamp(), self._clock.monotonic())
+
     def _watched_s(self, task: TaskWatch) -> float:
-        return max(0.0, self._clock.now().timestamp() - task.record.watch_started_at)
+        return max(0.0, self._clock.monotonic() - self._started_mono(task))
 
     def deadline_remaining(self, task: TaskWatch) -> float | None:
+        """Seconds until the task's deadline (negative: past), on the monotonic clock."""
         if task.deadline_s is None:
             return None
-        return task.record.watch_started_at + task.deadline_s - self._clock.now().timestamp()
+        return self._started_mono(task) + task.deadline_s - self._clock.monotonic()
 
     async def _within_deadline(self, task: TaskWatch, delay: float) -> float | PollEnd:
         remaining = self.deadline_remaining(task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
-from enkwatch.models import Observation
+from enkwatch.models import Observation, clean_text
 
 QUEUED: Final = "Queued"
 RUNNING: Final = "Running"
@@ -52,11 +52,28 @@ class DatasetKind:
             headers[DATASET_HEADER] = dataset
         return headers
 
-    def parse(self, payload: object) -> Observation:
-        return parse_observation(payload)
+    def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
+        obs = parse_observation(payload)
+        check_identity(obs, task_id, dataset)
+        return obs
 
 
 DATASET: Final = DatasetKind()
+
+
+def check_identity(obs: Observation, task_id: str | None, dataset: str | None) -> None:
+    """An answer about another task than the one asked is no observation of ours: the task id
+    when one was asked, else the dataset name (the API's own mistake, or a proxy's cache)."""
+    if task_id is not None:
+        if obs.task_id != task_id:
+            raise ValueError(f"data.task_id is {_shown(obs.task_id)}, not the task asked for")
+    elif dataset is not None and obs.dataset_name != dataset:
+        shown = _shown(obs.dataset_name)
+        raise ValueError(f"data.dataset_name is {shown}, not the dataset asked for")
+
+
+def _shown(value: str) -> str:
+    return repr(clean_text(value))
 
 
 def parse_observation(payload: object) -> Observation:
@@ -77,12 +94,15 @@ def parse_observation(payload: object) -> Observation:
     status: str = data["status"]
     if not status:
         raise ValueError("data.status is empty")
-    status = _CANONICAL.get(status, status)
+    # a status outside the vocabulary is shown in events as is, but cut and without controls
+    status = _CANONICAL.get(status) or clean_text(status)
+    if not status:
+        raise ValueError("data.status has no printable character")
     return Observation(
         task_id=data["task_id"],
         dataset_name=data["dataset_name"],
         status=status,
-        created_at=data["created_at"],
+        created_at=clean_text(data["created_at"]),
         started_at=normalize_timestamp(data.get("started_at")),
         data=data,
         known=status in DatasetKind.statuses,
