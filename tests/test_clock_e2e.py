@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import glob
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +22,7 @@ import yaml
 from enkwatch.simulator import max_in_window
 from tests.test_e2e import (  # noqa: F401  (enkwatch, simulate: the fixtures)
     WAIT_S,
+    Run,
     Spawn,
     StartSim,
     enkwatch,
@@ -123,3 +126,80 @@ async def test_a_wall_clock_step_neither_stops_nor_bursts_polling(
     run.send(signal.SIGTERM)
     assert await run.wait_exit() == 0
     assert len(run.transitions(tid(1))) == 1
+
+
+async def start_stepped(
+    tmp_path: Path,
+    enkwatch: Spawn,  # noqa: F811
+    url: str,
+    task: dict[str, Any],
+    *args: str,
+) -> tuple[Run, Path]:
+    """`enkwatch run` under libfaketime (wall clock only, offset read from the returned file)."""
+    lib = libfaketime()
+    if lib is None:
+        pytest.skip(HOW_TO_ENABLE)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": url, "timeout_seconds": 2},
+                "polling": {"interval_seconds": INTERVAL_S, "jitter": 0},
+                "state": {"path": str(tmp_path / "state.db")},
+                "tasks": [task],
+            }
+        ),
+        encoding="utf-8",
+    )
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n", encoding="utf-8")
+    run = await enkwatch(
+        "run", "--config", str(cfg), *args,
+        LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )  # fmt: skip
+    return run, offset
+
+
+async def test_a_step_forward_does_not_end_a_deadline(
+    tmp_path: Path,
+    simulate: StartSim,  # noqa: F811
+    enkwatch: Spawn,  # noqa: F811
+) -> None:
+    sim = await simulate(sim_task(1, "Forever", timeline("Running")))
+    run, offset = await start_stepped(
+        tmp_path, enkwatch, sim.url, {"task_id": tid(1), "deadline_seconds": 3600}
+    )
+    await run.wait_for(lambda e: e["event"] == "task.transition", "the first transition")
+    offset.write_text("+7200\n", encoding="utf-8")  # two hours later on the wall, at once
+    before = sim.count(task_id=tid(1))
+    await until(lambda: sim.count(task_id=tid(1)) >= before + 10, "polls after the step")
+    # before: every poll after the step found its 1 h deadline two hours past, and gave up
+    assert run.named("task.gave_up") == []
+    run.send(signal.SIGTERM)
+    assert await run.wait_exit() == 0
+    assert run.named("task.gave_up") == []
+
+
+async def test_a_step_back_does_not_extend_a_deadline(
+    tmp_path: Path,
+    simulate: StartSim,  # noqa: F811
+    enkwatch: Spawn,  # noqa: F811
+) -> None:
+    deadline_s = 3.0
+    sim = await simulate(sim_task(1, "Forever", timeline("Running")))
+    run, offset = await start_stepped(
+        tmp_path, enkwatch, sim.url, {"task_id": tid(1), "deadline_seconds": deadline_s},
+        "--exit-when-done",
+    )  # fmt: skip
+    first = await run.wait_for(lambda e: e["event"] == "task.transition", "the transition")
+    seen_at = time.monotonic() - first["watched_seconds"]
+    offset.write_text("-7200\n", encoding="utf-8")
+    # before: the deadline moved two hours later with the wall clock
+    gave_up = await run.wait_for(
+        lambda e: e["event"] == "task.gave_up", "the deadline", within=deadline_s + 10
+    )
+    assert gave_up["reason"] == "deadline_exceeded"
+    assert deadline_s - 0.1 <= gave_up["watched_seconds"] <= deadline_s + 2.0
+    assert time.monotonic() - seen_at < deadline_s + 10
+    assert await run.wait_exit() == 3
