@@ -118,7 +118,9 @@ class PollScheduler:
     def add(self, task: TaskWatch, due: float | None = None) -> None:
         """Schedule `task` at monotonic time `due` (now when None); O(log n), no I/O."""
         now = self._clock.monotonic()
-        task.anchor(self._clock.now().timestamp(), now)
+        if task.started_mono is None and task.deadline_s is not None:
+            # its deadline, on the monotonic clock from here on (others: at their first poll)
+            task.anchor(self._clock.now().timestamp(), now)
         self._push(task, now if due is None else due)
         self._arm()
 
