@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 from enkwatch.clock import FakeClock
@@ -283,3 +284,28 @@ async def test_a_replica_in_process_reloads_and_serves_the_shared_list(
                 assert await svc.running.watchlist.remove_task("a")
                 assert {t["task_key"] for t in await svc.running.watchlist.list_tasks()} == {"b"}
                 assert "a" not in svc.running.watchlist.tasks
+
+
+async def test_confirmations_that_fail_are_kept_and_committed_later(dsn: str) -> None:
+    # lease 3 s: the store's statements time out after 2 s (its smallest command timeout)
+    store = PgStore(dsn, "a", Clock(), lease_s=3.0)
+    await store.open()
+    admin = await asyncpg.connect(dsn)
+    try:
+        await store.leases.balance()
+        rec = TaskRecord("t1", "t1", None, 0.0)
+        await store.add_tasks([rec])
+        await store.record_event(rec, transition(rec, "Queued"))
+        store.confirm_written("t1", rec.seq)
+        # the confirmation cannot get through: the journal is locked until it times out
+        locked = admin.transaction()
+        await locked.start()
+        await admin.execute("LOCK TABLE enkwatch_events IN ACCESS EXCLUSIVE MODE")
+        await store.flush_confirmations()
+        await locked.rollback()
+        # kept, not dropped: the next flush commits it (before: unconfirmed for good)
+        await store.flush_confirmations()
+        assert await store.unwritten_events() == []
+    finally:
+        await admin.close()
+        await store.close()

@@ -61,6 +61,8 @@ from enkwatch.state.leases import (
 NOTIFY_CHANNEL: Final = "enkwatch_tasks"
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S: Final = 0.05
+# a batch of confirmations that failed is tried again this much later
+CONFIRM_RETRY_S: Final = 1.0
 SCHEMA_VERSION: Final = 1
 # a constant key for the migration's transaction-scoped advisory lock
 _MIGRATION_LOCK: Final = 0x656E6B77
@@ -174,6 +176,7 @@ class PgStore:
         self._outbox_stats: tuple[int, float | None] = (0, None)
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_job: asyncio.TimerHandle | None = None
+        self._closing = False
         self._flushes: set[asyncio.Task[None]] = set()
         # counters for metrics
         self.fenced = 0
@@ -215,6 +218,7 @@ class PgStore:
             raise StateError(f"cannot open the PostgreSQL state: {why}") from None
 
     async def close(self) -> None:
+        self._closing = True
         if self._confirm_job is not None:
             self._confirm_job.cancel()
             self._confirm_job = None
@@ -432,7 +436,13 @@ class PgStore:
                 )
             self.commits += 1
         except DB_ERRORS:
-            pass  # unconfirmed: written again by the next claim of the partition (same id)
+            # kept for the next flush: a replica that keeps its partitions would otherwise
+            # leave these events unconfirmed for good (replayed only by another owner)
+            self._confirmations[:0] = batch
+            if self._confirm_job is None and not self._closing:
+                self._confirm_job = asyncio.get_running_loop().call_later(
+                    CONFIRM_RETRY_S, self._spawn_flush
+                )
 
     @guarded
     async def unwritten_events(
