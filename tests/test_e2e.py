@@ -1065,8 +1065,12 @@ async def test_console_log_format(
     run = await enkwatch(*args, "--exit-when-done", json_lines=False)
     assert await run.wait_exit() == 0
     assert run.events == []  # no line is a JSON object
-    assert any("task.transition" in line and "Finished" in line for line in run.lines)
-    assert any("daemon.started" in line for line in run.lines)
+    assert any(
+        "FINISHED" in line and "Election2" in line and "first seen Finished" in line
+        for line in run.lines
+    ), run.stdout
+    assert any("START" in line and "watching 1 task" in line for line in run.lines)
+    assert "\x1b[" not in run.stdout  # a pipe: no colour
 
 
 async def test_log_level(tmp_path: Path, simulate: StartSim, enkwatch: Spawn) -> None:

@@ -123,8 +123,10 @@ def configure_logging(
     ]
     processors: list[Processor]
     if log_format == "console":
-        colors = out is not None and out.isatty()
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)]
+        from enkwatch.console import ConsoleRenderer, use_colour  # rich: only when asked
+
+        renderer = ConsoleRenderer(colour=use_colour(out), verbose=level.lower() == "debug")
+        processors = [*shared, renderer]
     else:
         processors = [*shared, _order_keys, structlog.processors.JSONRenderer(_orjson_dumps)]
     structlog.configure(
