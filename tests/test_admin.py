@@ -139,7 +139,8 @@ async def test_bad_bodies_get_400_with_key_paths(tmp_path: Path) -> None:
                 ({"deadline_seconds": -1, "task_id": "x"}, "deadline_seconds: "),
                 ({"task_id": "a\r\nb"}, "task_id: contains control characters"),
                 ({"labels": {}}, "a task needs at least one of task_id, dataset"),
-                ({"task_id": "x", "extra": 1}, "extra: Extra inputs are not permitted"),
+                ({"task_id": "x", "extra": 1}, "extra: unknown key"),
+                ({"task_id": "x", "label": {}}, "label: unknown key; did you mean labels?"),
                 ([1, 2], "(body): must be an object"),
             ]
             for body, expected in cases:

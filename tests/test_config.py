@@ -20,6 +20,7 @@ from enkwatch.config import (
     load_config,
     normalized_watch_list,
     parse_config,
+    validate_task_entry,
 )
 from enkwatch.errors import ConfigError
 
@@ -201,7 +202,8 @@ def test_bad_value_names_its_key_path(raw: dict[str, Any], path: str) -> None:
 def test_unknown_key_at_every_level_names_its_path(raw: dict[str, Any], path: str) -> None:
     problem = one_problem(raw)
     assert problem.startswith(f"{path}: "), problem
-    assert "not permitted" in problem or "valid string" in problem
+    assert "unknown key" in problem or "must be text" in problem
+    assert "Extra inputs" not in problem and "Input should" not in problem
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -405,8 +407,10 @@ def test_a_bad_env_override_is_named_by_its_variable() -> None:
 def test_an_unknown_env_override_is_named_by_its_variable() -> None:
     problems = problems_of({}, {"ENKWATCH_POLLING__INTERVL": "5", "ENKWATCH_NOPE__X": "1"})
     assert sorted(problems) == [
-        "nope (from ENKWATCH_NOPE__X): Extra inputs are not permitted",
-        "polling.intervl (from ENKWATCH_POLLING__INTERVL): Extra inputs are not permitted",
+        "nope (from ENKWATCH_NOPE__X): unknown key; "
+        "the keys here are api, polling, state, admin, sinks, tasks",
+        "polling.intervl (from ENKWATCH_POLLING__INTERVL): unknown key; "
+        "did you mean ENKWATCH_POLLING__INTERVAL_SECONDS?",
     ]
 
 
@@ -823,3 +827,82 @@ def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
     problem = one_problem({}, {"ENKWATCH_POLLING__INTERVAL_SECONDS": "1e12"})
     assert "ENKWATCH_POLLING__INTERVAL_SECONDS" in problem
     assert "at most 86400 seconds" in problem
+
+
+# -- problems in plain words -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"task": []}, "task: unknown key; did you mean tasks?"),
+        (
+            {"polling": {"intervl": 3}},
+            "polling.intervl: unknown key; did you mean interval_seconds?",
+        ),
+        ({"api": {"timeout": 3}}, "api.timeout: unknown key; did you mean timeout_seconds?"),
+        (
+            {"tasks": [{"task_id": "a", "deadline": 5}]},
+            "tasks[0].deadline: unknown key; did you mean deadline_seconds?",
+        ),
+        ({"tasks": [{"taskid": "a"}]}, "tasks[0].taskid: unknown key; did you mean task_id?"),
+        (
+            {"sinks": {"webhooks": [{"url": "https://h.example/x", "secret": "s"}]}},
+            "sinks.webhooks[0].secret: unknown key; did you mean secret_env?",
+        ),
+        (
+            {"zzz": 1},
+            "zzz: unknown key; the keys here are api, polling, state, admin, sinks, tasks",
+        ),
+        ({"polling": {"interval_seconds": 0}}, "polling.interval_seconds: must be greater than 0"),
+        ({"polling": {"jitter": 2}}, "polling.jitter: must be at most 1"),
+        ({"state": {"lease_seconds": 0.5}}, "state.lease_seconds: must be at least 1"),
+        (
+            {"polling": {"interval_seconds": "soon"}},
+            "polling.interval_seconds: must be a number, not text",
+        ),
+        (
+            {"polling": {"max_concurrency": 1.5}},
+            "polling.max_concurrency: must be a whole number, not a number",
+        ),
+        ({"polling": "fast"}, "polling: must be a mapping (key: value lines), not text"),
+        ({"tasks": {"task_id": "a"}}, "tasks: must be a list, not a mapping"),
+        (
+            {"tasks": [{"task_id": 5}]},
+            "tasks[0].task_id: must be text, not a number (put it in quotes)",
+        ),
+        ({"sinks": {"webhooks": [{}]}}, "sinks.webhooks[0].url: required, but missing"),
+    ],
+)
+def test_problems_are_in_plain_words(raw: dict[str, Any], expected: str) -> None:
+    assert one_problem(raw) == expected
+
+
+def test_no_pydantic_wording_reaches_a_user() -> None:
+    problems = problems_of(
+        {
+            "api": {"timeout": 1, "base_url": 5},
+            "polling": {"interval_seconds": "x", "jitter": -1, "max_concurrency": 0.5},
+            "state": [],
+            "admin": {"listen": 1},
+            "sinks": {"webhooks": [{"events": "x"}]},
+            "tasks": [{"task_id": ["a"]}, "b", {"labels": {"a": None}}],
+        }
+    )
+    assert len(problems) >= 10
+    for problem in problems:
+        for pydantic_words in ("Input should", "Extra inputs", "Field required", "instance of"):
+            assert pydantic_words not in problem, problem
+
+
+def test_an_unknown_env_override_suggests_the_variable_to_set() -> None:
+    assert one_problem({}, {"ENKWATCH_POLLING__INTERVAL": "60"}) == (
+        "polling.interval (from ENKWATCH_POLLING__INTERVAL): unknown key; "
+        "did you mean ENKWATCH_POLLING__INTERVAL_SECONDS?"
+    )
+
+
+def test_an_unknown_key_of_a_task_entry_suggests_the_nearest() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_task_entry({"task_id": "a", "label": {"team": "x"}})
+    assert info.value.problems == ["label: unknown key; did you mean labels?"]

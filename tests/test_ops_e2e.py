@@ -151,7 +151,7 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(tmp_path: Path
         cfg.write_text("tasks: [{task_id: a, interval_seconds: -5}]\n")
         daemon.proc.send_signal(signal.SIGHUP)
         failed = await daemon.until(lambda e: e["event"] == "config.reload_failed")
-        assert failed["errors"] == ["tasks[0].interval_seconds: Input should be greater than 0"]
+        assert failed["errors"] == ["tasks[0].interval_seconds: must be greater than 0"]
 
         config_file(cfg, url, None, [{"task_id": "a"}, {"task_id": "b"}])
         daemon.proc.send_signal(signal.SIGHUP)

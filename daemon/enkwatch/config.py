@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, get_args
 from urllib.parse import urlsplit
 
 import orjson
@@ -310,14 +311,139 @@ def _env_origin(path: str, env_names: Mapping[str, str]) -> str | None:
     return ", ".join(below) or None
 
 
-def _loc_problems(err: ValidationError, env_names: Mapping[str, str], raw: object) -> list[str]:
+def _loc_problems(
+    err: ValidationError, env_names: Mapping[str, str], raw: object, root: type[BaseModel]
+) -> list[str]:
     problems = []
     for item in err.errors(include_input=False, include_url=False):
-        path = key_path(_user_loc(item["loc"], raw))
-        msg = item["msg"].removeprefix("Value error, ")
+        user_loc = _user_loc(item["loc"], raw)
+        path = key_path(user_loc)
         origin = _env_origin(path, env_names)
+        msg = plain_message(item, _child_at(raw, user_loc), root, user_loc, origin)
         problems.append(f"{path}{f' (from {origin})' if origin else ''}: {msg}")
     return problems
+
+
+def _child_at(raw: object, loc: Sequence[int | str]) -> object:
+    node = raw
+    for part in loc:
+        node = _child(node, part)
+    return node
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model whose keys are valid at `loc` (a list item keeps its list's model)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _kind_of(value: object) -> str:
+    """A YAML value's kind in a user's words (never the value: it could be a secret)."""
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+def unknown_key_message(
+    key: str, model: type[BaseModel] | None, loc: Sequence[int | str], origin: str | None
+) -> str:
+    """`unknown key; did you mean interval_seconds?` (or the valid keys when none is close)."""
+    if model is None:
+        return "unknown key"
+    valid = list(model.model_fields)
+    # `interval` or `intervl` mean interval_seconds: match the names without their unit too
+    aliases = {name.removesuffix("_seconds"): name for name in valid} | {n: n for n in valid}
+    near = difflib.get_close_matches(key.lower(), list(aliases), n=1, cutoff=0.6)
+    close = [aliases[near[0]]] if near else []
+    if not close:
+        return f"unknown key; the keys here are {', '.join(valid)}"
+    if origin is not None and origin.startswith(ENV_PREFIX) and "," not in origin:
+        # named as the variable the user would set instead
+        names = [p for p in loc[:-1] if isinstance(p, str)] + [close[0]]
+        return f"unknown key; did you mean {ENV_PREFIX}{'__'.join(names).upper()}?"
+    return f"unknown key; did you mean {close[0]}?"
+
+
+_PLAIN: Final = {
+    "missing": "required, but missing",
+    "finite_number": "must be a finite number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping (key: value lines)",
+    "model_type": "must be a mapping (key: value lines)",
+    "model_attributes_type": "must be a mapping (key: value lines)",
+    "string_type": "must be text",
+}
+_BOUNDS: Final = {
+    "greater_than": ("gt", "must be greater than"),
+    "greater_than_equal": ("ge", "must be at least"),
+    "less_than": ("lt", "must be less than"),
+    "less_than_equal": ("le", "must be at most"),
+}
+
+
+def plain_message(
+    item: Any,
+    value: object,
+    root: type[BaseModel],
+    loc: Sequence[int | str],
+    origin: str | None = None,
+) -> str:
+    """A pydantic error in a user's words: `unknown key; did you mean ...`, `must be ...`."""
+    kind = item["type"]
+    ctx = item.get("ctx") or {}
+    if kind == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        return unknown_key_message(loc[-1], _model_at(root, loc[:-1]), loc, origin)
+    if kind in _BOUNDS:
+        name, words = _BOUNDS[kind]
+        bound = ctx.get(name)
+        if isinstance(bound, int | float):
+            return f"{words} {bound:g}"
+    if kind in _PLAIN:
+        words = _PLAIN[kind]
+        if kind in ("missing", "finite_number") or value is _ABSENT:
+            return words
+        hint = ""
+        if kind == "string_type" and isinstance(value, int | float | bool):
+            hint = " (put it in quotes)"
+        return f"{words}, not {_kind_of(value)}{hint}"
+    msg = str(item["msg"]).removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    return msg
 
 
 def _raw_task_key(task: object) -> str | None:
@@ -455,7 +581,7 @@ def parse_config(
     try:
         config = Config.model_validate(merged)
     except ValidationError as err:
-        problems += _loc_problems(err, env_names, merged)
+        problems += _loc_problems(err, env_names, merged, Config)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -468,7 +594,7 @@ def validate_task_entry(entry: object, where: str = "") -> TaskConfig:
     try:
         return TaskConfig.model_validate(entry)
     except ValidationError as err:
-        problems = _loc_problems(err, {}, entry)
+        problems = _loc_problems(err, {}, entry, TaskConfig)
         if where:
             problems = [f"{where}.{p}" if not p.startswith("(") else p for p in problems]
         raise ConfigError(problems) from None
