@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"schedule", "metrics", "sinks", "admin", "demo", "health"},
     {"watch"},
     {"events", "client", "simulator"},
-    {"limits", "output", "kinds", "state"},
+    {"limits", "output", "kinds", "state", "console", "preflight"},
     {"config"},
     {"models", "errors", "clock", "bodies", "redact"},
 ]

@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from enkwatch import events as ev
+from enkwatch.clock import SystemClock
 from enkwatch.console import (
     ConsoleRenderer,
     TaskSummary,
@@ -298,7 +299,7 @@ def test_configure_logging_renders_the_console_format() -> None:
     out = io.StringIO()
     try:
         ev.configure_logging("console", "info", stream=out)
-        ev.log(ev.DAEMON_STARTED, version="9", tasks=1)
+        ev.EventWriter(SystemClock()).daemon_event(ev.DAEMON_STARTED, version="9", tasks=1)
         ev.emit({"event": ev.TASK_TRANSITION, "level": ev.INFO, **task_fields(status="Queued")})
     finally:
         structlog.reset_defaults()

@@ -131,7 +131,8 @@ def check_config(text: str, tmp_path: Path, env: dict[str, str] | None = None) -
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "enkwatch", "check-config", "--config", str(path)],
+        # --file-only: the key files and state paths a manifest names exist where it runs
+        [sys.executable, "-m", "enkwatch", "check-config", "--file-only", "--config", str(path)],
         capture_output=True,
         text=True,
         env=enkwatch_env(ENKRYPTAI_API_KEY="sk-docs-test", **(env or {})),
@@ -297,7 +298,11 @@ def test_commands_that_run_here() -> None:
     commands = all_commands()
     for command in RUN_HERE:
         assert command in commands, f"`{command}` is no longer in the docs: update RUN_HERE"
-    proc = bash("enkwatch check-config --config config/example.yaml", enkwatch_env())
+    # as the docs say it: after `export ENKRYPTAI_API_KEY=...`
+    proc = bash(
+        "enkwatch check-config --config config/example.yaml",
+        enkwatch_env(ENKRYPTAI_API_KEY="sk-docs-test"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tasks"]
     # status against the simulator the docs name: `enkwatch simulate` on its default port

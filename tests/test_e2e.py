@@ -947,9 +947,12 @@ async def test_watch(simulate: StartSim, enkwatch: Spawn) -> None:
     def watch(*args: str) -> Awaitable[Run]:
         return finish(enkwatch, "watch", *args, ENKWATCH_API__BASE_URL=sim.url)
 
-    # independent runs side by side (distinct tasks)
+    # independent runs side by side (distinct tasks); a --task-id and the --dataset next to
+    # it are one task, as in the config file
     both, late, unknown, nothing, zero = await asyncio.gather(
-        watch("--task-id", tid(1), "--dataset", "WatchB", "--interval", "0.1"),
+        watch(
+            "--task-id", tid(1), "--dataset", "WatchA", "--dataset", "WatchB", "--interval", "0.1"
+        ),
         watch("--dataset", "Forever", "--interval", "0.1", "--deadline", "0.4"),
         watch("--task-id", tid(99), "--interval", "0.05"),
         watch("--interval", "0.1"),
@@ -959,6 +962,7 @@ async def test_watch(simulate: StartSim, enkwatch: Spawn) -> None:
     assert both.events[0]["event"] == "daemon.started"
     assert both.events[0]["tasks"] == 2
     assert statuses(both.transitions(tid(1))) == [(None, "Queued"), ("Queued", "Finished")]
+    assert {e["dataset"] for e in both.transitions(tid(1))} == {"WatchA"}
     b = both.transitions("dataset:WatchB")
     assert statuses(b) == [(None, "Running"), ("Running", "Failed")]
     assert {(e["task_id"], e["dataset"]) for e in b} == {(tid(2), "WatchB")}

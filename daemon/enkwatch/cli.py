@@ -14,14 +14,14 @@ import sys
 import traceback
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from enkwatch import __version__
 from enkwatch import events as ev
 from enkwatch.admin import ADMIN_TOKEN_ENV
 from enkwatch.client import ApiClient
-from enkwatch.clock import SystemClock
+from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import (
     CONFIG_PATH_ENV,
     Config,
@@ -44,9 +44,14 @@ from enkwatch.kinds import DEFAULT_KIND
 from enkwatch.limits import RequestGate
 from enkwatch.models import Observation
 from enkwatch.output import StdoutUnusable
+from enkwatch.preflight import preflight_problems
 from enkwatch.redact import redact_url
 from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
+from enkwatch.watch import GAVE_UP_PREFIX, TaskWatch
+
+if TYPE_CHECKING:
+    from enkwatch.console import TaskSummary
 
 # CONTRACT §6
 EXIT_OK: Final = 0
@@ -96,12 +101,41 @@ async def fetch_status(
 
 
 class _UsageError(Exception):
-    pass
+    """A mistake on the command line: its usage line, then what is wrong (exit 2)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it says it or has none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # exit 2 with one line, as for any bad usage
-        raise _UsageError(f"{self.prog}: {message}")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> Any:  # exit 2, as for any bad usage; never a traceback
+        raise _UsageError(f"{self.format_usage()}{self.prog}: error: {message}")
+
+
+def _usage_error(command: str, problems: Sequence[str]) -> _UsageError:
+    """A usage error of `enkwatch COMMAND`, with the command's usage line."""
+    sub = _subcommands(build_parser()).get(command)
+    usage = sub.format_usage() if sub is not None else ""
+    lines = "\n".join(f"enkwatch {command}: error: {p}" for p in problems)
+    return _UsageError(f"{usage}{lines}\n(enkwatch {command} --help tells more)")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -110,13 +144,15 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
         "--log-format",
         choices=("json", "console"),
         default=default,
-        help="json (default when stdout is not a terminal) or console",
+        help="console: a short line per event, for people; json: one JSON object per line "
+        "(default: console when stdout is a terminal, json otherwise)",
     )
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
         default=default if not top else "info",
-        help="the lowest level written (default info)",
+        help="the lowest level written; debug also shows event ids and the API's "
+        "timestamps on the console (default: info)",
     )
 
 
@@ -141,29 +177,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"enkwatch {__version__}")
     _common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _watch_commands(sub)
+    _tool_commands(sub)
+    for child in sub.choices.values():
+        _common_options(child, top=False)
+    return parser
 
+
+CONFIG_HELP: Final = f"the YAML config (default: ${CONFIG_PATH_ENV})"
+
+
+def _watch_commands(sub: Any) -> None:
+    """run, watch, status, check-config."""
     run = sub.add_parser("run", help="the daemon, on a config file")
-    run.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+    run.add_argument("--config", help=CONFIG_HELP)
     run.add_argument(
         "--exit-when-done",
         action="store_true",
         help="exit once every task is terminal or given up, with the exit code of the outcome",
     )
 
-    watch = sub.add_parser("watch", help="watch tasks until done, without a config file")
+    watch = sub.add_parser(
+        "watch",
+        help="watch tasks until done, without a config file",
+        description="Watch tasks until each is done, then exit with the outcome's code. "
+        + PAIRING_RULE,
+    )
     _task_options(watch)
-    watch.add_argument("--interval", type=float, help="seconds between polls of a task")
-    watch.add_argument("--deadline", type=float, help="give up after this many seconds")
+    watch.add_argument(
+        "--interval",
+        type=float,
+        metavar="S",
+        help="seconds between polls of a task (default: 30, or "
+        "$ENKWATCH_POLLING__INTERVAL_SECONDS)",
+    )
+    watch.add_argument(
+        "--deadline",
+        type=float,
+        metavar="S",
+        help="give up on a task not done after this many seconds (default: none, wait)",
+    )
 
-    status = sub.add_parser("status", help="one request: print the task as JSON")
+    status = sub.add_parser(
+        "status",
+        help="one request: print the task as JSON",
+        description="One request for one task: a --task-id, a --dataset, or both.",
+    )
     _task_options(status)
 
-    check = sub.add_parser("check-config", help="validate a config and print the watch list")
-    check.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config, and what `run` needs besides, and print the watch list",
+    )
+    check.add_argument("--config", help=CONFIG_HELP)
+    check.add_argument(
+        "--file-only",
+        action="store_true",
+        help="check the file alone, not the API key or the state path (to lint a config "
+        "away from where it runs, e.g. in CI); by default both are checked as `run` does",
+    )
 
+
+def _tool_commands(sub: Any) -> None:
+    """simulate, demo, migrate-state, healthcheck."""
     sim = sub.add_parser("simulate", help="a local simulated Enkrypt API")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=_port, default=8080, help="0..65535 (default 8080)")
+    sim.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    sim.add_argument("--port", type=_port, default=8080, help="0..65535; 0: any free port")
     sim.add_argument("--scenario", help="a scenario YAML (default: the built-in one)")
 
     sub.add_parser("demo", help="the simulator and the daemon on the bundled demo config")
@@ -177,13 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser(
         "healthcheck", help="ask a running daemon's /healthz (for a container HEALTHCHECK)"
     )
-    health.add_argument("--config", help=f"the YAML config (default ${CONFIG_PATH_ENV})")
+    health.add_argument("--config", help=CONFIG_HELP)
     health.add_argument("--url", help="the URL to ask (default: http://<admin.listen>/healthz)")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-
-    for child in (run, watch, status, check, sim, sub.choices["demo"], health, migrate):
-        _common_options(child, top=False)
-    return parser
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
 
 
 def _port(text: str) -> int:
@@ -197,9 +272,41 @@ def _port(text: str) -> int:
     return port
 
 
+PAIRING_RULE: Final = (
+    "Each --task-id and each --dataset is one task, except that a --task-id and a --dataset "
+    "given next to each other (in either order) are one task with both, as a task entry of "
+    "the config file: `--task-id A --dataset X --dataset Y` watches (A, X) and Y."
+)
+
+
 def _task_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task-id", dest="task_id", action=_TaskArg, metavar="ID")
-    parser.add_argument("--dataset", dest="dataset", action=_TaskArg, metavar="NAME")
+    parser.add_argument(
+        "--task-id",
+        dest="task_id",
+        action=_TaskArg,
+        metavar="ID",
+        help="a task's id (repeatable; no default: name at least one task)",
+    )
+    parser.add_argument(
+        "--dataset",
+        dest="dataset",
+        action=_TaskArg,
+        metavar="NAME",
+        help="a task's dataset (repeatable; next to a --task-id: the same task)",
+    )
+
+
+def pair_tasks(targets: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The tasks named by --task-id/--dataset flags in order (see PAIRING_RULE)."""
+    tasks: list[dict[str, str]] = []
+    for kind, value in targets:
+        last = tasks[-1] if tasks else None
+        # the previous flag made a task of one field, of the other kind: this one completes it
+        if last is not None and len(last) == 1 and kind not in last:
+            last[kind] = value
+        else:
+            tasks.append({kind: value})
+    return tasks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,11 +335,15 @@ def _main(argv: list[str]) -> int:
         )
         return EXIT_FAILED
     log_format = args.log_format or ("console" if sys.stdout.isatty() else "json")
+    args.log_format = log_format
     ev.configure_logging(log_format, args.log_level)
     try:
         return _dispatch(args)
     except StdoutUnusable as err:
         return _stdout_unusable(str(err))
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as err:
         print(f"enkwatch: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -267,13 +378,18 @@ def _print_out(text: str) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
+    summary = args.log_format == "console"
     if command == "run":
         path = _config_path(args)
         config = load_config(path)
-        return asyncio.run(_run_service(config, args.exit_when_done, config_path=path))
+        if problems := preflight_problems(config):
+            raise ConfigError(problems, path)
+        return asyncio.run(
+            _run_service(config, args.exit_when_done, config_path=path, summary=summary)
+        )
     if command == "watch":
-        config = _adhoc_config(args, need_tasks=True)
-        return asyncio.run(_run_service(config, exit_when_done=True))
+        config = _adhoc_config(args)
+        return asyncio.run(_run_service(config, exit_when_done=True, summary=summary))
     if command == "status":
         return asyncio.run(_status(args))
     if command == "check-config":
@@ -282,27 +398,37 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_simulate(args))
     if command == "migrate-state":
         if not os.path.isfile(args.source):
-            raise ConfigError([f"--from: {args.source} is not a file"])
+            raise _usage_error(command, [f"--from: {args.source} is not a file"])
         return asyncio.run(_migrate(args))
     if command == "healthcheck":
         return _healthcheck(args)
     if command == "demo":
-        return asyncio.run(_demo())
+        return asyncio.run(_demo(summary))
     raise AssertionError(command)
 
 
 def _config_path(args: argparse.Namespace) -> str:
     path: str | None = args.config or os.environ.get(CONFIG_PATH_ENV)
     if not path:
-        raise ConfigError([f"no config file: pass --config PATH or set ${CONFIG_PATH_ENV}"])
+        raise _usage_error(
+            args.command, [f"no config file: pass --config PATH or set ${CONFIG_PATH_ENV}"]
+        )
     return path
 
 
-def _adhoc_config(args: argparse.Namespace, need_tasks: bool) -> Config:
-    targets: list[tuple[str, str]] = getattr(args, "targets", None) or []
-    if need_tasks and not targets:
-        raise ConfigError(["give at least one --task-id ID or --dataset NAME"])
-    tasks: list[dict[str, Any]] = [{kind: value} for kind, value in targets]
+# the command line's names of task settings (problems are reported in the user's words)
+_OPTION_OF: Final = {
+    "task_id": "--task-id",
+    "dataset": "--dataset",
+    "deadline_seconds": "--deadline",
+}
+
+
+def _adhoc_config(args: argparse.Namespace) -> Config:
+    """The config of `watch`/`status`: the tasks of the command line, :memory: state."""
+    tasks: list[dict[str, Any]] = pair_tasks(getattr(args, "targets", None) or [])
+    if not tasks:
+        raise _usage_error(args.command, ["name a task: --task-id ID and/or --dataset NAME"])
     overrides: dict[str, Any] = {}
     if getattr(args, "interval", None) is not None:
         overrides["polling"] = {"interval_seconds": args.interval}
@@ -312,28 +438,40 @@ def _adhoc_config(args: argparse.Namespace, need_tasks: bool) -> Config:
     overrides["tasks"] = tasks
     raw: dict[str, Any] = {"state": {"path": ":memory:"}}
     try:
-        return parse_config(raw, os.environ, source="the command line", overrides=overrides)
+        return parse_config(raw, os.environ, source="the environment", overrides=overrides)
     except ConfigError as err:
-        fields = {
-            "task_id": "--task-id",
-            "dataset": "--dataset",
-            "deadline_seconds": "--deadline",
-            "interval_seconds": "--interval",
-        }
-        problems = []
-        for problem in err.problems:
-            for i, (kind, _) in enumerate(targets):
-                prefix = f"tasks[{i}]"
-                if problem.startswith(prefix):
-                    rest = problem[len(prefix) :]
-                    field, _, message = rest.lstrip(".").partition(":")
-                    option = fields.get(field.strip(), fields[kind])
-                    problem = f"{option} (task {i + 1} on the command line):{message}"
-            problems.append(problem.replace("polling.interval_seconds", "--interval"))
-        raise ConfigError(problems, "the command line") from None
+        usage, other = _command_line_problems(err.problems, len(tasks))
+        if usage:
+            raise _usage_error(args.command, usage + other) from None
+        raise
 
 
-async def _run_service(config: Config, exit_when_done: bool, config_path: str | None = None) -> int:
+def _command_line_problems(problems: Sequence[str], count: int) -> tuple[list[str], list[str]]:
+    """(problems of the command line's options, in their names; problems of the environment)."""
+    usage: list[str] = []
+    other: list[str] = []
+    for problem in problems:
+        where, _, message = problem.partition(":")
+        if where == "polling.interval_seconds":
+            usage.append(f"--interval:{message}")
+            continue
+        head, _, field = where.partition(".")
+        if head.startswith("tasks[") and head.endswith("]") and "(from " not in where:
+            number = int(head[6:-1]) + 1
+            task = f"task {number} of {count}" if count > 1 else "the task"
+            option = _OPTION_OF.get(field, "--task-id/--dataset")
+            usage.append(f"{option} ({task}):{message}")
+            continue
+        other.append(problem)
+    return usage, other
+
+
+async def _run_service(
+    config: Config,
+    exit_when_done: bool,
+    config_path: str | None = None,
+    summary: bool = False,
+) -> int:
     api_key = load_api_key(config)
     sinks = build_sinks(config.sinks, os.environ)
     service = Service(
@@ -347,10 +485,49 @@ async def _run_service(config: Config, exit_when_done: bool, config_path: str | 
     outcome = await service.run()
     if outcome.problem is not None:
         return _stdout_unusable(outcome.problem)
+    if summary and exit_when_done:
+        _print_summary(service)
     return exit_code(outcome)
 
 
-async def _demo() -> int:
+def _print_summary(service: Service) -> None:
+    """The end-of-run table, for the console format only (a JSON stdout stays one event a line)."""
+    from enkwatch.console import print_summary  # rich: only for the console format
+
+    if service.running is not None:
+        tasks = service.running.watchlist.tasks.values()
+        print_summary(task_summaries(tasks, service.clock), sys.stdout)
+
+
+def task_summaries(tasks: Iterable[TaskWatch], clock: Clock) -> list[TaskSummary]:
+    """The end-of-run view of the tasks, in the order they were listed."""
+    from enkwatch.console import TaskSummary
+
+    now = clock.now().timestamp()
+    out = []
+    for task in tasks:
+        rec = task.record
+        if task.done and not task.gave_up:
+            # time to the terminal status, when this process saw it happen
+            end = task.status_since
+            watched = None if end is None else end - rec.watch_started_at
+        else:
+            watched = now - rec.watch_started_at
+        reason = rec.outcome.removeprefix(GAVE_UP_PREFIX) if task.gave_up and rec.outcome else None
+        out.append(
+            TaskSummary(
+                key=task.key,
+                dataset=task.dataset if task.dataset is not None else rec.seen_dataset,
+                status=rec.last_status,
+                polls=rec.polls,
+                watched_s=watched,
+                gave_up=reason,
+            )
+        )
+    return out
+
+
+async def _demo(summary: bool) -> int:
     """The simulator and the daemon on the bundled demo config; 0 when it ended as scripted."""
     from enkwatch.demo import DEMO_API_KEY, demo_config, demo_ok
     from enkwatch.simulator import default_scenario, start_simulator
@@ -366,15 +543,22 @@ async def _demo() -> int:
     if outcome.problem is not None:
         return _stdout_unusable(outcome.problem)
     assert service.running is not None
+    if summary:
+        _print_summary(service)
     return EXIT_OK if demo_ok(service.running.watchlist.tasks.values()) else EXIT_FAILED
 
 
 async def _status(args: argparse.Namespace) -> int:
-    targets: list[tuple[str, str]] = getattr(args, "targets", None) or []
-    kinds = {kind for kind, _ in targets}
-    if not targets or len(targets) != len(kinds):
-        raise ConfigError(["status takes one task: --task-id ID and/or --dataset NAME"])
-    config = _adhoc_config(args, need_tasks=True)
+    tasks = pair_tasks(getattr(args, "targets", None) or [])
+    if len(tasks) > 1:
+        raise _usage_error(
+            "status",
+            [
+                f"status asks for one task; these flags name {len(tasks)} "
+                "(a --task-id and a --dataset next to each other are one task)"
+            ],
+        )
+    config = _adhoc_config(args)
     api_key = load_api_key(config)
     task = config.tasks[0]
     try:
@@ -444,7 +628,11 @@ def _healthcheck_url(args: argparse.Namespace) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(_config_path(args))
+    path = _config_path(args)
+    config = load_config(path)
+    # what `run` would refuse besides the file itself: the key, the state path, an idle list
+    if not args.file_only and (problems := preflight_problems(config)):
+        raise ConfigError(problems, path)
     state = config.state.model_dump(mode="json")
     state["path"] = redact_url(state["path"])
     sinks = config.sinks.model_dump(mode="json")
@@ -485,8 +673,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         await serve(args.host, args.port, scenario, stop, ready)
     except OSError as err:  # the port is in use, or the host is not ours: a usage error
         reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror or err
-        raise ConfigError(
-            [f"--host/--port: cannot listen on {args.host}:{args.port}: {reason}"],
-            "the command line",
+        raise _usage_error(
+            "simulate", [f"--host/--port: cannot listen on {args.host}:{args.port}: {reason}"]
         ) from None
     return EXIT_OK

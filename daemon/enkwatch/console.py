@@ -18,7 +18,24 @@ from rich.table import Table
 from rich.text import Text
 from structlog.typing import EventDict, WrappedLogger
 
-from enkwatch import events as ev
+from enkwatch.errors import ERR_RATE_LIMITED
+from enkwatch.models import (
+    API_AUTH_FAILED,
+    AUTH_HINT,
+    CONFIG_RELOAD_FAILED,
+    CONFIG_RELOADED,
+    DAEMON_ALL_DONE,
+    DAEMON_STARTED,
+    DAEMON_STOPPED,
+    DAEMON_STOPPING,
+    SINK_DELIVERY_FAILED,
+    STATE_RECOVERED,
+    STATE_UNAVAILABLE,
+    TASK_GAVE_UP,
+    TASK_POLL_FAILED,
+    TASK_TRANSITION,
+    TASK_UNKNOWN_STATUS,
+)
 
 # the width of the outcome column (the longest word, "FINISHED", plus one)
 LABEL_WIDTH: Final = 9
@@ -40,10 +57,11 @@ _STATUS_STYLE: Final = {
     "Finished": "bold green",
     "Failed": "bold red",
 }
+# structlog's level names (events.py writes these)
 _LEVEL_STYLE: Final = {
-    ev.WARNING: "yellow",
-    ev.ERROR: "bold red",
-    ev.CRITICAL: "bold red",
+    "warning": "yellow",
+    "error": "bold red",
+    "critical": "bold red",
 }
 
 
@@ -161,7 +179,7 @@ def _poll_failed(f: dict[str, Any]) -> tuple[str, str, str]:
     retry = f.pop("retry_in_seconds", None)
     detail = _clip(str(f.pop("detail", None) or ""))
     what = f"HTTP {http_status}" if http_status is not None else _reason(error)
-    if error == ev.ERR_RATE_LIMITED:
+    if error == ERR_RATE_LIMITED:
         what = f"rate limited ({what})" if http_status is not None else "rate limited"
     code = f"HTTP {http_status}"
     if http_status is not None and detail.startswith(code):
@@ -192,7 +210,7 @@ def _gave_up(f: dict[str, Any]) -> tuple[str, str, str]:
 
 def _auth_failed(f: dict[str, Any]) -> tuple[str, str, str]:
     http_status = f.pop("http_status", None)
-    hint = f.pop("hint", None) or ev.AUTH_HINT
+    hint = f.pop("hint", None) or AUTH_HINT
     return "AUTH", "bold red", f"HTTP {plain(http_status)}: {hint}"
 
 
@@ -270,20 +288,20 @@ def _listening(f: dict[str, Any]) -> tuple[str, str, str]:
 
 
 DESCRIBE: Final[Mapping[str, Describe]] = {
-    ev.TASK_TRANSITION: _transition,
-    ev.TASK_POLL_FAILED: _poll_failed,
-    ev.TASK_UNKNOWN_STATUS: _unknown_status,
-    ev.TASK_GAVE_UP: _gave_up,
-    ev.API_AUTH_FAILED: _auth_failed,
-    ev.DAEMON_STARTED: _started,
-    ev.DAEMON_ALL_DONE: _all_done,
-    ev.DAEMON_STOPPING: _stopping,
-    ev.DAEMON_STOPPED: _stopped,
-    ev.CONFIG_RELOADED: _reloaded,
-    ev.CONFIG_RELOAD_FAILED: _reload_failed,
-    ev.SINK_DELIVERY_FAILED: _delivery_failed,
-    ev.STATE_UNAVAILABLE: _state_unavailable,
-    ev.STATE_RECOVERED: _state_recovered,
+    TASK_TRANSITION: _transition,
+    TASK_POLL_FAILED: _poll_failed,
+    TASK_UNKNOWN_STATUS: _unknown_status,
+    TASK_GAVE_UP: _gave_up,
+    API_AUTH_FAILED: _auth_failed,
+    DAEMON_STARTED: _started,
+    DAEMON_ALL_DONE: _all_done,
+    DAEMON_STOPPING: _stopping,
+    DAEMON_STOPPED: _stopped,
+    CONFIG_RELOADED: _reloaded,
+    CONFIG_RELOAD_FAILED: _reload_failed,
+    SINK_DELIVERY_FAILED: _delivery_failed,
+    STATE_UNAVAILABLE: _state_unavailable,
+    STATE_RECOVERED: _state_recovered,
     "simulator.listening": _listening,
 }
 
@@ -321,7 +339,7 @@ class ConsoleRenderer:
     def line(self, fields: dict[str, Any]) -> Text:
         """The line of one event, styled (styles are dropped when colour is off)."""
         name = str(fields.pop("event", ""))
-        level = str(fields.pop("level", ev.INFO))
+        level = str(fields.pop("level", "info"))
         stamp = fields.pop("timestamp", None)
         describe = DESCRIBE.get(name) or _generic(name, level)
         label, style, detail = describe(fields)

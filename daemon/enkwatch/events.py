@@ -26,6 +26,7 @@ from enkwatch.errors import (
 )
 from enkwatch.models import (
     API_AUTH_FAILED,
+    AUTH_HINT,
     CONFIG_RELOAD_FAILED,
     CONFIG_RELOADED,
     DAEMON_ALL_DONE,
@@ -52,10 +53,6 @@ CRITICAL: Final = "critical"
 # `reason` values of task.gave_up
 GAVE_UP_DEADLINE: Final = "deadline_exceeded"
 GAVE_UP_NOT_FOUND: Final = "not_found"
-
-AUTH_HINT: Final = (
-    "the API rejected the key: check ENKRYPTAI_API_KEY (or the file named by api.api_key_file)"
-)
 
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
@@ -383,6 +380,7 @@ def _no_sinks(name: str) -> Sequence[str]:
 
 __all__ = [
     "API_AUTH_FAILED",
+    "AUTH_HINT",
     "CONFIG_RELOADED",
     "CONFIG_RELOAD_FAILED",
     "CRITICAL",

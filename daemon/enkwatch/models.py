@@ -27,6 +27,11 @@ SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
 STATE_UNAVAILABLE: Final = "state.unavailable"
 STATE_RECOVERED: Final = "state.recovered"
 
+# the `hint` of api.auth_failed
+AUTH_HINT: Final = (
+    "the API rejected the key: check ENKRYPTAI_API_KEY (or the file named by api.api_key_file)"
+)
+
 # the events a webhook can select
 WEBHOOK_EVENTS: Final = frozenset(
     {
