@@ -55,7 +55,8 @@ def check_config(text: str, tmp_path: Path, env: dict[str, str] | None = None) -
     """`enkwatch check-config` on `text`: it must pass; its normalized output."""
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
-    proc = enkwatch("check-config", "--config", str(path), env=env)
+    # --file-only: the image's state directory and mounted key exist in the container only
+    proc = enkwatch("check-config", "--file-only", "--config", str(path), env=env)
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
