@@ -20,13 +20,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "enkwatch"
 LAYERS: list[set[str]] = [
     {"__main__"},
     {"cli"},
-    {"service"},
+    {"service", "taskcmds"},
     {"watchlist"},
     {"ownership"},
     {"schedule", "metrics", "sinks", "admin", "demo", "health"},
     {"watch"},
-    {"events", "client", "simulator"},
-    {"limits", "output", "kinds", "state", "console", "preflight"},
+    {"events", "client", "simulator", "statuspage"},
+    {"limits", "output", "kinds", "state", "console", "preflight", "livefeed"},
     {"config"},
     {"models", "errors", "clock", "bodies", "redact"},
 ]

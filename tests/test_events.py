@@ -54,7 +54,7 @@ async def test_a_task_event_is_journaled_rendered_counted_and_queued_in_order() 
         writer = EventWriter(
             FakeClock(),
             journal,
-            observe=lambda body: steps.append(f"metrics {body['event']}"),
+            observers=[lambda body: steps.append(f"metrics {body['event']}")],
             sinks_for=lambda name: ["hook"],
             notify=lambda: steps.append("notify"),
         )
@@ -76,7 +76,7 @@ async def test_a_daemon_event_is_rendered_counted_and_not_journaled() -> None:
         writer = EventWriter(
             FakeClock(),
             Journal(steps, []),
-            observe=lambda body: steps.append("metrics"),
+            observers=[lambda body: steps.append("metrics")],
             sinks_for=lambda name: (),
         )
         writer.daemon_event(ev.DAEMON_STARTED, version="x", tasks=0)

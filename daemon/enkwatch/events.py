@@ -230,18 +230,18 @@ class EventWriter:
 
     In this order, once: build the body (secrets redacted) -> journal it (task events: with
     the task's new state, and its webhook deliveries, in one transaction, committed with
-    those of other polls of the moment) -> render it and hand the line to `out` -> count it
-    in the metrics -> wake the outbox. A task event is confirmed in the journal once its
-    line was written (`out` calls back): one that never reached the reader is written again
-    after a restart. Daemon events are not journaled; their webhook deliveries are queued
-    after they were handed over.
+    those of other polls of the moment) -> render it and hand the line to `out` -> the
+    observers (metrics, the live stream of GET /events) -> wake the outbox. A task event
+    is confirmed in the journal once its line was written (`out` calls back): one that
+    never reached the reader is written again after a restart. Daemon events are not
+    journaled; their webhook deliveries are queued after they were handed over.
     """
 
     def __init__(
         self,
         clock: Clock,
         journal: EventJournal | None = None,
-        observe: Callable[[Mapping[str, Any]], None] | None = None,
+        observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
         sinks_for: Callable[[str], Sequence[str]] | None = None,
         notify: Callable[[], None] | None = None,
         *,
@@ -250,7 +250,8 @@ class EventWriter:
     ) -> None:
         self._clock = clock
         self._journal = journal
-        self._observe = observe
+        # who sees each event once it was written (metrics, the live stream of GET /events)
+        self._observers = tuple(observers)
         self._sinks_for = sinks_for or _no_sinks
         self._notify = notify
         self.out = out or direct_lines()
@@ -315,8 +316,9 @@ class EventWriter:
             # unusable: the service stops on it; the journaled event is written after a restart
             with contextlib.suppress(StdoutUnusable):
                 self.out.write_nowait(line, done)
-        if count and self._observe is not None:
-            self._observe(body)
+        if count:
+            for observe in self._observers:
+                observe(body)
         if confirm is not None and sinks and self._notify is not None:
             self._notify()
 

@@ -7,7 +7,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -18,6 +24,10 @@ from enkwatch.limits import RequestGate
 from enkwatch.output import Lines
 from enkwatch.watch import TaskWatch
 
+# no `_created` series: a counter's creation time is noise on a dashboard (and doubles the
+# series); prometheus_client's switch is process-wide, as its PROMETHEUS_DISABLE_CREATED_SERIES
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 _RELOAD_RESULTS: Final = {ev.CONFIG_RELOADED: "ok", ev.CONFIG_RELOAD_FAILED: "failed"}
 _LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
@@ -26,7 +36,7 @@ _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400,
 class Metrics:
     """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, replicas: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.polls = Counter(
@@ -73,14 +83,13 @@ class Metrics:
             "re-based on the new wall time.",
             registry=r,
         )
-        self.takeover = Histogram(
-            "enkwatch_partition_takeover_seconds",
-            "Replicas: from a partition's last renewal by a replica that died or froze to its "
-            "claim by this one (the lease plus the time it lay unclaimed).",
-            buckets=(5, 10, 15, 20, 25, 30, 45, 60, 120),
-            registry=r,
-        )
+        # replicas only: a single daemon shows no replica metric
+        self.takeover = _takeover_histogram(r) if replicas else None
         self._poll_children: dict[str, Any] = {}
+
+    def observe_takeover(self, seconds: float) -> None:
+        if self.takeover is not None:
+            self.takeover.observe(seconds)
 
     def observe_poll(self, outcome: str, seconds: float) -> None:
         # a poll's hot path: the labelled child is looked up once per outcome, then cached
@@ -141,6 +150,16 @@ class _StdoutGauges(Collector):
             "never dropped: they wait, and are written again after a restart).",
             value=out.dropped,
         )
+
+
+def _takeover_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "enkwatch_partition_takeover_seconds",
+        "Replicas: from a partition's last renewal by a replica that died or froze to "
+        "its claim by this one (the lease plus the time it lay unclaimed).",
+        buckets=(5, 10, 15, 20, 25, 30, 45, 60, 120),
+        registry=registry,
+    )
 
 
 class StateGauges(Collector):

@@ -268,7 +268,11 @@ class PartitionOwner:
             if key not in records:
                 if current is not None:
                     local.drop(current)
-            elif current is None and (task := local.watch_for_record(records[key])) is not None:
+                continue
+            if current is not None and current.done and records[key].outcome is None:
+                local.drop(current)  # forgotten (`enkwatch forget`): watched again, as new
+                current = None
+            if current is None and (task := local.watch_for_record(records[key])) is not None:
                 local.adopt(task)
 
     def _drop_partitions(self, lost: set[int]) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from enkwatch import __version__
 from enkwatch import events as ev
-from enkwatch.admin import AdminView, build_admin_app, start_admin
+from enkwatch.admin import AdminView, serve_admin
 from enkwatch.client import ApiClient
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
@@ -24,6 +24,7 @@ from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
 from enkwatch.health import Health, Outcome, StopReason, tune_gc
 from enkwatch.limits import RequestGate
+from enkwatch.livefeed import EventFeed
 from enkwatch.metrics import Metrics, StateGauges
 from enkwatch.output import Lines, StdoutUnusable
 from enkwatch.ownership import Owner, choose_owner
@@ -85,7 +86,9 @@ class Service:
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._tune_gc = gc_tuning
-        self.metrics = Metrics(self.clock)
+        self.metrics = Metrics(self.clock, replicas=config.state.shared)
+        # the admin app's live event stream (GET /events), fed by the event writer
+        self.feed = EventFeed()
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.health = Health(self.clock)
         self.ready = self.health.ready
@@ -144,7 +147,7 @@ class Service:
         try:
             store = open_store(
                 state.path, self.clock, self.replica_id, state.lease_seconds,
-                on_takeover=self.metrics.takeover.observe,
+                on_takeover=self.metrics.observe_takeover,
             )  # fmt: skip
             await store.open()
         except StateError as err:
@@ -175,7 +178,8 @@ class Service:
             ),
         )  # fmt: skip
         writer = EventWriter(
-            self.clock, store, self.metrics.observe_event, outbox.sinks_for, outbox.notify,
+            self.clock, store, (self.metrics.observe_event, self.feed.publish),
+            outbox.sinks_for, outbox.notify,
             out=out, secrets=[self._api_key, self._admin_token, *sink_secrets(self._sinks)],
         )  # fmt: skip
         owner = choose_owner(store, writer, self.clock)
@@ -228,18 +232,11 @@ class Service:
         if self.config_path:
             timers.every(CONFIG_CHECK_EVERY_S, watchlist.check_config_file, "config-watch")
         if (listen := self.config.admin.host_port) is not None:
-            view = AdminView(
-                self.health.health, self.health.readiness, self.metrics.render, watchlist
+            h = self.health
+            view = AdminView(h.health, h.readiness, self.metrics.render, watchlist)
+            self.admin_port = await serve_admin(
+                stack, view, self._admin_token, self.feed, str(self.config.admin.listen), listen
             )
-            app = build_admin_app(view, self._admin_token)
-            try:
-                runner, self.admin_port = await start_admin(app, *listen)
-            except OSError as err:
-                why = err.strerror or err
-                raise ConfigError(
-                    [f"admin.listen: cannot listen on {self.config.admin.listen}: {why}"]
-                ) from None
-            stack.push_async_callback(runner.cleanup)
 
     async def _serve(self, stack: AsyncExitStack, parts: Running) -> None:
         if self._tune_gc:

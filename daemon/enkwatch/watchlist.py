@@ -11,18 +11,18 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from enkwatch import events as ev
-from enkwatch.admin import TaskExists
+from enkwatch.admin import TaskExists, TaskNotEnded
 from enkwatch.clock import Clock
 from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
 from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
-from enkwatch.state.base import TaskRecord, TaskState
+from enkwatch.state.base import TaskRecord, TaskState, reset_record
 from enkwatch.watch import NO_LABELS, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
@@ -73,6 +73,9 @@ class WatchList:
         self._config_tasks: dict[str, TaskConfig] = {t.key: t for t in config.tasks}
         self._config_keys: set[str] = set(self._config_tasks)
         self.stopped = False
+        # since when each task has its status, from the journal: read once, when first asked
+        # (a transition seen by this process is in the task itself)
+        self._status_times: dict[str, str] | None = None
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -169,6 +172,7 @@ class WatchList:
     # -- the task API ------------------------------------------------------------------------
 
     async def list_tasks(self) -> list[dict[str, Any]]:
+        await self._load_status_times()
         out = []
         for task, polled_here in await self._owner.listing():
             item = self.describe(task)
@@ -176,6 +180,45 @@ class WatchList:
                 item["polled_here"] = polled_here
             out.append(item)
         return out
+
+    async def get_task(self, task_key: str) -> dict[str, Any] | None:
+        """One task as GET /tasks shows it; None if it is not watched."""
+        await self._load_status_times()
+        task = self.tasks.get(task_key)
+        if task is not None:
+            return self.describe(task)
+        for other, polled_here in await self._owner.listing():
+            if other.key == task_key:
+                return {**self.describe(other), "polled_here": polled_here}
+        return None
+
+    async def forget_task(self, task_key: str) -> dict[str, Any] | None:
+        """`forget`: a task that ended (terminal or given up) is watched again, as new: its
+        status, outcome, poll count and deadline start over; its seq goes on. None if the
+        state does not know it; TaskNotEnded if it is still being watched."""
+        task = self.tasks.get(task_key)
+        if task is not None and not task.done:
+            raise TaskNotEnded(f"the task {task_key} has not ended: it is still watched")
+        now = self._clock.now().timestamp()
+        if not await self._store.reset_task(task_key, now):
+            if task is None and task_key not in await self._store.load_tasks():
+                return None
+            raise TaskNotEnded(f"the task {task_key} has not ended: it is still watched")
+        if self._status_times is not None:
+            self._status_times.pop(task_key, None)
+        if task is None:
+            return {"task_key": task_key, "watched": await self._owner.watches(task_key)}
+        reset_record(task.record, now)
+        task.failures = task.not_found = 0
+        task.last_error, task.status_since = None, None
+        if not self.stopped:
+            self._scheduler.add(task)
+        return {**self.describe(task), "watched": True}
+
+    async def _load_status_times(self) -> None:
+        if self._status_times is None:
+            with contextlib.suppress(StateUnavailable):  # asked again next time
+                self._status_times = await self._store.status_times()
 
     async def add_task(self, entry: object) -> dict[str, Any]:
         cfg = validate_task_entry(entry)
@@ -206,6 +249,11 @@ class WatchList:
         if task.next_due is not None:
             delta = task.next_due - self._clock.monotonic()
             next_poll = ev.rfc3339(self._clock.now() + timedelta(seconds=delta))
+        since: str | None = None
+        if task.status_since is not None:
+            since = ev.rfc3339(datetime.fromtimestamp(task.status_since, UTC))
+        elif rec.last_status is not None and self._status_times is not None:
+            since = self._status_times.get(task.key)
         return {
             "task_key": task.key,
             "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
@@ -213,9 +261,11 @@ class WatchList:
             "labels": task.labels,
             "source": task.source,
             "status": rec.last_status,
+            "status_since": since,
             "unknown_status": rec.last_unknown_status,
             "outcome": rec.outcome,
             "polls": rec.polls,
+            "watch_started_at": ev.rfc3339(datetime.fromtimestamp(rec.watch_started_at, UTC)),
             "consecutive_failures": task.failures,
             "last_error": task.last_error,
             "next_poll_at": next_poll,

@@ -62,11 +62,24 @@ task_values: Final = attrgetter(*TASK_FIELDS)
 state_values: Final = attrgetter(*STATE_FIELDS)
 
 
+# what `reset_task` clears: the task is watched again as if new (its seq goes on, so every
+# event_id stays unique)
+RESET_FIELDS: Final = ("last_status", "last_unknown_status", "outcome")
+
+
 def record_from_row(row: Sequence[Any], spec: dict[str, Any] | None) -> TaskRecord:
     """A record from the TASK_FIELDS columns of a row (in that order) and its decoded spec."""
     record = TaskRecord(*row[: len(TASK_FIELDS)])
     record.spec = spec
     return record
+
+
+def reset_record(record: TaskRecord, watch_started_at: float) -> None:
+    """`forget`: the record of a task that ended, made new again (seq and seen ids kept)."""
+    for name in RESET_FIELDS:
+        setattr(record, name, None)
+    record.polls = 0
+    record.watch_started_at = watch_started_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +116,10 @@ class TaskState(Protocol):
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None: ...
 
     async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None: ...
+
+    async def status_times(self) -> dict[str, str]: ...
+
+    async def reset_task(self, task_key: str, watch_started_at: float) -> bool: ...
 
 
 class EventJournal(Protocol):

@@ -39,6 +39,7 @@ from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
 from enkwatch.models import TASK_TRANSITION
 from enkwatch.state.base import (
+    RESET_FIELDS,
     STATE_FIELDS,
     TASK_FIELDS,
     JournaledEvent,
@@ -334,6 +335,34 @@ class PgStore:
                     _spec_json(spec),
                 )
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, task_key)
+
+    @guarded
+    async def status_times(self) -> dict[str, str]:
+        """The timestamp of each task's last transition (from the journal)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (task_key) task_key, body::jsonb ->> 'timestamp' AS at "
+                "FROM enkwatch_events WHERE body::jsonb ->> 'event' = 'task.transition' "
+                "ORDER BY task_key, seq DESC"
+            )
+        return {r["task_key"]: r["at"] for r in rows if r["at"] is not None}
+
+    @guarded
+    async def reset_task(self, task_key: str, watch_started_at: float) -> bool:
+        """`forget`: a task that ended is watched again as if new (durable, then notify);
+        False if it has not ended. An ended task is polled by nobody, so nothing races."""
+        cleared = ", ".join(f"{c} = NULL" for c in RESET_FIELDS)
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                f"UPDATE enkwatch_tasks SET {cleared}, polls = 0, watch_started_at = $2 "
+                "WHERE task_key = $1 AND outcome IS NOT NULL",
+                task_key,
+                watch_started_at,
+            )
+            if status != "UPDATE 1":
+                return False
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, task_key)
+        return True
 
     @guarded
     async def listen(self, callback: Callable[[str], None]) -> None:

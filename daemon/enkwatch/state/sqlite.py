@@ -17,6 +17,7 @@ import orjson
 
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.state.base import (
+    RESET_FIELDS,
     STATE_FIELDS,
     TASK_FIELDS,
     JournaledEvent,
@@ -312,6 +313,25 @@ class SqliteStore:
             self._db.executemany(
                 "UPDATE tasks SET polls = ? WHERE task_key = ?", ((n, k) for k, n in polls)
             )
+
+    async def status_times(self) -> dict[str, str]:
+        """The timestamp of each task's last transition (from the journal): since when it has
+        its status. SQLite gives the other columns of the row that holds MAX()."""
+        rows = self._db.execute(
+            "SELECT task_key, MAX(seq), json_extract(body, '$.timestamp') FROM events "
+            "WHERE json_extract(body, '$.event') = 'task.transition' GROUP BY task_key"
+        ).fetchall()
+        return {r[0]: r[2] for r in rows if isinstance(r[2], str)}
+
+    async def reset_task(self, task_key: str, watch_started_at: float) -> bool:
+        """`forget`: a task that ended is watched again as if new; False if not ended."""
+        with self._tx():
+            cursor = self._db.execute(
+                f"UPDATE tasks SET {', '.join(f'{c} = NULL' for c in RESET_FIELDS)}, "
+                "polls = 0, watch_started_at = ? WHERE task_key = ? AND outcome IS NOT NULL",
+                (watch_started_at, task_key),
+            )
+        return cursor.rowcount == 1
 
     async def close(self) -> None:
         if self._confirm_timer is not None:
