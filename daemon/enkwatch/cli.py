@@ -15,6 +15,7 @@ import traceback
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from enkwatch import __version__
@@ -48,6 +49,15 @@ from enkwatch.preflight import preflight_problems
 from enkwatch.redact import redact_url
 from enkwatch.service import Service
 from enkwatch.sinks import build_sinks
+from enkwatch.taskcmds import (
+    DaemonUnreachable,
+    admin_base,
+    call,
+    error_of,
+    forget_in_state,
+    parse_labels,
+    read_state,
+)
 from enkwatch.watch import GAVE_UP_PREFIX, TaskWatch
 
 if TYPE_CHECKING:
@@ -178,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _watch_commands(sub)
+    _list_commands(sub)
     _tool_commands(sub)
     for child in sub.choices.values():
         _common_options(child, top=False)
@@ -236,6 +247,71 @@ def _watch_commands(sub: Any) -> None:
         help="check the file alone, not the API key or the state path (to lint a config "
         "away from where it runs, e.g. in CI); by default both are checked as `run` does",
     )
+
+
+DAEMON_HELP: Final = (
+    "The daemon is found at --url, else at the config's admin.listen (--config, else "
+    "$ENKWATCH_CONFIG). Changes need its admin token in $ENKWATCH_ADMIN_TOKEN."
+)
+
+
+def _daemon_options(parser: argparse.ArgumentParser, state: bool) -> None:
+    parser.add_argument("--config", help=CONFIG_HELP)
+    parser.add_argument(
+        "--url",
+        help="the daemon's admin API, e.g. http://127.0.0.1:9090 (default: from the config)",
+    )
+    if state:
+        parser.add_argument(
+            "--state",
+            metavar="PATH_OR_URL",
+            help="read this state (SQLite file or postgresql:// URL) instead of asking a daemon "
+            "(default: the config's state.path when no daemon answers)",
+        )
+
+
+def _list_commands(sub: Any) -> None:
+    """tasks, add, remove, forget."""
+    tasks = sub.add_parser(
+        "tasks",
+        help="the watch list: status, since when, polls, last error, next poll",
+        description="The watch list of a running daemon, or of its state when none runs. "
+        + DAEMON_HELP,
+    )
+    _daemon_options(tasks, state=True)
+    tasks.add_argument("--json", action="store_true", help="JSON (as GET /tasks) for scripts")
+    add = sub.add_parser(
+        "add",
+        help="watch more tasks (through a running daemon)",
+        description="Add tasks to a running daemon's watch list. "
+        + PAIRING_RULE
+        + " "
+        + DAEMON_HELP,
+    )
+    _task_options(add)
+    add.add_argument("--interval", type=float, metavar="S", help="seconds between polls "
+                     "(default: the daemon's polling.interval_seconds)")  # fmt: skip
+    add.add_argument("--deadline", type=float, metavar="S", help="give up after this many "
+                     "seconds (default: none, wait)")  # fmt: skip
+    add.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                     help="a label copied into the task's events (repeatable)")  # fmt: skip
+    _daemon_options(add, state=False)
+    remove = sub.add_parser(
+        "remove",
+        help="stop watching tasks (through a running daemon)",
+        description="Remove tasks from a running daemon's watch list. " + DAEMON_HELP,
+    )
+    remove.add_argument("keys", nargs="+", metavar="KEY", help="a task key (see `enkwatch tasks`)")
+    _daemon_options(remove, state=False)
+    forget = sub.add_parser(
+        "forget",
+        help="watch a finished or given-up task again, as new",
+        description="A task that ended (terminal or given up) is watched again as new: its "
+        "status, poll count and deadline start over (its event numbers go on). Through a "
+        "running daemon; else on the state, taking effect at the next start. " + DAEMON_HELP,
+    )
+    forget.add_argument("keys", nargs="+", metavar="KEY", help="a task key (see `enkwatch tasks`)")
+    _daemon_options(forget, state=True)
 
 
 def _tool_commands(sub: Any) -> None:
@@ -404,7 +480,158 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _healthcheck(args)
     if command == "demo":
         return asyncio.run(_demo(summary))
+    if command in ("tasks", "add", "remove", "forget"):
+        return _LIST_COMMANDS[command](args)
     raise AssertionError(command)
+
+
+# -- tasks, add, remove, forget ---------------------------------------------------------------
+
+
+def _answer_code(status: int) -> int:
+    """The exit code for an admin API answer (as `status` for the Enkrypt API)."""
+    if 200 <= status < 300:
+        return EXIT_OK
+    if status in (400, 401, 403):
+        return EXIT_USAGE
+    if status == 404:
+        return EXIT_GAVE_UP  # not found is 3, as for `status`
+    if status == 409:
+        return EXIT_FAILED
+    return EXIT_UNREACHABLE
+
+
+def _optional_config(args: argparse.Namespace) -> Config | None:
+    path: str | None = args.config or os.environ.get(CONFIG_PATH_ENV)
+    return load_config(path) if path else None
+
+
+def _no_daemon(command: str) -> _UsageError:
+    return _usage_error(
+        command,
+        ["name a daemon: --url URL, or --config PATH (or $ENKWATCH_CONFIG) with admin.listen"],
+    )
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    config = _optional_config(args)
+    tasks: list[dict[str, Any]] | int | None = None
+    where = ""
+    if args.state is None and (base := admin_base(config, args.url)) is not None:
+        tasks, where = _tasks_of_daemon(base, fall_back=args.url is None and config is not None)
+    if isinstance(tasks, int):
+        return tasks
+    if tasks is None:
+        path = args.state or (config.state.path if config is not None else None)
+        if path is None:
+            raise _usage_error("tasks", ["name a daemon or a state: --url, --config or --state"])
+        tasks = asyncio.run(read_state(path, config))
+        where = f"the state {redact_url(path)}"
+    if args.json:
+        print(json.dumps({"tasks": tasks}, ensure_ascii=False), flush=True)
+    else:
+        from enkwatch.console import print_watch_list
+
+        title = f"enkwatch: {len(tasks)} task{'' if len(tasks) == 1 else 's'}, from {where}"
+        print_watch_list(tasks, datetime.now(UTC), sys.stdout, title)
+    return EXIT_OK
+
+
+def _tasks_of_daemon(base: str, fall_back: bool) -> tuple[list[dict[str, Any]] | int | None, str]:
+    """(the daemon's watch list, or an exit code, or None to read the state; where from)."""
+    try:
+        answer = call(base, "GET", "/tasks")
+    except DaemonUnreachable as err:
+        if not fall_back:
+            print(f"enkwatch: {err}", file=sys.stderr)
+            return EXIT_UNREACHABLE, ""
+        print(f"enkwatch: {err}; reading the state instead", file=sys.stderr)
+        return None, ""
+    if answer.status != 200:
+        print(f"enkwatch: {error_of(answer)}", file=sys.stderr)
+        return _answer_code(answer.status), ""
+    return list(answer.body["tasks"]), f"the daemon at {redact_url(base)}"
+
+
+def _add(args: argparse.Namespace) -> int:
+    entries: list[dict[str, Any]] = pair_tasks(getattr(args, "targets", None) or [])
+    if not entries:
+        raise _usage_error("add", ["name a task: --task-id ID and/or --dataset NAME"])
+    labels = parse_labels(args.label)
+    for entry in entries:
+        entry.update({k: v for k, v in (("interval_seconds", args.interval),
+                      ("deadline_seconds", args.deadline), ("labels", labels)) if v})  # fmt: skip
+    base = admin_base(_optional_config(args), args.url)
+    if base is None:
+        raise _no_daemon("add")
+    return _each(entries, lambda e: call(base, "POST", "/tasks", e, token=True), "watching")
+
+
+def _remove(args: argparse.Namespace) -> int:
+    base = admin_base(_optional_config(args), args.url)
+    if base is None:
+        raise _no_daemon("remove")
+    return _each(
+        args.keys,
+        lambda k: call(base, "DELETE", f"/tasks/{_quoted(k)}", token=True),
+        "stopped watching",
+    )
+
+
+def _forget(args: argparse.Namespace) -> int:
+    config = _optional_config(args)
+    base = None if args.state is not None else admin_base(config, args.url)
+    if base is not None:
+        try:
+            return _each(
+                args.keys,
+                lambda k: call(base, "POST", f"/tasks/{_quoted(k)}/forget", token=True),
+                "watching again",
+                unreachable_ok=args.url is None,
+            )
+        except DaemonUnreachable as err:
+            print(f"enkwatch: {err}; changing the state instead", file=sys.stderr)
+    path = args.state or (config.state.path if config is not None else None)
+    if path is None:
+        raise _usage_error("forget", ["name a daemon or a state: --url, --config or --state"])
+    code = EXIT_OK
+    for key in args.keys:
+        done = asyncio.run(forget_in_state(path, key))
+        if done:
+            print(f"{key}: forgotten in the state; watched again from the next start", flush=True)
+            continue
+        why = "has not ended" if done is False else "is not in the state"
+        print(f"enkwatch: {key}: {why}", file=sys.stderr)
+        code = max(code, EXIT_FAILED if done is False else EXIT_GAVE_UP)
+    return code
+
+
+def _quoted(key: str) -> str:
+    return urllib.parse.quote(key, safe="")
+
+
+def _each(items: Sequence[Any], send: Any, done: str, unreachable_ok: bool = False) -> int:
+    """Send one request per item; report each; the worst exit code. DaemonUnreachable
+    before the first request is raised when `unreachable_ok` (the caller falls back)."""
+    code = EXIT_OK
+    for i, item in enumerate(items):
+        try:
+            answer = send(item)
+        except DaemonUnreachable as err:
+            if unreachable_ok and i == 0:
+                raise
+            print(f"enkwatch: {err}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        key = item if isinstance(item, str) else (answer.body or {}).get("task_key") or item
+        if 200 <= answer.status < 300:
+            print(f"{key}: {done}", flush=True)
+        else:
+            print(f"enkwatch: {key}: {error_of(answer)}", file=sys.stderr)
+            code = max(code, _answer_code(answer.status))
+    return code
+
+
+_LIST_COMMANDS: Final = {"tasks": _tasks, "add": _add, "remove": _remove, "forget": _forget}
 
 
 def _config_path(args: argparse.Namespace) -> str:

@@ -439,3 +439,61 @@ def print_summary(
     console = make_console(stream, use_colour(stream, environ), width)
     console.print(summary_table(tasks), soft_wrap=False)
     stream.flush()
+
+
+def watch_list_table(
+    tasks: Iterable[Mapping[str, Any]], now: datetime, title: str = "enkwatch: the watch list"
+) -> Table:
+    """`enkwatch tasks`: each task as GET /tasks describes it, for people."""
+    table = Table(title=title, title_justify="left")
+    for name in ("task", "dataset", "status", "since", "polls", "last error", "next poll"):
+        table.add_column(name, justify="right" if name == "polls" else "left")
+    for task in tasks:
+        outcome = str(task.get("outcome") or "")
+        if outcome.startswith("gave_up:"):
+            status, style = f"gave up ({_reason(outcome[8:])})", "bold red"
+        else:
+            status = plain(task.get("status"))
+            style = _STATUS_STYLE.get(status, "")
+        table.add_row(
+            str(task.get("task_key")),
+            plain(task.get("dataset")),
+            Text(status, style=style),
+            _ago(task.get("status_since"), now),
+            plain(task.get("polls")),
+            Text(_clip(plain(task.get("last_error")), 40), style="red")
+            if task.get("last_error")
+            else Text("-"),
+            "-" if outcome else _in(task.get("next_poll_at"), now),
+        )
+    return table
+
+
+def _moment(stamp: Any) -> datetime | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+
+
+def _ago(stamp: Any, now: datetime) -> str:
+    moment = _moment(stamp)
+    return "-" if moment is None else f"{duration((now - moment).total_seconds())} ago"
+
+
+def _in(stamp: Any, now: datetime) -> str:
+    moment = _moment(stamp)
+    return "-" if moment is None else f"in {duration((moment - now).total_seconds())}"
+
+
+def print_watch_list(
+    tasks: Iterable[Mapping[str, Any]], now: datetime, stream: TextIO, title: str
+) -> None:
+    """Print `watch_list_table` on `stream` (colour on a terminal, as the events)."""
+    isatty = getattr(stream, "isatty", None)
+    width = None if isatty is not None and isatty() else SUMMARY_WIDTH
+    console = make_console(stream, use_colour(stream), width)
+    console.print(watch_list_table(tasks, now, title), soft_wrap=False)
+    stream.flush()
