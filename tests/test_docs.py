@@ -254,6 +254,10 @@ NOT_RUNNABLE: dict[str, str] = {
     "systemctl ": "needs a running systemd; test_deploy runs systemd-analyze verify",
     "journalctl ": "needs a running systemd",
     "python -m bench": "minutes of full load on a shared machine; test_bench runs --smoke",
+    "enkwatch tasks": "needs a running daemon or its state; test_taskcmds_e2e runs it on both",
+    "enkwatch add": "needs a running daemon; test_taskcmds_e2e runs it against one",
+    "enkwatch remove": "needs a running daemon; test_taskcmds_e2e runs it against one",
+    "enkwatch forget": "needs a daemon or its state; test_taskcmds_e2e runs it on both",
 }
 
 # Run here as written by the test named.
