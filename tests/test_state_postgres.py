@@ -309,3 +309,30 @@ async def test_confirmations_that_fail_are_kept_and_committed_later(dsn: str) ->
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_forget_resets_an_ended_task_and_notifies(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await b.listen(heard.put_nowait)
+        await a.leases.balance()
+        rec = TaskRecord("task-f", "task-f", None, 5.0, polls=4)
+        await a.add_task(rec)
+        event = {**transition(rec, "Running"), "timestamp": "2026-01-01T00:00:01.000000Z"}
+        await a.record_event(rec, event)
+        assert await a.reset_task("task-f", 9.0) is False  # not ended: still watched
+        rec.outcome = "Finished"
+        done = {**transition(rec, "Finished"), "timestamp": "2026-01-01T00:00:02.000000Z"}
+        await a.record_event(rec, done)
+        assert (await b.status_times())["task-f"] == "2026-01-01T00:00:02.000000Z"
+        assert await b.reset_task("task-f", 9.0) is True
+        assert await asyncio.wait_for(heard.get(), 5) == "task-f"
+        stored = (await a.load_tasks())["task-f"]
+        assert (stored.outcome, stored.last_status, stored.polls) == (None, None, 0)
+        assert stored.watch_started_at == 9.0 and stored.seq == 2  # event ids stay unique
+        assert await b.reset_task("nope", 9.0) is False
+    finally:
+        await a.close()
+        await b.close()

@@ -291,3 +291,25 @@ def test_another_programs_database_is_refused(db_path: Path) -> None:
         stamped = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
         assert db.execute("SELECT title FROM tasks").fetchall() == [("buy milk",)]
     assert stamped == []
+
+
+async def test_forget_resets_only_an_ended_task_and_keeps_its_seq(store: SqliteStore) -> None:
+    rec = TaskRecord("t1", "t1", None, 5.0, polls=4)
+    await store.add_task(rec)
+    for seq, status in ((1, "Running"), (2, "Finished")):
+        rec.seq, rec.last_status = seq, status
+        rec.outcome = "Finished" if status == "Finished" else None
+        body = {
+            "event": "task.transition",
+            "status": status,
+            "timestamp": f"2026-01-01T00:00:0{seq}.000000Z",
+        }
+        if seq == 1:
+            assert await store.reset_task("t1", 9.0) is False  # not ended
+        await store.record_event(rec, body)
+    assert await store.status_times() == {"t1": "2026-01-01T00:00:02.000000Z"}
+    assert await store.reset_task("t1", 9.0) is True
+    stored = (await store.load_tasks())["t1"]
+    assert (stored.outcome, stored.last_status, stored.polls) == (None, None, 0)
+    assert stored.watch_started_at == 9.0 and stored.seq == 2
+    assert await store.reset_task("nope", 9.0) is False
