@@ -64,10 +64,14 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 
 
 def row_status(driver: WebDriver, key: str) -> str | None:
-    for row in driver.find_elements(By.CSS_SELECTOR, "#rows tr"):
-        if row.get_attribute("data-key") == key:
-            return str(row.find_elements(By.TAG_NAME, "td")[2].text)
-    return None
+    """The status cell of a task's row, read in one step (rows are re-rendered live)."""
+    status = driver.execute_script(
+        "for (const tr of document.querySelectorAll('#rows tr')) {"
+        "  if (tr.dataset.key === arguments[0]) return tr.children[2].textContent;"
+        "} return null;",
+        key,
+    )
+    return None if status is None else str(status)
 
 
 async def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any]) -> None:

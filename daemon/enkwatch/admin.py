@@ -9,7 +9,6 @@ import json
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import orjson
@@ -17,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from enkwatch import __version__
+from enkwatch.clock import Clock, SystemClock
 from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.livefeed import EventFeed, Reader, sse_message
 from enkwatch.statuspage import (
@@ -105,6 +105,7 @@ class AdminView:
 BACKEND: Final = web.AppKey("backend", AdminBackend)
 TOKEN: Final = web.AppKey("token", str)
 FEED: Final = web.AppKey("feed", EventFeed)
+CLOCK: Final = web.AppKey("clock", Clock)
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -210,7 +211,7 @@ async def status_page(request: web.Request) -> web.Response:
         query=page_query(request.query),
         can_change=bool(request.app[TOKEN]),
         nonce=nonce,
-        now=datetime.now(UTC),
+        now=request.app[CLOCK].now(),
         version=__version__,
     )
     return web.Response(
@@ -294,13 +295,17 @@ async def remove_task(request: web.Request) -> web.Response:
 
 
 def build_admin_app(
-    backend: AdminBackend, token: str | None, feed: EventFeed | None = None
+    backend: AdminBackend,
+    token: str | None,
+    feed: EventFeed | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
     """The app served on `admin.listen`."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[BACKEND] = backend
     app[TOKEN] = token or ""
     app[FEED] = feed or EventFeed()
+    app[CLOCK] = clock or SystemClock()
     app.router.add_get("/", status_page)
     app.router.add_get("/events", event_stream)
     app.router.add_get("/healthz", healthz)
@@ -321,10 +326,11 @@ async def serve_admin(
     feed: EventFeed,
     listen: str,
     host_port: tuple[str, int],
+    clock: Clock,
 ) -> int:
     """Serve the admin app on `admin.listen` until the stack closes; the bound port.
     The event streams end first, so the server stops at once."""
-    app = build_admin_app(view, token, feed)
+    app = build_admin_app(view, token, feed, clock)
     try:
         runner, port = await start_admin(app, *host_port)
     except OSError as err:

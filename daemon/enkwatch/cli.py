@@ -15,7 +15,6 @@ import traceback
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from enkwatch import __version__
@@ -533,7 +532,7 @@ def _tasks(args: argparse.Namespace) -> int:
         from enkwatch.console import print_watch_list
 
         title = f"enkwatch: {len(tasks)} task{'' if len(tasks) == 1 else 's'}, from {where}"
-        print_watch_list(tasks, datetime.now(UTC), sys.stdout, title)
+        print_watch_list(tasks, SystemClock().now(), sys.stdout, title)
     return EXIT_OK
 
 

@@ -235,8 +235,9 @@ class Service:
             h = self.health
             view = AdminView(h.health, h.readiness, self.metrics.render, watchlist)
             self.admin_port = await serve_admin(
-                stack, view, self._admin_token, self.feed, str(self.config.admin.listen), listen
-            )
+                stack, view, self._admin_token, self.feed, str(self.config.admin.listen), listen,
+                self.clock,
+            )  # fmt: skip
 
     async def _serve(self, stack: AsyncExitStack, parts: Running) -> None:
         if self._tune_gc:
