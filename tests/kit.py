@@ -42,6 +42,7 @@ from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app
 SECRET = "sk-test-SECRET-123"  # the API key every child process gets
 API_KEY = "sk-test-SECRET-service"  # the API key of an in-process Service
 WAIT_S = 20.0  # the most any single wait may take before the test fails
+CLOSED = subprocess.DEVNULL  # `spawn(stdout=CLOSED)`: the command starts without a stdout
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
 TASK_EVENT_FIELDS = ("task_id", "dataset", "task_key", "seq", "event_id")
@@ -277,7 +278,9 @@ class Run:
         self._err = asyncio.create_task(self._read_stderr())
 
     async def _read(self) -> None:
-        assert self.proc.stdout is not None
+        if self.proc.stdout is None:  # stdout went elsewhere (`spawn(stdout=...)`)
+            self.eof = True
+            return
         while raw := await self.proc.stdout.readline():
             text = raw.decode("utf-8", "replace")
             self.lines.append(text)
@@ -350,6 +353,7 @@ class Run:
         assert SECRET not in self.stdout, "the API key appeared on stdout"
         assert SECRET not in self.stderr, "the API key appeared on stderr"
         assert "Traceback" not in self.stderr, self.stderr
+        assert "internal error" not in self.stderr, self.stderr
         if self.json_lines:
             self._check_json_lines()
             if rc != 2:
@@ -423,23 +427,29 @@ async def enkwatch(tmp_path: Path) -> AsyncIterator[Spawn]:
     """Start `python -m enkwatch ARGS` (cwd: tmp_path); anything left running is killed.
 
     `json_lines=False` for a command whose stdout is not events; `measured=True` runs it
-    under a wrapper that reports its peak RSS (`Run.peak_rss_bytes`); other keywords are
-    environment variables (None removes one).
+    under a wrapper that reports its peak RSS (`Run.peak_rss_bytes`); `stdout=FD` gives
+    the child that stdout instead of a pipe read by `Run` (`stdout=CLOSED`: none at all);
+    other keywords are environment variables (None removes one).
     """
     runs: list[Run] = []
 
     async def spawn(
-        *args: str, json_lines: bool = True, measured: bool = False, **env: str | None
+        *args: str,
+        json_lines: bool = True,
+        measured: bool = False,
+        stdout: int | None = None,
+        **env: str | None,
     ) -> Run:
         wrapper = ["-c", _PEAK_RSS_WRAPPER, sys.executable] if measured else []
+        argv = [sys.executable, *wrapper, "-m", "enkwatch", *args]
+        if stdout == CLOSED:
+            argv = ["sh", "-c", 'exec "$0" "$@" >&-', *argv]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *wrapper,
-            "-m",
-            "enkwatch",
-            *args,
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE
+            if stdout is None
+            else stdout,  # CLOSED: DEVNULL, closed by sh
             stderr=asyncio.subprocess.PIPE,
             env=child_env(**env),
             cwd=tmp_path,
