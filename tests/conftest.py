@@ -1,4 +1,5 @@
-"""Fixtures shared by test modules: structlog reset per test, one PostgreSQL per session."""
+"""Fixtures shared by test modules: structlog reset per test, one PostgreSQL per session,
+and the kit's fixtures (`simulate`, `enkwatch`, `hooks`: see tests/kit.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import asyncpg
 import pytest
 import structlog
 
+from tests.kit import enkwatch, hooks, simulate
 from tests.pgkit import HOW_TO_ENABLE, PgServer, find_bin_dir
+
+__all__ = ["enkwatch", "hooks", "simulate"]  # the kit's fixtures, registered for every test
 
 
 @pytest.fixture(autouse=True)

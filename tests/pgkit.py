@@ -7,10 +7,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.kit import free_port
 
 HOW_TO_ENABLE = (
     "PostgreSQL server binaries not found (initdb/pg_ctl); install them with "
@@ -30,12 +31,6 @@ def find_bin_dir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PgServer:
     """One throwaway cluster on 127.0.0.1; runs as `postgres` when we are root."""
 
@@ -43,7 +38,7 @@ class PgServer:
         self.bin_dir = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="enkwatch-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = None if os.geteuid() != 0 else self._service_user()
 
     @staticmethod

@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 
-from tests.servicekit import scenario, sim_task, simulator
-from tests.test_e2e import free_port
 from tests.test_taskcmds_e2e import daemon, write_config
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -27,6 +25,8 @@ from selenium.webdriver.chrome.service import Service as DriverService  # noqa: 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from tests.kit import free_port, sim_task, simulator  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -82,14 +82,14 @@ async def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any]) -> None
 async def test_a_task_goes_to_finished_on_the_page_without_a_reload(
     tmp_path: Path, browser: WebDriver
 ) -> None:
-    sim = scenario(
+    tasks = (
         sim_task("t1", ("Running", 0.3), ("Finished", None)),
         sim_task("t2", ("Running", None)),
         {**sim_task("data-generation-4f1c", ("Queued", 1.0), ("Running", 2.0), ("Finished", None)),
          "dataset": "FinanceQA"},
     )  # fmt: skip
     port = free_port()
-    async with simulator(sim) as (url, _), daemon(write_config(tmp_path, url, port)) as run:
+    async with simulator(*tasks) as sim, daemon(write_config(tmp_path, sim.url, port)) as run:
         await run.until("task.transition", task_key="t1", status="Finished")
         await asyncio.to_thread(browser.get, f"http://127.0.0.1:{port}/")
         await wait_for(browser, lambda d: d.find_element(By.ID, "live").text == "live")

@@ -65,3 +65,36 @@ def test_a_usage_mistake_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_no_command_prints_help_and_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == EXIT_USAGE
     assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["watch"], "give at least one --task-id ID or --dataset NAME"),
+        (["watch", "--task-id", "x", "--interval", "0"], "--interval: Input should be greater"),
+        (["status"], "status takes one task: --task-id ID and/or --dataset NAME"),
+        (["run"], "no config file: pass --config PATH or set $ENKWATCH_CONFIG"),
+        (["check-config", "--config", "/nope.yaml"], "cannot read the config file"),
+        (["simulate", "--port", "-1"], "--port: not a port number (0..65535): -1"),
+    ],
+)
+def test_bad_arguments_are_exit_2_naming_what_is_wrong(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ENKWATCH_CONFIG", raising=False)
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_version_is_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    from enkwatch import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code in (0, None)
+    assert __version__ in capsys.readouterr().out

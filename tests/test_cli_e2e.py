@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from enkwatch.cli import build_parser, pair_tasks
-from tests.servicekit import scenario, sim_task, simulator
+from tests.kit import sim_task, simulator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -159,7 +159,8 @@ def test_task_flags_pair_as_in_the_config_file(
 
 
 async def test_watch_with_a_task_id_and_its_dataset_watches_one_task() -> None:
-    async with simulator(scenario(finishing_task("a"))) as (url, _):
+    async with simulator(finishing_task("a")) as sim:
+        url = sim.url
         code, out, err = await enkwatch(
             "watch",
             "--task-id",
@@ -360,7 +361,8 @@ async def test_help_of_watch_tells_the_pairing_rule() -> None:
 
 
 async def test_a_terminal_gets_the_console_format_in_colour_and_a_summary() -> None:
-    async with simulator(scenario(finishing_task("a"), finishing_task("b"))) as (url, _):
+    async with simulator(finishing_task("a"), finishing_task("b")) as sim:
+        url = sim.url
         args = ("watch", "--task-id", "a", "--task-id", "b", "--interval", "0.05")
         code, screen = await on_a_terminal(*args, ENKWATCH_API__BASE_URL=url)
         assert code == 0, screen
@@ -404,7 +406,8 @@ async def test_a_terminal_gets_the_console_format_in_colour_and_a_summary() -> N
 
 
 async def test_a_pipe_gets_json_and_no_table() -> None:
-    async with simulator(scenario(finishing_task("a"))) as (url, _):
+    async with simulator(finishing_task("a")) as sim:
+        url = sim.url
         code, out, err = await enkwatch(
             "watch", "--task-id", "a", "--interval", "0.05", ENKWATCH_API__BASE_URL=url
         )
@@ -414,7 +417,8 @@ async def test_a_pipe_gets_json_and_no_table() -> None:
 
 
 async def test_the_console_format_on_a_pipe_has_the_table_without_colour() -> None:
-    async with simulator(scenario(finishing_task("a"))) as (url, _):
+    async with simulator(finishing_task("a")) as sim:
+        url = sim.url
         code, out, _ = await enkwatch(
             "--log-format",
             "console",

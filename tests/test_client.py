@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +41,7 @@ from enkwatch.kinds.dataset import PATH
 from enkwatch.limits import RequestGate
 from enkwatch.models import MAX_STATUS_CHARS, Observation
 from tests.bombs import bomb
+from tests.kit import free_port
 
 API_KEY = "sk-test-4f1c0e9a7b2d-DO-NOT-LEAK"
 TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
@@ -669,13 +669,6 @@ async def test_the_server_hangs_up_without_answering(client: ApiClient, api: Fak
     err = await poll_error(client)
     assert isinstance(err, TransientPollError)
     assert err.kind == "connection"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_connection_refused(make_client: MakeClient) -> None:

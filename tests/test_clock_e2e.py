@@ -20,19 +20,7 @@ import pytest
 import yaml
 
 from enkwatch.simulator import max_in_window
-from tests.test_e2e import (  # noqa: F401  (enkwatch, simulate: the fixtures)
-    WAIT_S,
-    Run,
-    Spawn,
-    StartSim,
-    enkwatch,
-    free_port,
-    sim_task,
-    simulate,
-    tid,
-    timeline,
-    until,
-)
+from tests.kit import Run, Spawn, StartSim, free_port, sim_task, tid, timeline, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -70,8 +58,8 @@ async def steps_counted(port: int) -> float:
 async def test_a_wall_clock_step_neither_stops_nor_bursts_polling(
     step: str,
     tmp_path: Path,
-    simulate: StartSim,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    simulate: StartSim,
+    enkwatch: Spawn,
 ) -> None:
     lib = libfaketime()
     if lib is None:
@@ -115,9 +103,11 @@ async def test_a_wall_clock_step_neither_stops_nor_bursts_polling(
     # without the guard, a step back left every job asleep for the length of the step
     await until(lambda: sim.count(task_id=tid(1)) >= before + 10, "polls after the step")
     assert await healthz(port) == 200
-    async with asyncio.timeout(WAIT_S):
-        while await steps_counted(port) < 1:  # noqa: ASYNC110  (no event to wait on)
-            await asyncio.sleep(0.05)
+
+    async def step_counted() -> bool:
+        return await steps_counted(port) >= 1
+
+    await until(step_counted, "the clock step counted in the metrics", every=0.05)
 
     # no burst either way: one task polled every 0.2 s makes ~5 requests in any second
     after = [t for t in sim.of(task_id=tid(1)) if t >= stepped_at]
@@ -130,7 +120,7 @@ async def test_a_wall_clock_step_neither_stops_nor_bursts_polling(
 
 async def start_stepped(
     tmp_path: Path,
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
     url: str,
     task: dict[str, Any],
     *args: str,
@@ -163,8 +153,8 @@ async def start_stepped(
 
 async def test_a_step_forward_does_not_end_a_deadline(
     tmp_path: Path,
-    simulate: StartSim,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    simulate: StartSim,
+    enkwatch: Spawn,
 ) -> None:
     sim = await simulate(sim_task(1, "Forever", timeline("Running")))
     run, offset = await start_stepped(
@@ -183,8 +173,8 @@ async def test_a_step_forward_does_not_end_a_deadline(
 
 async def test_a_step_back_does_not_extend_a_deadline(
     tmp_path: Path,
-    simulate: StartSim,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    simulate: StartSim,
+    enkwatch: Spawn,
 ) -> None:
     deadline_s = 3.0
     sim = await simulate(sim_task(1, "Forever", timeline("Running")))

@@ -8,7 +8,6 @@ The image itself is proven by `scripts/container-smoke`, which `.ci/run` runs af
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -23,6 +22,7 @@ import yaml
 
 from enkwatch import __version__
 from enkwatch.simulator import load_scenario
+from tests.kit import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -37,26 +37,12 @@ STATE_DIR = "/var/lib/enkwatch"
 # -- helpers ------------------------------------------------------------------------------
 
 
-def enkwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed command, with no ENKWATCH_* variable of the caller's environment."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-    clean.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "enkwatch", *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        timeout=60,
-        check=False,
-    )
-
-
 def check_config(text: str, tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """`enkwatch check-config` on `text`: it must pass; its normalized output."""
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
     # --file-only: the image's state directory and mounted key exist in the container only
-    proc = enkwatch("check-config", "--file-only", "--config", str(path), env=env)
+    proc = invoke("check-config", "--file-only", "--config", str(path), env=env)
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out

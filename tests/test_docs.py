@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from enkwatch.simulator import load_scenario
+from tests.kit import Spawn, free_port, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -130,14 +132,13 @@ def enkwatch_env(**extra: str) -> dict[str, str]:
 def check_config(text: str, tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
-    proc = subprocess.run(
+    proc = invoke(
         # --file-only: the key files and state paths a manifest names exist where it runs
-        [sys.executable, "-m", "enkwatch", "check-config", "--file-only", "--config", str(path)],
-        capture_output=True,
-        text=True,
+        "check-config",
+        "--file-only",
+        "--config",
+        str(path),
         env=enkwatch_env(ENKRYPTAI_API_KEY="sk-docs-test", **(env or {})),
-        timeout=60,
-        check=False,
     )
     assert proc.returncode == 0, f"{proc.stderr}\n--- the config:\n{text}"
     out: dict[str, Any] = json.loads(proc.stdout)
@@ -280,12 +281,6 @@ def test_every_shell_command_is_run_or_excused() -> None:
         assert reasons, f"{pages}: `{command}` is neither run by a test nor listed as not runnable"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def bash(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", "-c", command],
@@ -298,12 +293,13 @@ def bash(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_commands_that_run_here() -> None:
+async def test_commands_that_run_here(enkwatch: Spawn) -> None:
     commands = all_commands()
     for command in RUN_HERE:
         assert command in commands, f"`{command}` is no longer in the docs: update RUN_HERE"
-    # as the docs say it: after `export ENKRYPTAI_API_KEY=...`
-    proc = bash(
+    proc = await asyncio.to_thread(
+        # as the docs say it: after `export ENKRYPTAI_API_KEY=...`
+        bash,
         "enkwatch check-config --config config/example.yaml",
         enkwatch_env(ENKRYPTAI_API_KEY="sk-docs-test"),
     )
@@ -317,24 +313,21 @@ def test_commands_that_run_here() -> None:
             probe.bind(("127.0.0.1", port))
         except OSError:  # busy on this machine: the same command on another port
             port = free_port()
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "enkwatch", "simulate", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=enkwatch_env(),
-    )
+    sim = await enkwatch("simulate", "--port", str(port), json_lines=False)
     try:
-        assert sim.stdout is not None
-        assert json.loads(sim.stdout.readline())["event"] == "simulator.listening"
-        proc = bash(status.replace(":8080", f":{port}"), enkwatch_env(ENKRYPTAI_API_KEY="k"))
+        listening = await sim.wait_for(lambda e: True, "the simulator's first line", 30)
+        assert listening["event"] == "simulator.listening"
+        proc = await asyncio.to_thread(
+            bash, status.replace(":8080", f":{port}"), enkwatch_env(ENKRYPTAI_API_KEY="k")
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["dataset_name"] == "Election2"
     finally:
-        sim.terminate()
-        sim.wait(10)
+        sim.send(signal.SIGTERM)
+        await sim.wait_exit(10)
 
 
-async def test_curl_commands_against_a_running_daemon(tmp_path: Path) -> None:
+async def test_curl_commands_against_a_running_daemon(tmp_path: Path, enkwatch: Spawn) -> None:
     curls = [c for c in all_commands() if c.startswith(CURL_PREFIX)]
     assert curls
     if not (shutil.which("curl") and shutil.which("jq")):
@@ -353,22 +346,11 @@ async def test_curl_commands_against_a_running_daemon(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     env = enkwatch_env(ENKRYPTAI_API_KEY="k", ENKWATCH_ADMIN_TOKEN="docs-token")
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "enkwatch",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+    daemon = await enkwatch(
+        "run", "--config", str(config), ENKRYPTAI_API_KEY="k", ENKWATCH_ADMIN_TOKEN="docs-token"
     )
     try:
-        assert daemon.stdout is not None
-        async with asyncio.timeout(30):
-            while b'"daemon.started"' not in await daemon.stdout.readline():
-                pass
+        await daemon.wait_for(lambda e: e["event"] == "daemon.started", "daemon.started", 30)
         for command in curls:
             proc = await asyncio.to_thread(
                 bash, command.replace("localhost:9090", f"127.0.0.1:{port}"), env
@@ -382,8 +364,8 @@ async def test_curl_commands_against_a_running_daemon(tmp_path: Path) -> None:
         added = {t["task_key"] for t in listed}
         assert "dataset:Election2" in added, "the POST of the docs added its task"
     finally:
-        daemon.terminate()
-        await asyncio.wait_for(daemon.wait(), 30)
+        daemon.send(signal.SIGTERM)
+        await daemon.wait_exit(30)
 
 
 # -- Kubernetes: the kustomizations, rendered ----------------------------------------------
@@ -571,14 +553,7 @@ FLAKY = "SupportBot"
 
 
 def test_demo_tells_the_readme_story() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "enkwatch", "demo"],
-        capture_output=True,
-        text=True,
-        env=enkwatch_env(),
-        timeout=60,
-        check=False,
-    )
+    proc = invoke("demo", env=enkwatch_env())
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     story: dict[str, list[tuple[str, ...]]] = defaultdict(list)

@@ -2,371 +2,41 @@
 
 The simulator runs in the test's event loop (its own aiohttp app, plus a middleware that
 records when each request arrived and for which task); the daemon is `python -m enkwatch`
-in a child process whose stdout is read line by line. Tests wait for events or server-side
-conditions with a deadline, never for a fixed time.
+in a child process whose stdout is read line by line (both from
+tests/kit.py). Tests wait for events or server-side conditions with a deadline, never for
+a fixed time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 
 from enkwatch import __version__
-from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app, max_in_window
+from enkwatch.simulator import max_in_window
+from tests.kit import (
+    Run,
+    Spawn,
+    StartSim,
+    finish,
+    free_port,
+    sim_task,
+    tid,
+    timeline,
+    until,
+    write_config,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
-
-SECRET = "sk-test-SECRET-123"
-WAIT_S = 20.0  # the most any single wait may take before the test fails
-LEVELS = {"debug", "info", "warning", "error", "critical"}
-RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
-TASK_EVENT_FIELDS = ("task_id", "dataset", "task_key", "seq", "event_id")
-
-
-def tid(n: int) -> str:
-    """A task id shaped like Enkrypt's."""
-    return f"data-generation-e2e0{n:04d}-0000-4000-8000-{n:012d}"
-
-
-# -- the simulated API ---------------------------------------------------------------------
-
-
-def timeline(*items: str | float) -> list[dict[str, Any]]:
-    """`timeline("Queued", 1, "Finished")`: each status, then how long it lasts."""
-    phases: list[dict[str, Any]] = []
-    for item in items:
-        if isinstance(item, str):
-            phases.append({"status": item})
-        else:
-            phases[-1]["seconds"] = item
-    return phases
-
-
-def sim_task(
-    n: int, dataset: str, phases: list[dict[str, Any]], *faults: dict[str, Any]
-) -> dict[str, Any]:
-    return {"task_id": tid(n), "dataset": dataset, "timeline": phases, "faults": list(faults)}
-
-
-@dataclass(frozen=True)
-class Arrival:
-    at: float  # time.monotonic(), the simulator's clock too
-    task_id: str | None
-    dataset: str | None
-
-
-@dataclass
-class Sim:
-    """A running simulator: its URL, its own statistics and our per-request record."""
-
-    url: str
-    stats: SimulatorStats
-    arrivals: list[Arrival]
-
-    def of(self, task_id: str | None = None, dataset: str | None = None) -> list[float]:
-        """Arrival times of the requests naming this task (by header)."""
-        return [
-            a.at
-            for a in self.arrivals
-            if (task_id is not None and a.task_id == task_id)
-            or (dataset is not None and a.dataset == dataset)
-        ]
-
-    def count(self, task_id: str | None = None, dataset: str | None = None) -> int:
-        return len(self.of(task_id, dataset))
-
-
-StartSim = Callable[..., Awaitable[Sim]]
-
-
-@pytest.fixture
-async def simulate() -> AsyncIterator[StartSim]:
-    """Start the project's simulator on a free port for the given scenario tasks."""
-    runners: list[web.AppRunner] = []
-
-    async def start(*tasks: dict[str, Any], api_key: str | None = None) -> Sim:
-        scenario = Scenario.model_validate({"api_key": api_key, "tasks": list(tasks)})
-        app = build_app(scenario)
-        arrivals: list[Arrival] = []
-
-        @web.middleware
-        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-            headers = request.headers
-            arrivals.append(
-                Arrival(
-                    time.monotonic(),
-                    headers.get("X-Enkrypt-Task-ID"),
-                    headers.get("X-Enkrypt-Dataset"),
-                )
-            )
-            response: web.StreamResponse = await handler(request)
-            return response
-
-        app.middlewares.append(record)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = int(runner.addresses[0][1])
-        return Sim(f"http://127.0.0.1:{port}", app[STATS], arrivals)
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-# -- the daemon ----------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One run of the real command: events as they are written, stderr, the exit code."""
-
-    proc: asyncio.subprocess.Process
-    json_lines: bool = True
-    lines: list[str] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    stderr: str = ""
-    rc: int | None = None
-    started: float = field(default_factory=time.monotonic)
-    elapsed: float = 0.0  # from start to exit
-    killed: bool = False
-    eof: bool = False
-
-    def __post_init__(self) -> None:
-        self._new = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-        self._err = asyncio.create_task(self._read_stderr())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while raw := await self.proc.stdout.readline():
-            text = raw.decode("utf-8", "replace")
-            self.lines.append(text)
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict):
-                self.events.append(obj)
-            self._new.set()
-        self.eof = True
-        self._new.set()
-
-    async def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        self.stderr = (await self.proc.stderr.read()).decode("utf-8", "replace")
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    async def wait_for(
-        self, pred: Callable[[dict[str, Any]], bool], what: str, within: float = WAIT_S
-    ) -> dict[str, Any]:
-        """The first event (already written or to come) that satisfies `pred`."""
-
-        async def scan() -> dict[str, Any]:
-            i = 0
-            while True:
-                while i < len(self.events):
-                    event = self.events[i]
-                    i += 1
-                    if pred(event):
-                        return event
-                if self.eof:
-                    raise AssertionError(f"exited without {what}; stdout:\n{self.stdout}")
-                self._new.clear()
-                await self._new.wait()
-
-        try:
-            return await asyncio.wait_for(scan(), within)
-        except TimeoutError:
-            raise AssertionError(f"no {what} within {within} s; stdout:\n{self.stdout}") from None
-
-    def send(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        self.killed = True
-        self.proc.kill()
-
-    async def wait_exit(self, within: float = WAIT_S) -> int:
-        """Wait for the exit, then check what every run must satisfy."""
-        try:
-            rc = await asyncio.wait_for(self.proc.wait(), within)
-        except TimeoutError:
-            raise AssertionError(f"still running after {within} s:\n{self.stdout}") from None
-        await self._reader
-        await self._err
-        self.rc = rc
-        self.elapsed = time.monotonic() - self.started
-        assert SECRET not in self.stdout, "the API key appeared on stdout"
-        assert SECRET not in self.stderr, "the API key appeared on stderr"
-        assert "Traceback" not in self.stderr, self.stderr
-        if self.json_lines:
-            self._check_json_lines()
-            if rc != 2:
-                # no warning, traceback or "Task was destroyed" from a daemon run
-                assert self.stderr == "", self.stderr
-        return rc
-
-    def _check_json_lines(self) -> None:
-        for line in self.lines:
-            if self.killed and not line.endswith("\n"):
-                continue  # cut off by SIGKILL
-            obj = json.loads(line)
-            assert isinstance(obj, dict), line
-            check_event(obj)
-
-    # views
-
-    def named(self, name: str, key: str | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events
-            if e["event"] == name and (key is None or e.get("task_key") == key)
-        ]
-
-    def transitions(self, key: str) -> list[dict[str, Any]]:
-        return self.named("task.transition", key)
-
-    def one(self, name: str, key: str | None = None) -> dict[str, Any]:
-        found = self.named(name, key)
-        assert len(found) == 1, f"{name} x{len(found)}:\n{self.stdout}"
-        return found[0]
-
-
-def check_event(event: dict[str, Any]) -> None:
-    """The fields every event has (CONTRACT §5), and those of every task event."""
-    stamp = event["timestamp"]
-    assert RFC3339_UTC.match(stamp), stamp
-    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    assert moment.utcoffset() == timedelta(0)
-    assert event["level"] in LEVELS
-    assert isinstance(event["event"], str)
-    if event["event"].startswith("task."):
-        for name in TASK_EVENT_FIELDS:
-            assert name in event, (name, event)
-        assert isinstance(event["seq"], int)
-        assert event["event_id"] == f"{event['task_key']}:{event['seq']}"
-
-
-def child_env(**extra: str | None) -> dict[str, str]:
-    """Our environment without any enkwatch setting, plus the secret key and `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("ENKWATCH_") and k != "ENKRYPTAI_API_KEY"
-    }
-    env["ENKRYPTAI_API_KEY"] = SECRET
-    env.pop("PYTHONUNBUFFERED", None)  # the daemon must flush each line by itself
-    for name, value in extra.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-Spawn = Callable[..., Awaitable[Run]]
-
-
-@pytest.fixture
-async def enkwatch(tmp_path: Path) -> AsyncIterator[Spawn]:
-    """Start `python -m enkwatch ARGS` (cwd: tmp_path); anything left running is killed."""
-    runs: list[Run] = []
-
-    async def spawn(*args: str, json_lines: bool = True, **env: str | None) -> Run:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "enkwatch",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=child_env(**env),
-            cwd=tmp_path,
-        )
-        run = Run(proc, json_lines=json_lines)
-        runs.append(run)
-        return run
-
-    yield spawn
-    for run in runs:
-        if run.proc.returncode is None:
-            run.proc.kill()
-            await run.proc.wait()
-
-
-async def finish(spawn: Spawn, *args: str, json_lines: bool = True, **env: str | None) -> Run:
-    """Run the command to its end."""
-    run = await spawn(*args, json_lines=json_lines, **env)
-    await run.wait_exit()
-    return run
-
-
-def write_config(
-    path: Path,
-    sim: Sim | str,
-    tasks: list[dict[str, Any]],
-    *,
-    state: str = ":memory:",
-    api: dict[str, Any] | None = None,
-    polling: dict[str, Any] | None = None,
-) -> str:
-    """A config for fast tests: tiny intervals, no jitter, no rate limit."""
-    doc = {
-        "api": {"base_url": sim.url if isinstance(sim, Sim) else sim, "timeout_seconds": 2}
-        | (api or {}),
-        "polling": {
-            "interval_seconds": 0.05,
-            "jitter": 0,
-            "max_concurrency": 16,
-            "max_requests_per_second": 0,
-            "max_backoff_seconds": 0.5,
-            "not_found_attempts": 3,
-        }
-        | (polling or {}),
-        "state": {"path": state},
-        "tasks": tasks,
-    }
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return str(path)
-
-
-async def until(cond: Callable[[], bool], what: str, within: float = WAIT_S) -> None:
-    """Wait for a condition on the simulator's side, with a deadline."""
-    end = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def statuses(events: Iterable[dict[str, Any]]) -> list[tuple[str | None, str]]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from enkwatch.events import EventWriter
 from enkwatch.sinks import Outbox, Sink, dead_letter_fields
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
+from tests.kit import Spawn, StartReceiver, finish, until
 
 
 class Task:
@@ -31,12 +29,6 @@ class Task:
         self.dataset: str | None = None
         self.labels: dict[str, str] = {}
         self.record = TaskRecord(key, key, None, 0.0)
-
-
-async def wait_for(predicate: Any, within_s: float = 20.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110 - polling a condition other code changes
-            await asyncio.sleep(0.01)
 
 
 # -- group commit ---------------------------------------------------------------------------
@@ -116,7 +108,7 @@ async def test_two_failing_sinks_on_every_event_cannot_make_a_storm(aiohttp_serv
         try:
             await writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Queued"})
             # a: the transition, then b's failure; b: the transition, then a's failure
-            await wait_for(lambda: len(dead) == 4 and store.outbox_stats()[0] == 0)
+            await until(lambda: len(dead) == 4 and store.outbox_stats()[0] == 0)
         finally:
             await outbox.close()
     names = [e["event"] for e in logs]
@@ -158,7 +150,7 @@ def test_scrub_replaces_every_secret_in_nested_strings_only() -> None:
 
 
 async def test_a_secret_echoed_by_the_api_is_redacted_in_events_journal_and_webhooks(
-    tmp_path: Path, aiohttp_server: Any
+    tmp_path: Path, aiohttp_server: Any, enkwatch: Spawn, hooks: StartReceiver
 ) -> None:
     polls = 0
 
@@ -176,15 +168,9 @@ async def test_a_secret_echoed_by_the_api_is_redacted_in_events_journal_and_webh
         }
         return web.json_response({"data": data})
 
-    bodies: list[bytes] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        bodies.append(await request.read())
-        return web.Response(status=204)
-
+    receiver = await hooks()
     app = web.Application()
     app.router.add_get("/{tail:.*}", api)
-    app.router.add_post("/hook", hook)
     server: TestServer = await aiohttp_server(app)
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -195,7 +181,7 @@ async def test_a_secret_echoed_by_the_api_is_redacted_in_events_journal_and_webh
                 "state": {"path": str(tmp_path / "state.db")},
                 "sinks": {
                     "webhooks": [
-                        {"url": str(server.make_url("/hook")), "secret_env": "HOOK_SECRET",
+                        {"url": receiver.url, "secret_env": "HOOK_SECRET",
                          "events": ["*"]}
                     ]
                 },
@@ -204,18 +190,12 @@ async def test_a_secret_echoed_by_the_api_is_redacted_in_events_journal_and_webh
         ),
         encoding="utf-8",
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-    env.update(ENKRYPTAI_API_KEY=API_KEY, HOOK_SECRET=HOOK_SECRET, ENKWATCH_ADMIN_TOKEN=ADMIN_TOKEN)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "enkwatch", "run", "--config", str(config), "--exit-when-done"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode()
+    done = await finish(
+        enkwatch, "run", "--config", str(config), "--exit-when-done", within=60,
+        ENKRYPTAI_API_KEY=API_KEY, HOOK_SECRET=HOOK_SECRET, ENKWATCH_ADMIN_TOKEN=ADMIN_TOKEN,
+    )  # fmt: skip
+    bodies = [body for _, body in receiver.received]
+    assert done.rc == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     task_events = [e for e in events if e.get("task_key") == "t1"]
     assert task_events and any("[redacted]" in e.get("status", "") for e in task_events)
@@ -224,6 +204,6 @@ async def test_a_secret_echoed_by_the_api_is_redacted_in_events_journal_and_webh
         journal = [row[0] for row in db.execute("SELECT body FROM events")]
     assert journal and bodies
     for secret in SECRETS:
-        for text in (done.stdout.decode(), done.stderr.decode(), *journal):
+        for text in (done.stdout, done.stderr, *journal):
             assert secret not in text
         assert not any(secret.encode() in body for body in bodies)

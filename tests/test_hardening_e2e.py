@@ -7,12 +7,11 @@ the command (so no other test's subprocess counts).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import os
 import sqlite3
-import sys
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,69 +21,22 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.bombs import bomb
-from tests.servicekit import scenario, sim_task, simulator
+from tests.kit import Run, Spawn, StartSim, finish, sim_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-API_KEY = "sk-test-SECRET-hard"
 TASK_ID = "data-generation-535a2b71-ac8a-4a3d-8da3-b9b68b28e668"
 MIB = 1024 * 1024
 # a Python process running enkwatch is well under this; a body inflated in full is over it
 RSS_CEILING_BYTES = 256 * MIB
 
-# runs argv[1:], then prints the child's peak RSS (KiB on Linux) as the last stderr line
-_PEAK_RSS_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "code = subprocess.run(sys.argv[1:]).returncode\n"
-    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
-    " file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
+Finish = Callable[..., Awaitable[Run]]
 
 
-@dataclass
-class Done:
-    rc: int
-    stdout: str
-    stderr: str
-    peak_rss_bytes: int
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-    env["ENKRYPTAI_API_KEY"] = API_KEY
-    env.update(extra)
-    return env
-
-
-async def run_enkwatch(*args: str, within_s: float = 60.0, **env: str) -> Done:
-    """`python -m enkwatch ARGS` to its end, with its peak RSS."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _PEAK_RSS_WRAPPER,
-        sys.executable,
-        "-m",
-        "enkwatch",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(**env),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), within_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"enkwatch {args} still running after {within_s} s") from None
-    lines = err.decode().splitlines()
-    assert lines and lines[-1].startswith("peak_rss_kib "), err
-    assert proc.returncode is not None
-    stderr = "\n".join(lines[:-1])
-    assert API_KEY not in stderr and API_KEY not in out.decode()
-    assert "Traceback" not in stderr, stderr
-    return Done(proc.returncode, out.decode(), stderr, int(lines[-1].split()[1]) * 1024)
+@pytest.fixture
+def run_enkwatch(enkwatch: Spawn) -> Finish:
+    """`python -m enkwatch ARGS` to its end (the kit's `finish`), with its peak RSS."""
+    return functools.partial(finish, enkwatch, json_lines=False, measured=True, within=60.0)
 
 
 @pytest.fixture
@@ -114,7 +66,7 @@ def valid_observation_head() -> bytes:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_a_gzip_bomb_from_the_api_is_refused_with_little_memory(
-    serve: Any, chunked: bool
+    serve: Any, chunked: bool, run_enkwatch: Finish
 ) -> None:
     wire = bomb("gzip", 900 * MIB, valid_observation_head(), b'"}')
     assert len(wire) < MIB  # under the limit on the wire (Content-Length), 900 MiB decoded
@@ -157,7 +109,7 @@ def write_yaml(path: Path, doc: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("command", ["check-config", "run"])
 async def test_huge_durations_in_a_config_exit_2_naming_each_key(
-    tmp_path: Path, command: str
+    tmp_path: Path, command: str, run_enkwatch: Finish
 ) -> None:
     cfg = write_yaml(
         tmp_path / "huge.yaml",
@@ -181,7 +133,9 @@ async def test_huge_durations_in_a_config_exit_2_naming_each_key(
         assert f"{path}: must be at most" in done.stderr, (path, done.stderr)
 
 
-async def test_huge_durations_on_the_watch_command_line_exit_2_naming_the_option() -> None:
+async def test_huge_durations_on_the_watch_command_line_exit_2_naming_the_option(
+    run_enkwatch: Finish,
+) -> None:
     done = await run_enkwatch(
         "watch", "--task-id", TASK_ID, "--interval", "1e12", "--deadline", "inf"
     )
@@ -197,13 +151,15 @@ PG_PASSWORD = "PGSECRET-do-not-print"
 HOOK_TOKEN = "HOOKTOKEN-do-not-print"
 
 
-def no_url_secrets(done: Done) -> None:
+def no_url_secrets(done: Run) -> None:
     for secret in (PG_PASSWORD, HOOK_TOKEN):
         assert secret not in done.stdout, done.stdout
         assert secret not in done.stderr, done.stderr
 
 
-async def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
+async def test_check_config_redacts_credentials_in_urls(
+    tmp_path: Path, run_enkwatch: Finish
+) -> None:
     cfg = write_yaml(
         tmp_path / "c.yaml",
         {
@@ -239,7 +195,7 @@ async def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
     ids=["unreachable", "bad-port", "bad-host"],
 )
 async def test_a_bad_postgresql_url_is_exit_2_without_its_password(
-    tmp_path: Path, url: str, parses: bool
+    tmp_path: Path, url: str, parses: bool, run_enkwatch: Finish
 ) -> None:
     source = tmp_path / "state.db"
     sqlite3.connect(source).close()
@@ -263,7 +219,7 @@ async def test_a_bad_postgresql_url_is_exit_2_without_its_password(
             assert "state.path: " in done.stderr
 
 
-async def test_healthcheck_errors_redact_the_url() -> None:
+async def test_healthcheck_errors_redact_the_url(run_enkwatch: Finish) -> None:
     done = await run_enkwatch(
         "healthcheck", "--url", f"http://127.0.0.1:1/{HOOK_TOKEN}?t={HOOK_TOKEN}"
     )
@@ -281,33 +237,36 @@ async def test_healthcheck_errors_redact_the_url() -> None:
         no_url_secrets(done)
 
 
-async def test_a_run_never_prints_a_webhook_url(tmp_path: Path, serve: Any) -> None:
+async def test_a_run_never_prints_a_webhook_url(
+    tmp_path: Path, serve: Any, simulate: StartSim, run_enkwatch: Finish
+) -> None:
     async def refuse(request: web.Request) -> web.Response:
         await request.read()
         # a receiver that echoes what it was asked, URL included
         return web.Response(status=500, text=f"no such hook: {request.path_qs}")
 
     hooks = await serve(refuse)
-    async with simulator(scenario(sim_task("t1", ("Finished", None)))) as (api_url, _):
-        cfg = write_yaml(
-            tmp_path / "c.yaml",
-            {
-                "api": {"base_url": api_url, "timeout_seconds": 2},
-                "polling": {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0},
-                "state": {"path": str(tmp_path / "state.db")},
-                "sinks": {
-                    "webhooks": [
-                        {
-                            "url": str(hooks.make_url(f"/services/T0/B0/{HOOK_TOKEN}")),
-                            "events": ["*"],
-                            "max_age_seconds": 0.001,  # the first failure dead-letters it
-                        }
-                    ]
-                },
-                "tasks": [{"task_id": "t1"}],
+    sim = await simulate(sim_task("t1", ("Finished", None)))
+    api_url = sim.url
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "api": {"base_url": api_url, "timeout_seconds": 2},
+            "polling": {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0},
+            "state": {"path": str(tmp_path / "state.db")},
+            "sinks": {
+                "webhooks": [
+                    {
+                        "url": str(hooks.make_url(f"/services/T0/B0/{HOOK_TOKEN}")),
+                        "events": ["*"],
+                        "max_age_seconds": 0.001,  # the first failure dead-letters it
+                    }
+                ]
             },
-        )
-        done = await run_enkwatch("run", "--config", cfg, "--exit-when-done")
+            "tasks": [{"task_id": "t1"}],
+        },
+    )
+    done = await run_enkwatch("run", "--config", cfg, "--exit-when-done")
     assert done.rc == 0, done.stderr
     no_url_secrets(done)
     events = [json.loads(line) for line in done.stdout.splitlines()]
@@ -321,7 +280,7 @@ async def test_a_run_never_prints_a_webhook_url(tmp_path: Path, serve: Any) -> N
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "too-large"])
 @pytest.mark.parametrize("command", ["check-config", "run"])
 async def test_a_config_that_is_no_regular_file_is_exit_2_naming_it(
-    tmp_path: Path, kind: str, command: str
+    tmp_path: Path, kind: str, command: str, run_enkwatch: Finish
 ) -> None:
     path = tmp_path / "config.yaml"
     if kind == "device":
@@ -333,7 +292,7 @@ async def test_a_config_that_is_no_regular_file_is_exit_2_naming_it(
     else:
         with path.open("wb") as f:
             f.truncate(32 * MIB + 1)
-    done = await run_enkwatch(command, "--config", str(path), within_s=20)
+    done = await run_enkwatch(command, "--config", str(path), within=20)
     assert done.rc == 2, done.stderr
     assert str(path) in done.stderr
     assert "cannot read the config file: it is " in done.stderr

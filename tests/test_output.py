@@ -13,8 +13,7 @@ import pytest
 
 from enkwatch.clock import FakeClock
 from enkwatch.output import LineWriter, StdoutUnusable
-
-WAIT_S = 10.0
+from tests.kit import WAIT_S, until
 
 
 @pytest.fixture
@@ -73,9 +72,7 @@ async def test_a_reader_that_stops_reading_never_blocks_the_loop(pipe: tuple[int
     # fill the pipe and the queue: the writer then waits, the loop does not
     count = (size + 64 * 1024) // 1024
     writes = asyncio.ensure_future(_write_many(writer, line, count, done))
-    async with asyncio.timeout(WAIT_S):
-        while writer.queued_bytes < 4096:  # noqa: ASYNC110  (the loop runs meanwhile)
-            await asyncio.sleep(0.01)
+    await until(lambda: writer.queued_bytes >= 4096, "the queue filled")
     clock.advance(42.0)
     assert writer.stalled_s() >= 42.0
     assert not writes.done(), "the writes got through a pipe nobody reads"

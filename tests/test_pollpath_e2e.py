@@ -2,7 +2,7 @@
 another task is invalid; a status string from the API is cut and cleaned in events.
 
 The API is a real aiohttp server on 127.0.0.1 in the test's event loop; the daemon is the
-installed command as a subprocess (`tests/test_e2e.py`'s `enkwatch` fixture).
+installed command as a subprocess (the kit's `enkwatch` fixture, tests/kit.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from enkwatch.client import MAX_RETRY_AFTER_S
 from enkwatch.models import MAX_STATUS_CHARS
-from tests.test_e2e import Spawn, enkwatch, tid  # noqa: F401  (enkwatch: the fixture)
+from tests.kit import Spawn, tid
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -68,7 +68,7 @@ def observation(request: web.Request, **changes: str) -> web.StreamResponse:
 
 async def test_a_long_retry_after_does_not_hold_the_deadline(
     fake_api: Callable[..., Awaitable[Api]],
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     api = await fake_api(
         lambda request: web.json_response(
@@ -102,7 +102,7 @@ async def test_a_long_retry_after_does_not_hold_the_deadline(
 )
 async def test_an_answer_about_another_task_is_invalid_not_an_observation(
     fake_api: Callable[..., Awaitable[Api]],
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
     args: tuple[str, ...],
     changes: dict[str, str],
     named: str,
@@ -123,7 +123,7 @@ async def test_an_answer_about_another_task_is_invalid_not_an_observation(
 
 async def test_a_status_string_is_cut_and_cleaned_in_events(
     fake_api: Callable[..., Awaitable[Api]],
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     weird = "Stuck\x1b]0;owned\x07\r\n" + "!" * 100_000
     api = await fake_api(lambda request: observation(request, status=weird))

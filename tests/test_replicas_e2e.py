@@ -13,9 +13,6 @@ import itertools
 import json
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,99 +20,87 @@ import aiohttp
 import asyncpg
 import pytest
 import yaml
-from aiohttp import web
 
+from tests.kit import (
+    SECRET,
+    Receiver,
+    Run,
+    Spawn,
+    StartReceiver,
+    StartSim,
+    free_port,
+    sim_task,
+    until,
+)
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
-from tests.servicekit import scenario, sim_task, simulator
 
 BIN = find_bin_dir()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(BIN is None, reason=HOW_TO_ENABLE)]
 
-API_KEY = "sk-test-SECRET-replicas"
 TOKEN = "admin-token-replicas"
 LEASE_S = 3.0  # renew every 1 s, stop polling 2 s after the last renewal
 N_TASKS = 30
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(json.loads(await request.read()))
-        return web.Response(status=200)
-
-
 class Replica:
-    """One `enkwatch run` process; stdout goes to a file read afterwards."""
+    """One `enkwatch run` process, started through the kit (its stdout kept by `Run`)."""
 
-    def __init__(self, cfg: Path, out: Path, admin_port: int) -> None:
+    def __init__(self, spawn: Spawn, cfg: Path, admin_port: int, runs: list[Run]) -> None:
+        self.spawn = spawn
+        self.runs = runs
         self.cfg = cfg
-        self.out = out
         self.admin_port = admin_port
-        self.proc: asyncio.subprocess.Process | None = None
+        self.run: Run | None = None
 
     async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-        env.update(
-            {
-                "ENKRYPTAI_API_KEY": API_KEY,
-                "ENKWATCH_ADMIN_TOKEN": TOKEN,
-                "ENKWATCH_ADMIN__LISTEN": f"127.0.0.1:{self.admin_port}",
-            }
+        self.run = await self.spawn(
+            "run",
+            "--config",
+            str(self.cfg),
+            ENKWATCH_ADMIN_TOKEN=TOKEN,
+            ENKWATCH_ADMIN__LISTEN=f"127.0.0.1:{self.admin_port}",
         )
-        with self.out.open("ab") as sink, self.out.with_suffix(".err").open("ab") as errors:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "enkwatch",
-                "run",
-                "--config",
-                str(self.cfg),
-                stdout=sink,
-                stderr=errors,
-                env=env,
-            )
+        self.runs.append(self.run)
 
     async def wait_emitted(self, within_s: float = 30.0) -> None:
         """Until the replica has written at least one transition of its own."""
-        async with asyncio.timeout(within_s):
-            while b'"task.transition"' not in self.out.read_bytes():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        assert self.run is not None
+        await self.run.wait_for(lambda e: e["event"] == "task.transition", "a transition", within_s)
 
     async def wait_started(self, within_s: float = 30.0) -> None:
         """Until the replica has written `daemon.started` (signals and admin are set up)."""
-        async with asyncio.timeout(within_s):
-            while b'"daemon.started"' not in self.out.read_bytes():
-                assert self.proc is not None and self.proc.returncode is None
-                await asyncio.sleep(0.05)
+        assert self.run is not None
+        await self.run.wait_for(lambda e: e["event"] == "daemon.started", "its start", within_s)
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.run is not None
+        return self.run.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None and self.run.proc.returncode is None
 
     async def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 15)
+        assert self.run is not None
+        if self.run.proc.returncode is None:
+            self.run.send(signal.SIGTERM)
+        return await self.run.wait_exit(15)
 
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
+    async def kill(self) -> None:
+        assert self.run is not None
+        self.run.kill()
+        await self.run.wait_exit()
 
 
 class Cluster:
-    def __init__(self, tmp: Path, dsn: str, base_url: str, hook_url: str, n: int = 3) -> None:
+    def __init__(
+        self, spawn: Spawn, tmp: Path, dsn: str, base_url: str, hook_url: str, n: int = 3
+    ) -> None:
+        self.spawn = spawn
         self.tmp = tmp
         self.dsn = dsn
+        self.runs: list[Run] = []  # every replica ever started, for their stdout
         cfg = {
             "api": {"base_url": base_url, "timeout_seconds": 2},
             "polling": {
@@ -133,7 +118,7 @@ class Cluster:
         self.replicas = [self.new_replica(i) for i in range(n)]
 
     def new_replica(self, i: int) -> Replica:
-        return Replica(self.cfg, self.tmp / f"replica-{i}-{free_port()}.out", free_port())
+        return Replica(self.spawn, self.cfg, free_port(), self.runs)
 
     async def start(self) -> None:
         for replica in self.replicas:
@@ -149,18 +134,17 @@ class Cluster:
             await conn.close()
 
     async def wait_until(self, sql: str, predicate: Any, within_s: float = 60.0) -> None:
-        async with asyncio.timeout(within_s):
-            while True:
-                try:
-                    if predicate(await self.query(sql)):
-                        return
-                except asyncpg.UndefinedTableError:
-                    pass
-                await asyncio.sleep(0.1)
+        async def holds() -> bool:
+            try:
+                return bool(predicate(await self.query(sql)))
+            except asyncpg.UndefinedTableError:
+                return False  # no replica has created the tables yet
+
+        await until(holds, sql, within_s, every=0.1)
 
     async def wait_balanced(self) -> None:
         """Until every running replica holds a share of the partitions."""
-        n = sum(1 for r in self.replicas if r.proc is not None and r.proc.returncode is None)
+        n = sum(1 for r in self.replicas if r.running)
         await self.wait_until(
             "SELECT count(DISTINCT owner) AS n FROM enkwatch_partition_lease "
             "WHERE expires_at > now() AND owner IS NOT NULL",
@@ -181,23 +165,25 @@ class Cluster:
     async def stop_all(self) -> list[int]:
         codes = [await r.stop() for r in self.replicas]
         for replica in self.replicas:
-            errors = replica.out.with_suffix(".err").read_text()
-            assert "Traceback" not in errors, errors
+            assert replica.run is not None
+            assert "Traceback" not in replica.run.stderr, replica.run.stderr
         return codes
 
     def stdout_events(self) -> list[dict[str, Any]]:
         events = []
-        for path in sorted(self.tmp.glob("replica-*.out")):
-            for line in path.read_bytes().splitlines():
-                assert API_KEY.encode() not in line
+        for run in self.runs:
+            for line in run.lines:
+                assert SECRET not in line
                 try:
                     events.append(json.loads(line))
                 except json.JSONDecodeError:
                     # a process killed mid-line leaves a torn last line; nothing else may be
-                    assert line == path.read_bytes().splitlines()[-1]
+                    assert line == run.lines[-1]
         return events
 
     async def check_invariants(self, receiver: Receiver) -> None:
+        for run in self.runs:
+            await run.wait_exit()  # every process is gone: its stdout is complete
         rows = await self.query(
             "SELECT task_key, seq, status, body, written FROM enkwatch_events "
             "ORDER BY task_key, seq"
@@ -243,8 +229,8 @@ class Cluster:
 
 @pytest.fixture
 async def env(
-    tmp_path: Path, dsn: str, aiohttp_server: Any
-) -> AsyncIterator[tuple[Cluster, Receiver]]:
+    tmp_path: Path, dsn: str, simulate: StartSim, enkwatch: Spawn, hooks: StartReceiver
+) -> tuple[Cluster, Receiver]:
     tasks = [
         sim_task(
             f"t{i:02d}",
@@ -255,19 +241,10 @@ async def env(
         for i in range(N_TASKS)
     ]
     tasks.append(sim_task("extra", ("Queued", 1.0), ("Running", 1.0), ("Finished", None)))
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    hook_server = await aiohttp_server(app)
-    async with simulator(scenario(*tasks)) as (url, _):
-        cluster = Cluster(tmp_path, dsn, url, str(hook_server.make_url("/hook")))
-        try:
-            yield cluster, receiver
-        finally:
-            for replica in cluster.replicas:
-                if replica.proc is not None and replica.proc.returncode is None:
-                    replica.kill()
-                    await replica.proc.wait()
+    receiver = await hooks(status=200)
+    sim = await simulate(*tasks)
+    # what is left running at the end is killed by the `enkwatch` fixture
+    return Cluster(enkwatch, tmp_path, dsn, sim.url, receiver.url), receiver
 
 
 @pytest.mark.timeout(120)
@@ -278,8 +255,7 @@ async def test_kill_9_of_a_replica(env: tuple[Cluster, Receiver]) -> None:
     await cluster.wait_events(N_TASKS // 2)
     victim = cluster.replicas[0]
     await victim.wait_emitted()
-    victim.kill()
-    await victim.proc.wait()  # type: ignore[union-attr]
+    await victim.kill()
     cluster.replicas = cluster.replicas[1:]
     await cluster.wait_all_done()
     # the survivors' metrics show the takeover

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from enkwatch.clock import SystemClock
 from enkwatch.config import SinksConfig, WebhookConfig, parse_config
@@ -18,28 +17,9 @@ from enkwatch.errors import ConfigError
 from enkwatch.sinks import Outbox, Sink, build_sinks, sink_id
 from enkwatch.state.base import OutboxRow, TaskRecord
 from enkwatch.state.sqlite import SqliteStore
+from tests.kit import StartReceiver, StartSim, make_config, running, sim_task, until
 
 SECRET = "whsec-test-123"
-
-
-class Receiver:
-    """A real HTTP receiver that fails the first `fail_first` POSTs of each event."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.fail_first = fail_first
-        self.tries: dict[str, int] = {}
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.got = asyncio.Event()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        event_id = json.loads(body).get("event_id") or json.loads(body)["event"]
-        self.tries[event_id] = self.tries.get(event_id, 0) + 1
-        if self.tries[event_id] <= self.fail_first:
-            return web.Response(status=503)
-        self.received.append((dict(request.headers), body))
-        self.got.set()
-        return web.Response(status=204)
 
 
 def verify(secret: str, header: str, body: bytes) -> bool:
@@ -47,13 +27,6 @@ def verify(secret: str, header: str, body: bytes) -> bool:
     parts = dict(item.split("=", 1) for item in header.split(","))
     expected = hmac.new(secret.encode(), parts["t"].encode() + b"." + body, "sha256").hexdigest()
     return hmac.compare_digest(expected, parts["v1"])
-
-
-async def serve(aiohttp_server: Any, receiver: Receiver) -> TestServer:
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    server: TestServer = await aiohttp_server(app)
-    return server
 
 
 def make_sink(url: str, **kw: Any) -> Sink:
@@ -79,17 +52,12 @@ async def journal(store: SqliteStore, key: str, seq: int, sinks: list[str], **fi
     await store.record_event(record, body | fields, sinks)
 
 
-async def wait_for(predicate: Any, within_s: float = 10.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110 - polling a condition other code changes
-            await asyncio.sleep(0.01)
-
-
-async def test_signature_verifies_independently_and_idempotency_key(aiohttp_server: Any) -> None:
-    receiver = Receiver()
-    server = await serve(aiohttp_server, receiver)
+async def test_signature_verifies_independently_and_idempotency_key(
+    hooks: StartReceiver,
+) -> None:
+    receiver = await hooks()
     store = SqliteStore(":memory:")
-    outbox = Outbox(store, [make_sink(str(server.make_url("/hook")))], SystemClock())
+    outbox = Outbox(store, [make_sink(receiver.url)], SystemClock())
     await journal(store, "t1", 1, ["test"], status="Queued")
     await outbox.start()
     try:
@@ -107,14 +75,13 @@ async def test_signature_verifies_independently_and_idempotency_key(aiohttp_serv
     assert store.outbox_stats() == (0, None)
 
 
-async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> None:
-    receiver = Receiver(fail_first=2)
-    server = await serve(aiohttp_server, receiver)
+async def test_failures_are_retried_in_order_per_task(hooks: StartReceiver) -> None:
+    receiver = await hooks(fail_first=2)
     store = SqliteStore(":memory:")
     results: list[str] = []
     outbox = Outbox(
         store,
-        [make_sink(str(server.make_url("/hook")))],
+        [make_sink(receiver.url)],
         SystemClock(),
         on_result=lambda s, o: results.append(o),
         retry_base_s=0.01,
@@ -124,7 +91,7 @@ async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> No
         await journal(store, "b", seq, ["test"])
     await outbox.start()
     try:
-        await wait_for(lambda: len(receiver.received) == 6)
+        await until(lambda: len(receiver.received) == 6)
     finally:
         await outbox.close()
     order = [json.loads(body)["event_id"] for _, body in receiver.received]
@@ -134,18 +101,17 @@ async def test_failures_are_retried_in_order_per_task(aiohttp_server: Any) -> No
     assert results.count("failed") == 12 and results.count("delivered") == 6
 
 
-async def test_outbox_survives_a_restart(aiohttp_server: Any, tmp_path: Path) -> None:
+async def test_outbox_survives_a_restart(hooks: StartReceiver, tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = SqliteStore(path)
     await journal(store, "a", 1, ["test"])
     await journal(store, "a", 2, ["test"])
     await store.close()  # the process dies before delivering anything
 
-    receiver = Receiver()
-    server = await serve(aiohttp_server, receiver)
+    receiver = await hooks()
     store = SqliteStore(path)
     assert store.outbox_stats()[0] == 2
-    outbox = Outbox(store, [make_sink(str(server.make_url("/hook")))], SystemClock())
+    outbox = Outbox(store, [make_sink(receiver.url)], SystemClock())
     await outbox.start()
     try:
         assert await outbox.wait_idle(10)
@@ -154,14 +120,13 @@ async def test_outbox_survives_a_restart(aiohttp_server: Any, tmp_path: Path) ->
     assert [json.loads(b)["event_id"] for _, b in receiver.received] == ["a:1", "a:2"]
 
 
-async def test_dead_letter_after_max_age(aiohttp_server: Any) -> None:
-    receiver = Receiver(fail_first=10**6)
-    server = await serve(aiohttp_server, receiver)
+async def test_dead_letter_after_max_age(hooks: StartReceiver) -> None:
+    receiver = await hooks(fail_first=10**6)
     store = SqliteStore(":memory:")
     dead: list[tuple[str, OutboxRow, str]] = []
     outbox = Outbox(
         store,
-        [make_sink(str(server.make_url("/hook")), max_age_s=0.2)],
+        [make_sink(receiver.url, max_age_s=0.2)],
         SystemClock(),
         on_dead=lambda s, r, e: dead.append((s.id, r, e)),
         retry_base_s=0.01,
@@ -170,7 +135,7 @@ async def test_dead_letter_after_max_age(aiohttp_server: Any) -> None:
     await journal(store, "a", 2, ["test"])
     await outbox.start()
     try:
-        await wait_for(lambda: len(dead) == 2)
+        await until(lambda: len(dead) == 2)
     finally:
         await outbox.close()
     assert [r.task_key for _, r, _ in dead] == ["a", "a"]
@@ -191,7 +156,7 @@ async def test_unreachable_receiver_is_retried_not_fatal() -> None:
     await journal(store, "a", 1, ["test"])
     await outbox.start()
     try:
-        await wait_for(lambda: len(results) >= 2)
+        await until(lambda: len(results) >= 2)
         assert not await outbox.wait_idle(0.05)
     finally:
         await outbox.close()
@@ -241,21 +206,21 @@ def test_webhook_event_names_match_the_vocabulary() -> None:
     assert names >= WEBHOOK_EVENTS
 
 
-async def test_a_dead_lettered_delivery_is_an_event_of_the_service(tmp_path: Path) -> None:
-    import structlog
+async def test_a_dead_lettered_delivery_is_an_event_of_the_service(
+    tmp_path: Path, simulate: StartSim
+) -> None:
     from structlog.testing import capture_logs
 
     from enkwatch import events as ev
-    from tests.servicekit import make_config, running, scenario, sim_task, simulator, until
 
-    structlog.reset_defaults()
     hook = {"url": "http://127.0.0.1:9/hook", "name": "pager", "max_age_seconds": 0.01}
-    async with simulator(scenario(sim_task("t1", ("Running", None)))) as (url, _):
-        config = make_config(url, str(tmp_path / "s.db"), [{"task_id": "t1"}])
-        sinks = build_sinks(SinksConfig.model_validate({"webhooks": [hook]}), {})
-        with capture_logs() as logs:
-            async with running(config, sinks=sinks):
-                await until(lambda: any(e["event"] == ev.SINK_DELIVERY_FAILED for e in logs))
+    sim = await simulate(sim_task("t1", ("Running", None)))
+    url = sim.url
+    config = make_config(url, str(tmp_path / "s.db"), [{"task_id": "t1"}])
+    sinks = build_sinks(SinksConfig.model_validate({"webhooks": [hook]}), {})
+    with capture_logs() as logs:
+        async with running(config, sinks=sinks):
+            await until(lambda: any(e["event"] == ev.SINK_DELIVERY_FAILED for e in logs))
     [failed] = [e for e in logs if e["event"] == ev.SINK_DELIVERY_FAILED]
     assert failed["log_level"] == "error"
     assert failed["sink"] == "pager"

@@ -13,6 +13,7 @@ from enkwatch.errors import LeaseLost
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.leases import partition_of
 from enkwatch.state.postgres import PgStore
+from tests.kit import StartSim, invoke, running, sim_task, until
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 
 BIN = find_bin_dir()
@@ -184,7 +185,6 @@ async def test_the_watch_list_is_shared_and_changes_are_notified(dsn: str) -> No
 async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     import json
     import subprocess
-    import sys
 
     from enkwatch.state.sqlite import SqliteStore
 
@@ -198,12 +198,7 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     await lite.close()
 
     def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "enkwatch", "migrate-state", "--from", path, "--to", dsn],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        return invoke("migrate-state", "--from", path, "--to", dsn)
 
     done = await asyncio.to_thread(run)
     assert done.returncode == 0, done.stderr
@@ -230,60 +225,52 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     finally:
         await store.close()
 
-    missing = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "enkwatch", "migrate-state", "--from", "/nope.db", "--to", dsn],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    missing = await asyncio.to_thread(invoke, "migrate-state", "--from", "/nope.db", "--to", dsn)
     assert missing.returncode == 2 and "--from: /nope.db is not a file" in missing.stderr
 
 
 async def test_a_replica_in_process_reloads_and_serves_the_shared_list(
-    dsn: str, tmp_path: Any
+    dsn: str, tmp_path: Any, simulate: StartSim
 ) -> None:
-    import structlog
     import yaml
     from structlog.testing import capture_logs
 
     from enkwatch import events as ev
     from enkwatch.config import load_config
-    from tests.servicekit import running, scenario, sim_task, simulator, until
 
-    structlog.reset_defaults()
-    scn = scenario(sim_task("a", ("Running", None)), sim_task("b", ("Running", None)))
-    async with simulator(scn) as (url, _):
-        cfg = tmp_path / "replica.yaml"
+    scn = (sim_task("a", ("Running", None)), sim_task("b", ("Running", None)))
+    sim = await simulate(*scn)
+    url = sim.url
+    cfg = tmp_path / "replica.yaml"
 
-        def write(tasks: list[dict[str, str]]) -> None:
-            cfg.write_text(
-                yaml.safe_dump(
-                    {
-                        "api": {"base_url": url},
-                        "polling": {"interval_seconds": 0.05, "max_requests_per_second": 0},
-                        "state": {"path": dsn, "lease_seconds": 3},
-                        "tasks": tasks,
-                    }
-                )
+    def write(tasks: list[dict[str, str]]) -> None:
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "api": {"base_url": url},
+                    "polling": {"interval_seconds": 0.05, "max_requests_per_second": 0},
+                    "state": {"path": dsn, "lease_seconds": 3},
+                    "tasks": tasks,
+                }
             )
+        )
 
-        write([{"task_id": "a"}])
-        with capture_logs() as logs:
-            async with running(load_config(cfg), config_path=str(cfg)) as svc:
-                transitions = lambda key: [  # noqa: E731
-                    e for e in logs if e["event"] == ev.TASK_TRANSITION and e["task_key"] == key
-                ]
-                await until(lambda: bool(transitions("a")))
-                write([{"task_id": "a"}, {"task_id": "b"}])
-                await svc.running.watchlist.reload()
-                await until(lambda: bool(transitions("b")))
-                listed = {t["task_key"]: t for t in await svc.running.watchlist.list_tasks()}
-                assert set(listed) == {"a", "b"}
-                assert listed["b"]["polled_here"] is True
-                assert await svc.running.watchlist.remove_task("a")
-                assert {t["task_key"] for t in await svc.running.watchlist.list_tasks()} == {"b"}
-                assert "a" not in svc.running.watchlist.tasks
+    write([{"task_id": "a"}])
+    with capture_logs() as logs:
+        async with running(load_config(cfg), config_path=str(cfg)) as svc:
+            transitions = lambda key: [  # noqa: E731
+                e for e in logs if e["event"] == ev.TASK_TRANSITION and e["task_key"] == key
+            ]
+            await until(lambda: bool(transitions("a")))
+            write([{"task_id": "a"}, {"task_id": "b"}])
+            await svc.running.watchlist.reload()
+            await until(lambda: bool(transitions("b")))
+            listed = {t["task_key"]: t for t in await svc.running.watchlist.list_tasks()}
+            assert set(listed) == {"a", "b"}
+            assert listed["b"]["polled_here"] is True
+            assert await svc.running.watchlist.remove_task("a")
+            assert {t["task_key"] for t in await svc.running.watchlist.list_tasks()} == {"b"}
+            assert "a" not in svc.running.watchlist.tasks
 
 
 async def test_confirmations_that_fail_are_kept_and_committed_later(dsn: str) -> None:

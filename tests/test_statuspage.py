@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from enkwatch.service import Service
-from tests.servicekit import make_config, running, scenario, sim_task, simulator, until
+from tests.kit import make_config, running, sim_task, simulator, until
 
 TOKEN = "admin-token-SECRET"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,7 +27,8 @@ WAIT_S = 15.0
 async def daemon(
     tasks: list[dict[str, Any]], sim_tasks: list[dict[str, Any]], token: str | None = TOKEN
 ) -> AsyncIterator[tuple[Service, str, aiohttp.ClientSession]]:
-    async with simulator(scenario(*sim_tasks)) as (url, _):
+    async with simulator(*sim_tasks) as sim:
+        url = sim.url
         config = make_config(url, ":memory:", tasks, admin={"listen": "127.0.0.1:0"})
         async with running(config, admin_token=token) as svc, aiohttp.ClientSession() as http:
             yield svc, f"http://127.0.0.1:{svc.admin_port}", http
@@ -63,7 +64,7 @@ async def messages(resp: aiohttp.ClientResponse, count: int) -> list[dict[str, A
 async def test_one_task_and_forget() -> None:
     sim = [sim_task("t1", ("Running", 0.1), ("Finished", None)), sim_task("t2", ("Running", None))]
     async with daemon([{"task_id": "t1"}, {"task_id": "t2"}], sim) as (svc, base, http):
-        await until(lambda: done(svc, "t1"), WAIT_S)
+        await until(lambda: done(svc, "t1"))
         status, task = await get_json(http, f"{base}/tasks/t1")
         assert status == 200
         assert task["task_key"] == "t1" and task["status"] == "Finished"
@@ -83,7 +84,7 @@ async def test_one_task_and_forget() -> None:
             again = await resp.json()
         assert again["status"] is None and again["outcome"] is None and again["polls"] == 0
         # polled again as new: the first status is a transition again; seq goes on
-        await until(lambda: done(svc, "t1"), WAIT_S)
+        await until(lambda: done(svc, "t1"))
         record = svc.running.watchlist.tasks["t1"].record
         assert record.seq == seq_before + 1 and record.last_status == "Finished"
 
@@ -100,7 +101,7 @@ async def test_the_status_page_is_one_self_contained_escaped_page() -> None:
         {"task_id": "t3"},
     ]
     async with daemon(tasks, sim) as (svc, base, http):
-        await until(lambda: done(svc, "t1") and done(svc, "t2"), WAIT_S)
+        await until(lambda: done(svc, "t1") and done(svc, "t2"))
         async with http.get(f"{base}/") as resp:
             assert resp.status == 200 and resp.content_type == "text/html"
             csp = resp.headers["Content-Security-Policy"]
@@ -165,7 +166,7 @@ async def test_events_one_message_each_with_its_id_and_resumable() -> None:
 async def test_metrics_have_no_created_series_nor_replica_metrics_on_one_daemon() -> None:
     sim = [sim_task("t1", ("Running", 0.05), ("Finished", None))]
     async with daemon([{"task_id": "t1"}], sim) as (svc, base, http):
-        await until(lambda: done(svc, "t1"), WAIT_S)
+        await until(lambda: done(svc, "t1"))
         async with http.get(f"{base}/metrics") as resp:
             text = await resp.text()
     assert "enkwatch_transitions_total" in text

@@ -8,12 +8,8 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +19,13 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.kit import CLOSED, Spawn, finish, free_port, until
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-API_KEY = "sk-test-SECRET-stdout"
-WAIT_S = 40.0
+SLOW_WAIT_S = 40.0  # filling the pipe and the queue takes a while on a busy machine
 # a long dataset name: every event line is ~4 KiB, so the pipe and the queue fill fast
 PAD = "d" * 4000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class FlipApi:
@@ -67,14 +57,6 @@ async def api(aiohttp_server: Any) -> tuple[FlipApi, str]:
     return flip, str(server.make_url("")).rstrip("/")
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-    env["ENKRYPTAI_API_KEY"] = API_KEY
-    env.pop("PYTHONUNBUFFERED", None)
-    env.update(extra)
-    return env
-
-
 def write_config(tmp_path: Path, base_url: str, tasks: int, admin_port: int | None = None) -> str:
     doc: dict[str, Any] = {
         "api": {"base_url": base_url, "timeout_seconds": 5},
@@ -92,41 +74,6 @@ def write_config(tmp_path: Path, base_url: str, tasks: int, admin_port: int | No
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return str(path)
-
-
-def spawn(
-    args: list[str], stdout: Any, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "enkwatch", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        env=env or child_env(),
-    )
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], within_s: float) -> tuple[int, str]:
-    """The exit code and stderr; fails (killing the child) if it is still running."""
-    try:
-        code = await asyncio.to_thread(proc.wait, within_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"still running after {within_s} s") from None
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    assert "Traceback" not in err and "internal error" not in err, err
-    assert API_KEY not in err
-    return code, err
-
-
-async def until(cond: Callable[[], Any], what: str, within_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + within_s
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within_s} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def read_all(fd: int) -> bytes:
@@ -154,80 +101,75 @@ def event_ids(data: bytes) -> list[str]:
 
 
 async def test_a_stalled_reader_is_visible_sigterm_still_stops_and_nothing_is_lost(
-    tmp_path: Path, api: tuple[FlipApi, str]
+    tmp_path: Path, api: tuple[FlipApi, str], enkwatch: Spawn
 ) -> None:
     flip, base_url = api
     port = free_port()
     config = write_config(tmp_path, base_url, tasks=16, admin_port=port)
     read_fd, write_fd = os.pipe()
-    proc = spawn(
-        ["run", "--config", config],
+    run = await enkwatch(
+        "run",
+        "--config",
+        config,
         stdout=write_fd,
-        env=child_env(ENKWATCH_STDOUT_STALL_LIMIT_S="1.5"),
+        json_lines=False,
+        ENKWATCH_STDOUT_STALL_LIMIT_S="1.5",
     )
     os.close(write_fd)
     url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
 
-            async def healthz_is(status: int) -> bool:
-                try:
-                    async with http.get(f"{url}/healthz") as resp:
-                        return resp.status == status
-                except aiohttp.ClientError:
-                    return False
+        async def healthz_is(status: int) -> bool:
+            try:
+                async with http.get(f"{url}/healthz") as resp:
+                    return resp.status == status
+            except aiohttp.ClientError:
+                return False
 
-            async def metric(name: str) -> float:
-                async with http.get(f"{url}/metrics") as resp:
-                    text = await resp.text()
-                return float(next(ln for ln in text.splitlines() if ln.startswith(name)).split()[1])
+        async def metric(name: str) -> float:
+            async with http.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+            return float(next(ln for ln in text.splitlines() if ln.startswith(name)).split()[1])
 
-            # the pipe fills, /healthz keeps answering and fails once the limit passed
-            await until(lambda: healthz_is(503), "/healthz failing on the stalled reader")
-            async with http.get(f"{url}/healthz") as resp:
-                assert "stdout" in (await resp.json())["reason"]
+        # the pipe fills, /healthz keeps answering and fails once the limit passed
+        await until(
+            lambda: healthz_is(503),
+            "/healthz failing on the stalled reader",
+            SLOW_WAIT_S,
+            every=0.05,
+        )
+        async with http.get(f"{url}/healthz") as resp:
+            assert "stdout" in (await resp.json())["reason"]
 
-            async def queue_is_full() -> bool:
-                return await metric("enkwatch_stdout_queued_bytes") >= 3 * 1024 * 1024
+        async def queue_is_full() -> bool:
+            return await metric("enkwatch_stdout_queued_bytes") >= 3 * 1024 * 1024
 
-            await until(queue_is_full, "the queue at its bound")
-            assert await metric("enkwatch_stdout_stalled_seconds") > 1.5
-            polls_then = sum(flip.polls.values())
-            # polls wait for room in the queue: memory stays flat, a few more at most
-            await until(lambda: healthz_is(503), "still answering")
-            assert sum(flip.polls.values()) - polls_then < 100
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code, err = await wait_exit(proc, 9.0)
-        assert code == 0, err
-        assert time.monotonic() - started < 9.0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        await until(queue_is_full, "the queue at its bound", SLOW_WAIT_S, every=0.05)
+        assert await metric("enkwatch_stdout_stalled_seconds") > 1.5
+        polls_then = sum(flip.polls.values())
+        # polls wait for room in the queue: memory stays flat, a few more at most
+        await until(lambda: healthz_is(503), "still answering", SLOW_WAIT_S, every=0.05)
+        assert sum(flip.polls.values()) - polls_then < 100
+    started = time.monotonic()
+    run.send(signal.SIGTERM)
+    code = await run.wait_exit(9.0)
+    assert code == 0, run.stderr
+    assert time.monotonic() - started < 9.0
     first = event_ids(read_all(read_fd))
     os.close(read_fd)
 
     # a restart with a reader: every journaled event appears, none lost
     flip.finish = True
-    second = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "enkwatch", "run", "--config", config, "--exit-when-done"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=child_env(),
-        timeout=60,
-        check=False,
-    )
-    assert second.returncode == 0, second.stderr.decode()
-    shown = set(first) | set(event_ids(second.stdout))
+    second = await finish(enkwatch, "run", "--config", config, "--exit-when-done", within=60)
+    assert second.rc == 0, second.stderr
+    shown = set(first) | set(event_ids(second.stdout.encode()))
     with sqlite3.connect(tmp_path / "state.db") as db:
         journal = db.execute("SELECT task_key, seq, written FROM events").fetchall()
     assert journal
     assert all(written == 1 for _, _, written in journal)
     missing = {f"{key}:{seq}" for key, seq, _ in journal} - shown
     assert not missing, sorted(missing)[:10]
-    replayed = set(event_ids(second.stdout)) - set(first)
+    replayed = set(event_ids(second.stdout.encode())) - set(first)
     assert replayed  # the run cut short left events to write again
 
 
@@ -241,21 +183,17 @@ def one_line(err: str) -> str:
 
 
 async def test_a_reader_that_closes_the_pipe_is_exit_1_with_one_line(
-    tmp_path: Path, api: tuple[FlipApi, str]
+    tmp_path: Path, api: tuple[FlipApi, str], enkwatch: Spawn
 ) -> None:
     _, base_url = api
     config = write_config(tmp_path, base_url, tasks=4)
     read_fd, write_fd = os.pipe()
-    proc = spawn(["run", "--config", config], stdout=write_fd)
+    run = await enkwatch("run", "--config", config, stdout=write_fd, json_lines=False)
     os.close(write_fd)
-    try:
-        with os.fdopen(read_fd, "rb") as reader:  # `| head -1`
-            assert reader.readline()
-        code, err = await wait_exit(proc, 20.0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with os.fdopen(read_fd, "rb") as reader:  # `| head -1`
+        assert await asyncio.to_thread(reader.readline)
+    code = await run.wait_exit(20.0)
+    err = run.stderr
     assert code == 1
     assert "stdout cannot be written" in one_line(err) and "EPIPE" in err, err
 
@@ -263,45 +201,43 @@ async def test_a_reader_that_closes_the_pipe_is_exit_1_with_one_line(
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 @pytest.mark.parametrize("command", ["run", "check-config"])
 async def test_a_full_disk_on_stdout_is_exit_1_with_one_line(
-    tmp_path: Path, api: tuple[FlipApi, str], command: str
+    tmp_path: Path, api: tuple[FlipApi, str], command: str, enkwatch: Spawn
 ) -> None:
     _, base_url = api
     config = write_config(tmp_path, base_url, tasks=2)
     full = os.open("/dev/full", os.O_WRONLY)
-    proc = spawn([command, "--config", config], stdout=full)
+    run = await enkwatch(command, "--config", config, stdout=full, json_lines=False)
     os.close(full)
-    code, err = await wait_exit(proc, 20.0)
+    code = await run.wait_exit(20.0)
+    err = run.stderr
     assert code == 1
     assert "ENOSPC" in one_line(err), err
 
 
 async def test_a_stdout_open_for_reading_only_is_exit_1_with_one_line(
-    tmp_path: Path, api: tuple[FlipApi, str]
+    tmp_path: Path, api: tuple[FlipApi, str], enkwatch: Spawn
 ) -> None:
     _, base_url = api
     config = write_config(tmp_path, base_url, tasks=2)
     (tmp_path / "ro").write_bytes(b"")
     read_only = os.open(tmp_path / "ro", os.O_RDONLY)
-    proc = spawn(["run", "--config", config], stdout=read_only)
+    run = await enkwatch("run", "--config", config, stdout=read_only, json_lines=False)
     os.close(read_only)
-    code, err = await wait_exit(proc, 20.0)
+    code = await run.wait_exit(20.0)
+    err = run.stderr
     assert code == 1
     assert "EBADF" in one_line(err), err
 
 
 @pytest.mark.parametrize("command", ["run", "check-config"])
 async def test_stdout_closed_at_start_is_exit_1_with_one_line(
-    tmp_path: Path, api: tuple[FlipApi, str], command: str
+    tmp_path: Path, api: tuple[FlipApi, str], command: str, enkwatch: Spawn
 ) -> None:
     _, base_url = api
     config = write_config(tmp_path, base_url, tasks=2)
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started, then waited for in a thread
-        ["sh", "-c", f'exec "$0" -m enkwatch {command} --config "$1" >&-', sys.executable, config],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-    )
-    code, err = await wait_exit(proc, 20.0)
+    run = await enkwatch(command, "--config", config, stdout=CLOSED, json_lines=False)
+    code = await run.wait_exit(20.0)
+    err = run.stderr
     assert code == 1
     assert "stdout is closed" in one_line(err), err
     assert not (tmp_path / "state.db").exists()  # nothing opened: it could have taken fd 1

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.servicekit import scenario, sim_task, simulator
+from tests.kit import free_port, sim_task, simulator
 from tests.test_cli_e2e import child_env, enkwatch
-from tests.test_e2e import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -83,13 +82,14 @@ async def listed(*args: str, **env: str | None) -> dict[str, dict[str, Any]]:
 
 
 async def test_the_task_commands_through_a_daemon_then_on_its_state(tmp_path: Path) -> None:
-    sim = scenario(
+    tasks = (
         sim_task("t1", ("Running", 0.3), ("Finished", None)),
         sim_task("t2", ("Running", None)),
         sim_task("t3", ("Running", 0.2), ("Finished", None)),
     )
     port = free_port()
-    async with simulator(sim) as (url, _):
+    async with simulator(*tasks) as sim:
+        url = sim.url
         config = write_config(tmp_path, url, port)
         cfg = str(config)
         async with daemon(config) as run:
