@@ -70,9 +70,9 @@ def test_no_command_prints_help_and_is_exit_2(capsys: pytest.CaptureFixture[str]
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["watch"], "give at least one --task-id ID or --dataset NAME"),
-        (["watch", "--task-id", "x", "--interval", "0"], "--interval: Input should be greater"),
-        (["status"], "status takes one task: --task-id ID and/or --dataset NAME"),
+        (["watch"], "name a task: --task-id ID and/or --dataset NAME"),
+        (["watch", "--task-id", "x", "--interval", "0"], "--interval: must be greater than 0"),
+        (["status"], "name a task: --task-id ID and/or --dataset NAME"),
         (["run"], "no config file: pass --config PATH or set $ENKWATCH_CONFIG"),
         (["check-config", "--config", "/nope.yaml"], "cannot read the config file"),
         (["simulate", "--port", "-1"], "--port: not a port number (0..65535): -1"),

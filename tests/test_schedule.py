@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -303,3 +304,16 @@ async def test_a_wall_clock_step_rebases_every_job_on_the_new_wall_time(step_s: 
 
 async def _nothing() -> None:
     return None
+
+
+async def test_apscheduler_noise_by_design_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    make_apscheduler()
+    caplog.set_level(logging.WARNING)
+    skipped = 'Execution of job "tick" skipped: maximum number of running instances reached (1)'
+    logging.getLogger("apscheduler.scheduler").warning(skipped)
+    try:
+        raise asyncio.CancelledError
+    except asyncio.CancelledError:
+        logging.getLogger("apscheduler.executors.default").exception("Error running job tick")
+    logging.getLogger("apscheduler.scheduler").warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]

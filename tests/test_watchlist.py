@@ -190,7 +190,7 @@ async def test_reload_reads_the_file_and_a_bad_one_changes_nothing(
         await watchlist.reload()
     [failed] = logs
     assert failed["event"] == ev.CONFIG_RELOAD_FAILED
-    assert failed["errors"] == ["tasks[0].interval_seconds: Input should be greater than 0"]
+    assert failed["errors"] == ["tasks[0].interval_seconds: must be greater than 0"]
     assert set(watchlist.tasks) == {"a"}
 
     write(path, [{"task_id": "a"}, {"task_id": "b"}])

@@ -344,25 +344,30 @@ class ClockStepGuard:
         return step
 
 
-class _ShutdownCancellation(logging.Filter):
-    """A job cancelled because the scheduler shut down is not an error.
+class _ExpectedJobNoise(logging.Filter):
+    """What APScheduler 3 logs about our jobs that is by design, not a problem.
 
-    APScheduler 3 logs every job future that ends in CancelledError as "Error running job",
-    with a traceback; `shutdown(wait=False)` cancels the runs it submitted but that have not
-    started yet (a dispatcher wake-up armed just before SIGTERM, say).
+    - "Error running job" with CancelledError: `shutdown(wait=False)` cancels the runs it
+      submitted that have not started yet (a dispatcher wake-up armed just before SIGTERM).
+    - "skipped: maximum number of running instances reached": a periodic job (a lease
+      renewal after a freeze, a checkpoint of a large list) still running when its next run
+      comes; one instance at a time is the setting, and the next run follows anyway.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[0] if record.exc_info else None
-        return not (exc is not None and issubclass(exc, asyncio.CancelledError))
+        if exc is not None and issubclass(exc, asyncio.CancelledError):
+            return False
+        return "maximum number of running instances reached" not in record.getMessage()
 
 
 def make_apscheduler() -> AsyncIOScheduler:
     """An AsyncIOScheduler on the running loop, quiet at INFO."""
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    executors = logging.getLogger("apscheduler.executors.default")
-    if not any(isinstance(f, _ShutdownCancellation) for f in executors.filters):
-        executors.addFilter(_ShutdownCancellation())
+    for name in ("apscheduler.executors.default", "apscheduler.scheduler"):
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedJobNoise) for f in noisy.filters):
+            noisy.addFilter(_ExpectedJobNoise())
     return AsyncIOScheduler(
         event_loop=asyncio.get_running_loop(),
         timezone=UTC,
