@@ -109,3 +109,8 @@ class StateUnavailable(EnkwatchError):
     def __init__(self, task_key: str | None, why: str) -> None:
         self.task_key = task_key
         super().__init__(f"the state database is unavailable: {why}")
+
+
+class StateNotWritten(StateUnavailable):
+    """The local state refused a write (disk full, I/O error, read-only file system) and
+    rolled it back: nothing of the change was committed, so it can be tried again."""

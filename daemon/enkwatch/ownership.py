@@ -17,12 +17,13 @@ from typing import Any, Final, Protocol
 
 from enkwatch import events as ev
 from enkwatch.clock import Clock
-from enkwatch.errors import StateUnavailable
+from enkwatch.errors import ConfigError, StateNotWritten, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.state.base import Store, TaskRecord
 from enkwatch.state.leases import DB_ERRORS
 from enkwatch.state.postgres import PgStore
-from enkwatch.watch import TaskWatch
+from enkwatch.state.sqlite import SqliteStore
+from enkwatch.watch import STATE_RETRY_MIN_S, TaskWatch
 
 RECONCILE_EVERY_S: Final = 30.0
 SOURCE_API: Final = "api"
@@ -90,13 +91,37 @@ class SoleOwner:
         self._store = store
         self._writer = writer
         self._local: LocalWatchList | None = None
+        if isinstance(store, SqliteStore):
+            store.on_availability = self.availability
+
+    def availability(self, trouble: str | None) -> None:
+        """The local state refused a write (`trouble`: why), or took one again (None).
+
+        Nothing is lost meanwhile: a refused event is rolled back and its poll tried again
+        (with backoff); the change it reported is emitted once the state takes writes.
+        """
+        if trouble is not None:
+            self._writer.daemon_event(
+                ev.STATE_UNAVAILABLE,
+                ev.WARNING,
+                error=str(StateUnavailable(None, trouble)),
+                retry_in_seconds=STATE_RETRY_MIN_S,
+            )
+        else:
+            self._writer.daemon_event(ev.STATE_RECOVERED, ev.INFO)
 
     async def load(self, local: LocalWatchList) -> None:
-        """Write again what was journaled but not confirmed; then load every stored task."""
+        """Write again what was journaled but not confirmed; then load every stored task.
+
+        A state that refuses writes at start (disk full) stops the start: nothing was polled.
+        """
         self._local = local
-        # each is confirmed once its line was written
-        await self._writer.replay(await self._store.unwritten_events())
-        await local.load_all(await self._store.load_tasks())
+        try:
+            # each is confirmed once its line was written
+            await self._writer.replay(await self._store.unwritten_events())
+            await local.load_all(await self._store.load_tasks())
+        except StateNotWritten as err:
+            raise ConfigError([f"state.path: {err}"]) from None
 
     async def start(self, timers: Periodic) -> None:
         return None

@@ -18,6 +18,7 @@ from enkwatch.errors import (
     LeaseLost,
     NotFound,
     PollError,
+    StateNotWritten,
     StateUnavailable,
     TransientPollError,
     UnauthorizedAnswer,
@@ -32,6 +33,8 @@ AUTH_CONFIRM_DELAY_S: Final = 1.0
 # a poll this close to the deadline counts as at the deadline (timers fire a little early)
 DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
+# a write the local state refused (disk full) is tried again at the earliest this much later
+STATE_RETRY_MIN_S: Final = 1.0
 # the outcome of a request, besides the error kinds (the `outcome` label of enkwatch_polls)
 OUTCOME_OK: Final = "ok"
 OUTCOME_NOT_FOUND: Final = "not_found"
@@ -178,6 +181,11 @@ class Poller:
         self._may_poll = may_poll
         # after each request: "ok" or the error kind, and the seconds it took
         self._observe_poll = observe_poll
+        # the durable fields of each task being polled as last committed (rolled back to
+        # when the local state refuses a write); an entry lives only during its poll
+        self._committed: dict[str, tuple[Any, ...]] = {}
+        # writes refused in a row by the local state (its retries back off on this)
+        self.state_failures = 0
 
     # -- the poll ---------------------------------------------------------------------
 
@@ -190,6 +198,7 @@ class Poller:
             return LOST
         # one coroutine per poll, as before: the endings are caught here, not one level down
         started = self._clock.monotonic()
+        self._committed[task.key] = _durable(task.record)
         try:
             try:
                 obs = await self._request(task)
@@ -206,16 +215,27 @@ class Poller:
             return AuthRejected(err.http_status)
         except DeadlineReached:
             return await self.expire(task)
+        except StateNotWritten:
+            # nothing was committed: forget what this poll changed, so that the change is
+            # seen again, and emitted, once the state takes writes again
+            _restore(task.record, self._committed[task.key])
+            return self._state_retry(task)
         except (LeaseLost, StateUnavailable):
             return LOST
+        finally:
+            del self._committed[task.key]
 
     async def expire(self, task: TaskWatch) -> PollResult:
         """End `task` at its deadline without a request (the gate holds every request, as a
         Retry-After pause does); before its deadline, the seconds left until it."""
         if self._may_poll is not None and not self._may_poll(task.key):
             return LOST
+        saved = _durable(task.record)
         try:
             return await self._within_deadline(task, self.next_interval(task))
+        except StateNotWritten:
+            _restore(task.record, saved)  # the give-up is tried again, as a refused poll is
+            return self._state_retry(task)
         except (LeaseLost, StateUnavailable):
             return LOST
 
@@ -362,6 +382,14 @@ class Poller:
             return task.started_mono
         return task.anchor(self._clock.now().timestamp(), self._clock.monotonic())
 
+    def _state_retry(self, task: TaskWatch) -> float:
+        """The delay before a task whose event the local state refused is polled again."""
+        self.state_failures += 1
+        base = max(STATE_RETRY_MIN_S, task.interval_s)
+        ceiling = min(self.polling.max_backoff_seconds, base * 2.0 ** min(self.state_failures, 16))
+        ceiling = max(ceiling, STATE_RETRY_MIN_S)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
     def _watched_s(self, task: TaskWatch) -> float:
         return max(0.0, self._clock.monotonic() - self._started_mono(task))
 
@@ -385,3 +413,26 @@ class Poller:
     async def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
         """Journal the event with the task's new state, then write it out (the one writer)."""
         await self._writer.task_event(task, name, level, fields)
+        self.state_failures = 0
+        if task.key in self._committed:
+            self._committed[task.key] = _durable(task.record)
+
+
+# what a poll may change of a record besides the poll count (rolled back on a refused write)
+_DURABLE: Final = (
+    "last_status",
+    "last_unknown_status",
+    "seen_dataset",
+    "seen_task_id",
+    "seq",
+    "outcome",
+)
+
+
+def _durable(record: TaskRecord) -> tuple[Any, ...]:
+    return tuple(getattr(record, name) for name in _DURABLE)
+
+
+def _restore(record: TaskRecord, values: tuple[Any, ...]) -> None:
+    for name, value in zip(_DURABLE, values, strict=True):
+        setattr(record, name, value)

@@ -4,18 +4,30 @@ What is kept per task: the last status emitted, the event counter `seq`, when wa
 began, the poll count and how watching ended. Every task event is journaled in the same
 transaction as the state change it reports, before it is written out; an event whose
 writing was not confirmed is replayed on the next start (at least once, never lost).
+
+A write the file system refuses (disk full, an I/O error, a read-only file system, the
+file locked by another program for longer than the busy timeout) is rolled back and raised
+as `StateNotWritten`: nothing of it was committed, the caller tries again later. The store
+reports when it became unwritable and when a write worked again (`on_availability`).
+
+The journal is bounded: a `task.poll_failed` row is deleted once its writing is confirmed
+(replay after a crash needs only unconfirmed rows; webhook deliveries carry their own
+body). Transitions, unknown statuses and give-ups stay: they are the task's history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final
 
 import orjson
 
 from enkwatch.clock import Clock, SystemClock
+from enkwatch.errors import StateNotWritten
+from enkwatch.models import TASK_POLL_FAILED
 from enkwatch.state.base import (
     RESET_FIELDS,
     STATE_FIELDS,
@@ -32,6 +44,13 @@ from enkwatch.state.base import (
 SCHEMA_VERSION = 1
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
+# confirmations that could not be committed (the disk is full) are tried again this much later
+CONFIRM_RETRY_S: Final = 1.0
+# SQLite's primary result codes of a write the file system or another program refused
+# (BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN): conditions, not bugs
+_REFUSED_WRITE: Final = frozenset({5, 6, 8, 10, 13, 14})
+# the meta key stamped once the rows of earlier versions were pruned
+_PRUNED_KEY: Final = "journal_pruned"
 _INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
 
 _SCHEMA = """
@@ -97,6 +116,11 @@ class SqliteStore:
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_timer: asyncio.TimerHandle | None = None
         self._batch: _Batch | None = None
+        # journaled task.poll_failed events not yet confirmed: deleted on confirmation
+        self._transient: set[tuple[str, int]] = set()
+        # why writes fail now (None: they work); told to on_availability on each change
+        self.trouble: str | None = None
+        self.on_availability: Callable[[str | None], None] | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
@@ -111,6 +135,7 @@ class SqliteStore:
             self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks LIMIT 0")
             self._db.execute("SELECT task_key, seq, body, written FROM events LIMIT 0")
             self._check_version()
+            self._prune_once()
         except sqlite3.DatabaseError as err:
             raise StateError(f"{path}: cannot open the state database: {err}") from None
 
@@ -131,14 +156,65 @@ class SqliteStore:
                 f"this one knows {SCHEMA_VERSION})"
             )
 
+    def _prune_once(self) -> None:
+        """Delete the confirmed task.poll_failed rows an earlier version kept (one scan, once)."""
+        if self._db.execute("SELECT 1 FROM meta WHERE key = ?", (_PRUNED_KEY,)).fetchone():
+            return
+        try:
+            with self._tx():
+                self._db.execute(
+                    "DELETE FROM events WHERE written = 1 AND json_extract(body, '$.event') = ?",
+                    (TASK_POLL_FAILED,),
+                )
+                self._db.execute("INSERT INTO meta (key, value) VALUES (?, '1')", (_PRUNED_KEY,))
+        except sqlite3.OperationalError:
+            return  # the disk is full: the next start prunes them
+
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A refused read or write becomes StateNotWritten (nothing was committed)."""
+        try:
+            yield
+        except sqlite3.OperationalError as err:
+            code = getattr(err, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in _REFUSED_WRITE:
+                raise
+            reason = f"{err} ({getattr(err, 'sqlite_errorname', code)})"
+            if self.trouble is None:
+                self.trouble = reason
+                if self.on_availability is not None:
+                    self.on_availability(reason)
+            raise StateNotWritten(None, reason) from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """As `_reading`; a write that worked after refused ones tells on_availability."""
+        with self._reading():
+            yield
+        if self.trouble is not None:
+            self.trouble = None
+            if self.on_availability is not None:
+                self.on_availability(None)
+
     async def load_tasks(self) -> dict[str, TaskRecord]:
-        rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks").fetchall()
+        with self._reading():
+            rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks").fetchall()
         return {
             row[0]: record_from_row(row, orjson.loads(row[-1]) if row[-1] else None) for row in rows
         }
+
+    async def load_task(self, task_key: str) -> TaskRecord | None:
+        """One stored task by its key (a primary-key lookup), or None."""
+        with self._reading():
+            row = self._db.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_key = ?", (task_key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return record_from_row(row, orjson.loads(row[-1]) if row[-1] else None)
 
     async def add_task(self, record: TaskRecord) -> None:
         await self.add_tasks([record])
@@ -147,7 +223,7 @@ class SqliteStore:
         """Insert tasks not yet known (one transaction); known ones keep what is stored."""
         if not records:
             return
-        with self._tx():
+        with self._writing(), self._tx():
             self._db.executemany(
                 _INSERT_TASK, [(*task_values(r), _spec_text(r.spec)) for r in records]
             )
@@ -178,6 +254,8 @@ class SqliteStore:
         batch.events.append((key, record.seq, orjson.dumps(dict(event)).decode()))
         if sinks:
             batch.outbox.append((sinks, key, event))
+        if _is_transient(event):
+            batch.transient.append((key, record.seq))
         return batch.done
 
     def _flush_batch(self) -> None:
@@ -185,26 +263,31 @@ class SqliteStore:
         batch, self._batch = self._batch, None
         if batch is None:
             return
+        confirming = self._confirmations
         try:
-            with self._tx():
-                if self._confirmations:
-                    self._confirm_pending()  # earlier events' confirmations ride along
+            # refused (disk full...): StateNotWritten for every caller, nothing committed
+            with self._writing(), self._tx():
+                if confirming:
+                    self._confirm_pending(confirming)  # earlier confirmations ride along
                 self._db.executemany(_UPDATE_STATE, batch.states)
                 self._db.executemany(_INSERT_EVENT, batch.events)
                 for sinks, key, event in batch.outbox:
                     self._enqueue(sinks, key, event)
-        except sqlite3.Error as err:
+        except (StateNotWritten, sqlite3.Error) as err:
             if not batch.done.done():
                 batch.done.set_exception(err)
                 batch.done.exception()  # retrieved by every caller; none left: no warning
             return
+        if confirming:
+            self._confirmed(confirming)
+        self._transient.update(batch.transient)
         if not batch.done.done():
             batch.done.set_result(None)
 
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Queue webhook deliveries of an event that is not about a task."""
         if sinks:
-            with self._tx():
+            with self._writing(), self._tx():
                 self._enqueue(sinks, "", event)
 
     def _enqueue(self, sinks: Sequence[str], task_key: str, event: Mapping[str, Any]) -> None:
@@ -217,38 +300,47 @@ class SqliteStore:
         )
 
     async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
-        rows = self._db.execute(
-            "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
-            "WHERE sink = ? AND state = 'pending' ORDER BY id LIMIT ?",
-            (sink, limit),
-        ).fetchall()
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
+                "FROM outbox WHERE sink = ? AND state = 'pending' ORDER BY id LIMIT ?",
+                (sink, limit),
+            ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
     async def delivery_done(self, row_id: int) -> None:
-        self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+        with self._writing():
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
 
     async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
-        self._db.execute(
-            "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE id = ?",
-            (attempts, next_attempt_at, row_id),
-        )
+        with self._writing():
+            self._db.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+                (attempts, next_attempt_at, row_id),
+            )
 
     async def delivery_dead(self, row_id: int) -> None:
-        self._db.execute("UPDATE outbox SET state = 'dead' WHERE id = ?", (row_id,))
+        with self._writing():
+            self._db.execute("UPDATE outbox SET state = 'dead' WHERE id = ?", (row_id,))
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """Pending deliveries and the age in seconds of the oldest."""
-        count, oldest = self._db.execute(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
-        ).fetchone()
+        try:
+            with self._reading():
+                count, oldest = self._db.execute(
+                    "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'"
+                ).fetchone()
+        except StateNotWritten:
+            return 0, None  # a metric: unknown while the file cannot be read
         now = self._clock.now().timestamp()
         return int(count), (now - oldest) if oldest is not None else None
 
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
         """Persist (or, with None, forget) a task added through the admin API."""
-        self._db.execute(
-            "UPDATE tasks SET spec = ? WHERE task_key = ?", (_spec_text(spec), task_key)
-        )
+        with self._writing():
+            self._db.execute(
+                "UPDATE tasks SET spec = ? WHERE task_key = ?", (_spec_text(spec), task_key)
+            )
 
     async def mark_written(self, task_key: str, seq: int) -> None:
         """Confirm that an event was written out.
@@ -267,24 +359,46 @@ class SqliteStore:
             loop = asyncio.get_running_loop()
             self._confirm_timer = loop.call_later(CONFIRM_WITHIN_S, self._flush_confirmations)
 
-    def _flush_confirmations(self) -> None:
+    def _flush_confirmations(self, retry: bool = True) -> None:
         self._confirm_timer = None
-        if self._confirmations:
-            with self._tx():
-                self._confirm_pending()
+        batch = self._confirmations
+        if not batch:
+            return
+        try:
+            with self._writing(), self._tx():
+                self._confirm_pending(batch)
+        except StateNotWritten:
+            # kept: tried again later or with the next event (a kill meanwhile replays them)
+            if retry:
+                loop = asyncio.get_running_loop()
+                self._confirm_timer = loop.call_later(CONFIRM_RETRY_S, self._flush_confirmations)
+            return
+        self._confirmed(batch)
 
-    def _confirm_pending(self) -> None:
-        self._db.executemany(
-            "UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", self._confirmations
-        )
-        self._confirmations = []
+    def _confirm_pending(self, batch: list[tuple[str, int]]) -> None:
+        """Inside a transaction: written events are marked, written poll failures deleted."""
+        transient = self._transient
+        drop = [c for c in batch if c in transient] if transient else []
+        if drop:
+            self._db.executemany("DELETE FROM events WHERE task_key = ? AND seq = ?", drop)
+            batch = [c for c in batch if c not in transient]
+        self._db.executemany("UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", batch)
+
+    def _confirmed(self, batch: list[tuple[str, int]]) -> None:
+        """After the commit: these confirmations are done."""
+        if self._transient:
+            self._transient.difference_update(batch)
+        self._confirmations = []  # `batch` was the whole list (no await in between)
 
     async def unwritten_events(self) -> list[JournaledEvent]:
-        self._flush_confirmations()
-        rows = self._db.execute(
-            "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
-        ).fetchall()
-        return [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
+        self._flush_confirmations(retry=False)
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
+            ).fetchall()
+        out = [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
+        self._transient.update((e.task_key, e.seq) for e in out if _is_transient(e.body))
+        return out
 
     def journal(self) -> list[JournaledEvent]:
         """Every journaled event, by task and seq (what `migrate` copies)."""
@@ -309,7 +423,7 @@ class SqliteStore:
         return [orjson.loads(r[0]) for r in rows]
 
     async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
-        with self._tx():
+        with self._writing(), self._tx():
             self._db.executemany(
                 "UPDATE tasks SET polls = ? WHERE task_key = ?", ((n, k) for k, n in polls)
             )
@@ -337,23 +451,32 @@ class SqliteStore:
         if self._confirm_timer is not None:
             self._confirm_timer.cancel()
         self._flush_batch()
-        self._flush_confirmations()
+        # unconfirmed on a full disk: written again on the next start (same event_id)
+        self._flush_confirmations(retry=False)
         self._db.close()
+
+
+def _is_transient(body: Mapping[str, Any]) -> bool:
+    """A journal row deleted once its writing is confirmed (not part of the history)."""
+    return body.get("event") == TASK_POLL_FAILED
 
 
 class _Batch:
     """The events of one turn of the event loop, committed together."""
 
-    __slots__ = ("done", "events", "outbox", "states")
+    __slots__ = ("done", "events", "outbox", "states", "transient")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
         self.states: list[tuple[Any, ...]] = []
         self.events: list[tuple[str, int, str]] = []
         self.outbox: list[tuple[Sequence[str], str, Mapping[str, Any]]] = []
+        self.transient: list[tuple[str, int]] = []
 
 
 class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT; anything that fails (the COMMIT too) is rolled back."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
@@ -361,4 +484,17 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled back already (a full disk, an I/O error)
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("ROLLBACK")
