@@ -102,10 +102,41 @@ class AdminView:
         return await self.tasks.forget_task(task_key)
 
 
+class SharedListing:
+    """GET /tasks built once for every request that arrives while it is being built.
+
+    A storm of GET /tasks at 10,000 tasks costs one listing (built in chunks that let the
+    loop run, see `WatchList.list_tasks`) and one orjson serialization, shared; a request
+    that arrives after it was built gets a new one (never older than its own arrival,
+    except for what changed while the shared one was being built).
+    """
+
+    def __init__(self, backend: AdminBackend) -> None:
+        self._backend = backend
+        self._job: asyncio.Future[bytes] | None = None
+
+    async def body(self) -> bytes:
+        if self._job is None:
+            self._job = asyncio.ensure_future(self._build())
+            self._job.add_done_callback(self._built)
+        # a request that goes away does not cancel the listing the others wait for
+        return await asyncio.shield(self._job)
+
+    def _built(self, job: asyncio.Future[bytes]) -> None:
+        self._job = None
+        if not job.cancelled():
+            job.exception()  # retrieved here too: every waiter may have gone
+
+    async def _build(self) -> bytes:
+        tasks = await self._backend.list_tasks()
+        return orjson.dumps({"tasks": tasks}, default=str)
+
+
 BACKEND: Final = web.AppKey("backend", AdminBackend)
 TOKEN: Final = web.AppKey("token", str)
 FEED: Final = web.AppKey("feed", EventFeed)
 CLOCK: Final = web.AppKey("clock", Clock)
+LISTING: Final = web.AppKey("listing", SharedListing)
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -129,9 +160,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     try:
-        return _json({"tasks": await request.app[BACKEND].list_tasks()})
+        body = await request.app[LISTING].body()
     except StateUnavailable as err:
         return _json({"error": str(err)}, 503)
+    return web.Response(body=body, content_type="application/json")
 
 
 def _authorize(request: web.Request) -> web.Response | None:
@@ -308,6 +340,7 @@ def build_admin_app(
     app[CLOCK] = clock or SystemClock()
     app.router.add_get("/", status_page)
     app.router.add_get("/events", event_stream)
+    app[LISTING] = SharedListing(backend)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -211,7 +211,7 @@ class PartitionOwner:
 
     async def watches(self, task_key: str) -> bool:
         return (self._local is not None and task_key in self._local.tasks) or (
-            task_key in await self.store.load_tasks()
+            await self.store.load_task(task_key) is not None
         )
 
     async def forget(self, task_key: str, task: TaskWatch | None) -> None:

@@ -30,6 +30,8 @@ RESTART_SECTIONS: Final = ("api", "state", "admin", "sinks")
 # poll counts are checkpointed in chunks that each block the loop for a few milliseconds at
 # most, even at 100,000 tasks
 CHECKPOINT_CHUNK: Final = 1000
+# GET /tasks describes this many tasks between two turns of the loop (a few ms)
+LISTING_CHUNK: Final = 500
 
 
 def file_signature(path: str) -> tuple[int, int, int, int, str] | None:
@@ -172,13 +174,16 @@ class WatchList:
     # -- the task API ------------------------------------------------------------------------
 
     async def list_tasks(self) -> list[dict[str, Any]]:
+        """Every watched task as GET /tasks shows it; the loop runs between chunks."""
         await self._load_status_times()
         out = []
-        for task, polled_here in await self._owner.listing():
+        for n, (task, polled_here) in enumerate(await self._owner.listing(), start=1):
             item = self.describe(task)
             if polled_here is not None:
                 item["polled_here"] = polled_here
             out.append(item)
+            if n % LISTING_CHUNK == 0:
+                await asyncio.sleep(0)  # /healthz and due polls go first
         return out
 
     async def get_task(self, task_key: str) -> dict[str, Any] | None:
@@ -201,7 +206,7 @@ class WatchList:
             raise TaskNotEnded(f"the task {task_key} has not ended: it is still watched")
         now = self._clock.now().timestamp()
         if not await self._store.reset_task(task_key, now):
-            if task is None and task_key not in await self._store.load_tasks():
+            if task is None and await self._store.load_task(task_key) is None:
                 return None
             raise TaskNotEnded(f"the task {task_key} has not ended: it is still watched")
         if self._status_times is not None:
@@ -224,9 +229,9 @@ class WatchList:
         cfg = validate_task_entry(entry)
         if await self._owner.watches(cfg.key):
             raise TaskExists(f"the task {cfg.key} is already watched")
-        records = await self._store.load_tasks()
+        # one keyed lookup: a task watched before keeps its seq and last status
         spec = cfg.model_dump(mode="json", exclude_none=True)
-        task = await self._watch_for(cfg, SOURCE_API, records.get(cfg.key))
+        task = await self._watch_for(cfg, SOURCE_API, await self._store.load_task(cfg.key))
         await self._store.set_task_spec(cfg.key, spec)
         task.record.spec = spec
         self._owner.admit(task)

@@ -37,7 +37,7 @@ import orjson
 
 from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
-from enkwatch.models import TASK_TRANSITION
+from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
 from enkwatch.state.base import (
     RESET_FIELDS,
     STATE_FIELDS,
@@ -67,6 +67,8 @@ CONFIRM_RETRY_S: Final = 1.0
 SCHEMA_VERSION: Final = 1
 # a constant key for the migration's transaction-scoped advisory lock
 _MIGRATION_LOCK: Final = 0x656E6B77
+# the meta key stamped once the poll failures earlier versions kept were pruned
+_PRUNED_KEY: Final = "journal_pruned"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS enkwatch_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -178,6 +180,9 @@ class PgStore:
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_job: asyncio.TimerHandle | None = None
         self._closing = False
+        # journaled task.poll_failed events not yet confirmed: deleted on confirmation (the
+        # journal keeps only what replay needs of them; transitions stay as the history)
+        self._transient: set[tuple[str, int]] = set()
         self._flushes: set[asyncio.Task[None]] = set()
         # counters for metrics
         self.fenced = 0
@@ -208,6 +213,7 @@ class PgStore:
                     )
                 elif not version.isdigit() or int(version) > SCHEMA_VERSION:
                     raise StateError(f"the database was written by a newer enkwatch ({version})")
+                await _prune_once(conn)
                 await conn.execute(
                     "INSERT INTO enkwatch_partition_lease (partition) "
                     "SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING",
@@ -259,6 +265,16 @@ class PgStore:
             else:
                 rows = await conn.fetch(query + " AND partition = ANY($1::int[])", list(partitions))
         return {r["task_key"]: _record(r) for r in rows}
+
+    @guarded
+    async def load_task(self, task_key: str) -> TaskRecord | None:
+        """One watched task by its key (a primary-key lookup), or None."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_TASK_COLUMNS} FROM enkwatch_tasks WHERE task_key = $1 AND NOT removed",
+                task_key,
+            )
+        return _record(row) if row is not None else None
 
     async def add_task(self, record: TaskRecord) -> None:
         await self.add_tasks([record])
@@ -429,6 +445,8 @@ class PgStore:
             if sinks:
                 await self._enqueue(conn, sinks, record.task_key, p, body)
         self.commits += 1
+        if _is_transient(event):
+            self._transient.add((record.task_key, record.seq))
 
     async def mark_written(self, task_key: str, seq: int) -> None:
         self.confirm_written(task_key, seq)
@@ -457,12 +475,21 @@ class PgStore:
         batch, self._confirmations = self._confirmations, []
         if not batch or self._pool is None:
             return
+        transient = self._transient
+        drop = [c for c in batch if c in transient] if transient else []
+        keep = [c for c in batch if c not in transient] if drop else batch
         try:
-            async with self.pool.acquire() as conn:
-                await conn.executemany(
-                    "UPDATE enkwatch_events SET written = true WHERE task_key = $1 AND seq = $2",
-                    batch,
-                )
+            async with self.pool.acquire() as conn, conn.transaction():
+                if drop:
+                    await conn.executemany(
+                        "DELETE FROM enkwatch_events WHERE task_key = $1 AND seq = $2", drop
+                    )
+                if keep:
+                    await conn.executemany(
+                        "UPDATE enkwatch_events SET written = true "
+                        "WHERE task_key = $1 AND seq = $2",
+                        keep,
+                    )
             self.commits += 1
         except DB_ERRORS:
             # kept for the next flush: a replica that keeps its partitions would otherwise
@@ -472,6 +499,8 @@ class PgStore:
                 self._confirm_job = asyncio.get_running_loop().call_later(
                     CONFIRM_RETRY_S, self._spawn_flush
                 )
+            return
+        transient.difference_update(drop)
 
     @guarded
     async def unwritten_events(
@@ -485,7 +514,9 @@ class PgStore:
                 "WHERE NOT written AND partition = ANY($1::int[]) ORDER BY task_key, seq",
                 parts,
             )
-        return [JournaledEvent(r["task_key"], r["seq"], orjson.loads(r["body"])) for r in rows]
+        out = [JournaledEvent(r["task_key"], r["seq"], orjson.loads(r["body"])) for r in rows]
+        self._transient.update((e.task_key, e.seq) for e in out if _is_transient(e.body))
+        return out
 
     @guarded
     async def checkpoint_polls(self, polls: Iterable[tuple[str, int]]) -> None:
@@ -588,6 +619,23 @@ class PgStore:
         oldest = row["oldest"]
         now = self._clock.now().timestamp()
         self._outbox_stats = (int(row["n"]), now - oldest if oldest else None)
+
+
+def _is_transient(event: Mapping[str, Any]) -> bool:
+    """A journal row deleted once its writing is confirmed (not part of the history)."""
+    return event.get("event") == TASK_POLL_FAILED
+
+
+async def _prune_once(conn: asyncpg.Connection) -> None:
+    """Delete the confirmed poll failures an earlier version kept (one scan, once)."""
+    if await conn.fetchval("SELECT 1 FROM enkwatch_meta WHERE key = $1", _PRUNED_KEY):
+        return
+    await conn.execute(
+        "DELETE FROM enkwatch_events WHERE written AND status IS NULL "
+        "AND body::jsonb ->> 'event' = $1",
+        TASK_POLL_FAILED,
+    )
+    await conn.execute("INSERT INTO enkwatch_meta (key, value) VALUES ($1, '1')", _PRUNED_KEY)
 
 
 def _status_of(event: Mapping[str, Any]) -> str | None:
