@@ -7,20 +7,29 @@ larger than a page, so journaling it needs new (overflow) pages.
 
 from __future__ import annotations
 
+import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
+from enkwatch.client import ApiClient
+from enkwatch.clock import FakeClock
+from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import StateNotWritten, StateUnavailable
+from enkwatch.events import EventWriter
+from enkwatch.limits import RequestGate
 from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
 from enkwatch.simulator import STATS
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
+from enkwatch.watch import DONE, Poller, TaskWatch
 from tests.servicekit import (
     events_named,
     make_config,
@@ -30,6 +39,7 @@ from tests.servicekit import (
     simulator,
     until,
 )
+from tests.test_watch import SECRET, TASK_ID, ok
 
 KEY = "task-full"
 # larger than a page (4 KiB): each event needs pages of its own
@@ -215,3 +225,50 @@ async def test_a_full_disk_delays_a_transition_and_loses_none(tmp_path: Path) ->
     # the order: unavailable before the delayed transition, recovered with it
     names = [e["event"] for e in logs]
     assert names.index(ev.STATE_UNAVAILABLE) < names.index(ev.STATE_RECOVERED)
+
+
+class RefusingStore(SqliteStore):
+    """Refuses to journal the events named in `refuse`, as a full disk would."""
+
+    refuse: frozenset[str] = frozenset()
+
+    async def record_event(
+        self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str] = ()
+    ) -> None:
+        if event.get("event") in self.refuse:
+            raise StateNotWritten(None, "database or disk is full (SQLITE_FULL)")
+        await super().record_event(record, event, sinks)
+
+
+async def test_a_refused_second_event_keeps_the_first(aiohttp_server: Any) -> None:
+    """A poll that journals a transition, then is refused its gave_up, rolls back only the
+    gave_up: the transition is not emitted again, the give-up is, once the disk has room."""
+
+    async def running_task(_: web.Request) -> web.StreamResponse:
+        return ok("Running")()
+
+    app = web.Application()
+    app.router.add_get("/datasets/get-task", running_task)
+    server: TestServer = await aiohttp_server(app)
+    clock = FakeClock()
+    store = RefusingStore(":memory:")
+    store.refuse = frozenset({ev.TASK_GAVE_UP})
+    polling = PollingConfig(interval_seconds=10, jitter=0, max_backoff_seconds=60)
+    cfg = TaskConfig(task_id=TASK_ID, deadline_seconds=10)
+    record = TaskRecord(cfg.key, TASK_ID, None, clock.now().timestamp() - 100)
+    await store.add_task(record)
+    task = TaskWatch.from_config(cfg, polling, record)
+    async with ApiClient(str(server.make_url("")), SECRET, 5, RequestGate(0, clock)) as client:
+        poller = Poller(client, EventWriter(clock, store), clock, polling, random.Random(3))
+        with capture_logs() as logs:
+            delay = await poller.poll(task)
+            assert isinstance(delay, float) and delay >= 1.0  # tried again later
+            assert (record.last_status, record.seq, record.outcome) == ("Running", 1, None)
+            store.refuse = frozenset()
+            assert await poller.poll(task) == DONE
+    assert [(e["event"], e["seq"]) for e in logs] == [
+        (ev.TASK_TRANSITION, 1),
+        (ev.TASK_GAVE_UP, 2),
+    ]
+    assert [e["seq"] for e in store.events(cfg.key)] == [1, 2]
+    await store.close()

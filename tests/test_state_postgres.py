@@ -323,3 +323,38 @@ async def test_forget_resets_an_ended_task_and_notifies(dsn: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+def poll_failed(rec: TaskRecord) -> dict[str, Any]:
+    rec.seq += 1
+    return {"event": "task.poll_failed", "task_key": rec.task_key, "seq": rec.seq}
+
+
+async def test_written_poll_failures_leave_the_shared_journal(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    try:
+        await a.leases.balance()
+        rec = TaskRecord("task-1", "task-1", None, 0.0)
+        await a.add_task(rec)
+        for make in (poll_failed, lambda r: transition(r, "Queued"), poll_failed):
+            await a.record_event(rec, make(rec))
+            await a.mark_written("task-1", rec.seq)
+        await a.record_event(rec, poll_failed(rec))  # then killed: never confirmed
+        await a.flush_confirmations()
+        rows = await a.pool.fetch("SELECT seq, written FROM enkwatch_events ORDER BY seq")
+        assert [(r["seq"], r["written"]) for r in rows] == [(2, True), (4, False)]
+        # the next owner writes it again, then it goes too
+        await a.leases.release_all()
+        await b.leases.balance()
+        [event] = await b.unwritten_events()
+        assert event.seq == 4
+        await b.mark_written("task-1", 4)
+        await b.flush_confirmations()
+        assert await b.pool.fetchval("SELECT array_agg(seq) FROM enkwatch_events") == [2]
+        # and a keyed lookup of the shared watch list
+        assert (await b.load_task("task-1")) is not None
+        assert await b.load_task("nope") is None
+    finally:
+        await a.close()
+        await b.close()
