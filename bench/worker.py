@@ -219,10 +219,10 @@ class EnkwatchWorker:
 
             flush: Any = SqliteStore._flush_confirmations
 
-            def timed_flush(store: SqliteStore) -> None:
+            def timed_flush(store: SqliteStore, retry: bool = True) -> None:
                 start = time.process_time()
                 try:
-                    flush(store)
+                    flush(store, retry)
                 finally:
                     worker._event_cpu_s += time.process_time() - start
 
