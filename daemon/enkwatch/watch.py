@@ -181,9 +181,10 @@ class Poller:
         self._may_poll = may_poll
         # after each request: "ok" or the error kind, and the seconds it took
         self._observe_poll = observe_poll
-        # the durable fields of each task being polled as last committed (rolled back to
-        # when the local state refuses a write); an entry lives only during its poll
-        self._committed: dict[str, tuple[Any, ...]] = {}
+        # the durable fields of each task being polled (by watch: a task dropped and adopted
+        # again is another watch) as last committed, rolled back to when the local state
+        # refuses a write; an entry lives only during its poll
+        self._committed: dict[TaskWatch, tuple[Any, ...]] = {}
         # writes refused in a row by the local state (its retries back off on this)
         self.state_failures = 0
 
@@ -198,7 +199,7 @@ class Poller:
             return LOST
         # one coroutine per poll, as before: the endings are caught here, not one level down
         started = self._clock.monotonic()
-        self._committed[task.key] = _durable(task.record)
+        self._committed[task] = _durable(task.record)
         try:
             try:
                 obs = await self._request(task)
@@ -218,12 +219,12 @@ class Poller:
         except StateNotWritten:
             # nothing was committed: forget what this poll changed, so that the change is
             # seen again, and emitted, once the state takes writes again
-            _restore(task.record, self._committed[task.key])
+            _restore(task.record, self._committed[task])
             return self._state_retry(task)
         except (LeaseLost, StateUnavailable):
             return LOST
         finally:
-            del self._committed[task.key]
+            self._committed.pop(task, None)
 
     async def expire(self, task: TaskWatch) -> PollResult:
         """End `task` at its deadline without a request (the gate holds every request, as a
@@ -414,8 +415,8 @@ class Poller:
         """Journal the event with the task's new state, then write it out (the one writer)."""
         await self._writer.task_event(task, name, level, fields)
         self.state_failures = 0
-        if task.key in self._committed:
-            self._committed[task.key] = _durable(task.record)
+        if task in self._committed:
+            self._committed[task] = _durable(task.record)
 
 
 # what a poll may change of a record besides the poll count (rolled back on a refused write)
