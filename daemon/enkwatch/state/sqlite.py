@@ -236,7 +236,8 @@ class SqliteStore:
         Group commit: the events of every poll that ends in the same turn of the event loop
         go in ONE transaction (flushed by `call_soon` once the turn is over); each caller
         returns once that transaction committed (journal before write, per-task order: a
-        task's next event is built only after this one returned).
+        task's next event is built only after this one returned). StateNotWritten when the
+        file system refused it: nothing of the batch was committed.
         """
         await self._stage(record, event, sinks)
 
