@@ -26,19 +26,10 @@ from enkwatch.errors import StateNotWritten, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.limits import RequestGate
 from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
-from enkwatch.simulator import STATS
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 from enkwatch.watch import DONE, Poller, TaskWatch
-from tests.servicekit import (
-    events_named,
-    make_config,
-    running,
-    scenario,
-    sim_task,
-    simulator,
-    until,
-)
+from tests.kit import events_named, make_config, running, sim_task, simulator, until
 from tests.test_watch import SECRET, TASK_ID, ok
 
 KEY = "task-full"
@@ -191,25 +182,25 @@ async def test_load_task_is_a_keyed_lookup(store: SqliteStore) -> None:
 async def test_a_full_disk_delays_a_transition_and_loses_none(tmp_path: Path) -> None:
     """The real Service against the simulator: the disk fills after the first transition."""
     task = sim_task("t1", ("Queued", 1.0), ("Running", None))
-    async with simulator(scenario(task)) as (url, app):
+    async with simulator(task) as sim:
         tasks = [{"task_id": "t1", "labels": {"big": BIG_LABEL}}]
-        config = make_config(url, str(tmp_path / "state.db"), tasks)
+        config = make_config(sim.url, str(tmp_path / "state.db"), tasks)
         with capture_logs() as logs:
             async with running(config) as svc:
                 assert svc.running is not None
                 store = svc.running.store
                 assert isinstance(store, SqliteStore)
-                await until(lambda: len(events_named(logs, ev.TASK_TRANSITION)) == 1)
+                await until(lambda: len(events_named(logs, ev.TASK_TRANSITION)) == 1, "Queued")
                 fill_disk(store._db)
-                await until(lambda: bool(events_named(logs, ev.STATE_UNAVAILABLE)))
+                await until(lambda: bool(events_named(logs, ev.STATE_UNAVAILABLE)), "unavailable")
                 # polling goes on, and the refused change is tried again: still refused
-                asked = app[STATS].requests
-                await until(lambda: app[STATS].requests >= asked + 2)
+                asked = sim.stats.requests
+                await until(lambda: sim.stats.requests >= asked + 2, "two more polls")
                 assert store.trouble is not None
                 assert len(events_named(logs, ev.TASK_TRANSITION)) == 1
                 free_disk(store._db)
-                await until(lambda: len(events_named(logs, ev.TASK_TRANSITION)) == 2)
-                await until(lambda: bool(events_named(logs, ev.STATE_RECOVERED)))
+                await until(lambda: len(events_named(logs, ev.TASK_TRANSITION)) == 2, "Running")
+                await until(lambda: bool(events_named(logs, ev.STATE_RECOVERED)), "recovered")
                 journal = store.events("t1")
     (unavailable,) = events_named(logs, ev.STATE_UNAVAILABLE)
     assert unavailable["log_level"] == "warning"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import resource
 import signal
 import sys
@@ -15,14 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.servicekit import scenario, sim_task, simulator
+from tests.kit import WAIT_S, child_env, sim_task, simulator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-API_KEY = "sk-test-SECRET-full"
 # the state file and its WAL may not grow past this: a few commits fit, then writes fail
 FILE_SIZE_LIMIT = 120_000
-WAIT_S = 30.0
 
 
 def _small_files() -> None:  # runs in the child, before exec
@@ -31,8 +28,7 @@ def _small_files() -> None:  # runs in the child, before exec
 
 
 async def start(cfg: Path, limited: bool) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENKWATCH_")}
-    env["ENKRYPTAI_API_KEY"] = API_KEY
+    env = child_env()
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -67,7 +63,7 @@ async def stop(proc: asyncio.subprocess.Process, events: list[dict[str, Any]]) -
     return err.decode()
 
 
-def write_config(path: Path, base_url: str) -> None:
+def state_config(path: Path, base_url: str) -> None:
     path.write_text(
         yaml.safe_dump(
             {
@@ -83,7 +79,7 @@ def write_config(path: Path, base_url: str) -> None:
 async def test_a_state_file_that_cannot_grow(tmp_path: Path) -> None:
     cfg = tmp_path / "enkwatch.yaml"
     # first nothing answers: every poll fails, and each failure is an event to journal
-    write_config(cfg, "http://127.0.0.1:9")
+    state_config(cfg, "http://127.0.0.1:9")
     first: list[dict[str, Any]] = []
     proc = await start(cfg, limited=True)
     await read_until(proc, first, "state.unavailable")
@@ -95,8 +91,8 @@ async def test_a_state_file_that_cannot_grow(tmp_path: Path) -> None:
     written = [e["seq"] for e in first if e.get("task_key") == "t1"]
     assert written == list(range(1, len(written) + 1))
     # then with room and an API: the task goes on from the last event it wrote, none repeated
-    async with simulator(scenario(sim_task("t1", ("Running", None)))) as (url, _):
-        write_config(cfg, url)
+    async with simulator(sim_task("t1", ("Running", None))) as sim:
+        state_config(cfg, sim.url)
         second: list[dict[str, Any]] = []
         proc = await start(cfg, limited=False)
         await read_until(proc, second, "task.transition")

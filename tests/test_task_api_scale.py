@@ -15,12 +15,7 @@ import yaml
 
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
-from tests.servicekit import make_config, running
-from tests.test_e2e import (  # noqa: F401  (enkwatch: the fixture)
-    Spawn,
-    enkwatch,
-    free_port,
-)
+from tests.kit import Spawn, free_port, make_config, running
 
 TOKEN = "admin-token-scale"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,7 +90,7 @@ async def test_post_and_delete_do_not_read_the_watch_list(tmp_path: Path) -> Non
 @pytest.mark.timeout(120)
 async def test_healthz_answers_during_a_storm_of_get_tasks(
     tmp_path: Path,
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     state = tmp_path / "state.db"
     await preload(state, 10_000)
