@@ -6,9 +6,11 @@ Fixtures (registered in `conftest.py`, so test files import none of them):
 - `hooks`: start a webhook receiver, a real aiohttp server on 127.0.0.1 -> `Receiver`.
 
 Helpers: `tid`, `timeline`, `sim_task` (a scenario's task), `until` (a condition with a
-deadline), `finish` (run the command to its end), `invoke` (the same, synchronously),
-`write_config`, `free_port`; for the Service in-process: `make_config`, `running`,
-`events_named`. Every wait has a deadline (`WAIT_S`); none sleeps a fixed time.
+deadline), `finish` (run the command to its end), `on_a_terminal` (the same with stdout on a
+pseudo-terminal), `invoke` (to its end, synchronously), `write_config`, `write_yaml`,
+`free_port`, `sse_messages` (an admin event stream's next messages); for the Service
+in-process: `make_config`, `running`, `events_named`. Every wait has a deadline (`WAIT_S`);
+none sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import inspect
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -30,6 +33,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
@@ -343,6 +348,14 @@ class Run:
         except TimeoutError:
             raise AssertionError(f"no {what} within {within} s; stdout:\n{self.stdout}") from None
 
+    async def wait_event(self, name: str, within: float = WAIT_S, **fields: Any) -> dict[str, Any]:
+        """The first event `name` (already written or to come) with these field values."""
+
+        def has(event: dict[str, Any]) -> bool:
+            return event.get("event") == name and fields.items() <= event.items()
+
+        return await self.wait_for(has, f"{name} {fields}", within)
+
     def send(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
@@ -413,13 +426,17 @@ def check_event(event: dict[str, Any]) -> None:
 
 
 def child_env(**extra: str | None) -> dict[str, str]:
-    """Our environment without any enkwatch setting, plus the secret key and `extra`."""
+    """Our environment without any enkwatch or colour setting, plus the secret key and `extra`.
+
+    The terminal type is fixed (not `dumb`), so colour depends only on what the test gives.
+    """
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("ENKWATCH_") and k != "ENKRYPTAI_API_KEY"
+        if not k.startswith(("ENKWATCH_", "NO_COLOR", "FORCE_COLOR")) and k != "ENKRYPTAI_API_KEY"
     }
     env["ENKRYPTAI_API_KEY"] = SECRET
+    env["TERM"] = "xterm-256color"
     env.pop("PYTHONUNBUFFERED", None)  # the daemon must flush each line by itself
     for name, value in extra.items():
         if value is None:
@@ -489,6 +506,49 @@ async def finish(
     return run
 
 
+async def on_a_terminal(spawn: Spawn, *args: str, within: float = WAIT_S, **env: str | None) -> Run:
+    """Run the command to its end with stdout on a pseudo-terminal (colour, the console format).
+
+    `Run.stdout` is what the terminal got, its CR LF line ends made LF.
+    """
+    master, slave = pty.openpty()
+    try:
+        run = await spawn(*args, json_lines=False, stdout=slave, **env)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+
+    def read_all() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = asyncio.ensure_future(asyncio.to_thread(read_all))
+    try:
+        await asyncio.wait_for(asyncio.shield(reader), within)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if run.proc.returncode is None:
+            run.kill()  # ends the reader too (EIO)
+        await reader
+        if isinstance(exc, TimeoutError):
+            raise AssertionError(f"still writing to the terminal after {within} s") from None
+        raise
+    finally:
+        os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    run.lines = screen.splitlines(keepends=True)
+    await run.wait_exit(within)
+    return run
+
+
 def invoke(
     *args: str, env: Mapping[str, str] | None = None, cwd: Path | str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -509,6 +569,14 @@ def invoke(
     )
 
 
+def write_yaml(path: Path, **doc: Any) -> str:
+    """Write `doc` (top-level sections) as YAML exactly as given, atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)  # atomic, like an editor or a ConfigMap update
+    return str(path)
+
+
 def write_config(
     path: Path,
     sim: Sim | str,
@@ -523,10 +591,11 @@ def write_config(
 
     `sections` are further top-level sections (`sinks`, `admin`, ...).
     """
-    doc = {
-        "api": {"base_url": sim.url if isinstance(sim, Sim) else sim, "timeout_seconds": 2}
+    return write_yaml(
+        path,
+        api={"base_url": sim.url if isinstance(sim, Sim) else sim, "timeout_seconds": 2}
         | (api or {}),
-        "polling": {
+        polling={
             "interval_seconds": 0.05,
             "jitter": 0,
             "max_concurrency": 16,
@@ -535,14 +604,34 @@ def write_config(
             "not_found_attempts": 3,
         }
         | (polling or {}),
-        "state": {"path": state},
-        "tasks": tasks,
+        state={"path": state},
+        tasks=tasks,
         **sections,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)  # atomic, like an editor or a ConfigMap update
-    return str(path)
+    )
+
+
+# -- the admin API ---------------------------------------------------------------------------
+
+
+async def sse_messages(
+    resp: aiohttp.ClientResponse, count: int, within: float = WAIT_S
+) -> list[dict[str, Any]]:
+    """The next `count` messages of an event stream (comments skipped) as {event, id, data}."""
+    out: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(out) < count:
+                block = (await resp.content.readuntil(b"\n\n")).decode()
+                fields: dict[str, Any] = {}
+                for line in block.strip("\n").split("\n"):
+                    name, _, value = line.partition(": ")
+                    if name in ("event", "id", "data"):
+                        fields[name] = orjson.loads(value) if name == "data" else value
+                if "data" in fields:
+                    out.append(fields)
+    except TimeoutError:
+        raise AssertionError(f"{len(out)} of {count} messages within {within} s: {out}") from None
+    return out
 
 
 # -- the Service in-process ------------------------------------------------------------------
