@@ -6,11 +6,12 @@ Fixtures (registered in `conftest.py`, so test files import none of them):
 - `hooks`: start a webhook receiver, a real aiohttp server on 127.0.0.1 -> `Receiver`.
 
 Helpers: `tid`, `timeline`, `sim_task` (a scenario's task), `until` (a condition with a
-deadline), `finish` (run the command to its end), `on_a_terminal` (the same with stdout on a
-pseudo-terminal), `invoke` (to its end, synchronously), `write_config`, `write_yaml`,
-`free_port`, `sse_messages` (an admin event stream's next messages); for the Service
-in-process: `make_config`, `running`, `events_named`. Every wait has a deadline (`WAIT_S`);
-none sleeps a fixed time.
+deadline), `finish` (run the command to its end), `outputs` (the same, for a command whose
+stdout is not events), `on_a_terminal` (the same with stdout on a pseudo-terminal),
+`invoke` (to its end, synchronously), `write_config`, `write_yaml`, `free_port`,
+`sse_messages` (an admin event stream's next messages); for the Service in-process:
+`make_config`, `running`, `events_named`. Every wait has a deadline (`WAIT_S`); none
+sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -70,14 +71,17 @@ async def until(
     what: str = "the condition",
     within: float = WAIT_S,
     every: float = 0.01,
+    blocking: bool = False,
 ) -> None:
     """Wait for a condition other code makes true, with a deadline (no fixed sleeps).
 
-    `cond` may be a coroutine function, for a condition read over the network.
+    `cond` may be a coroutine function, for a condition read over the network; with
+    `blocking=True` it is a function that blocks (selenium, say), checked in a thread so
+    that the loop goes on serving meanwhile.
     """
     end = time.monotonic() + within
     while True:
-        met = cond()
+        met = await asyncio.to_thread(cond) if blocking else cond()
         if inspect.isawaitable(met):
             met = await met
         if met:
@@ -504,6 +508,16 @@ async def finish(
     run = await spawn(*args, json_lines=json_lines, measured=measured, **env)
     await run.wait_exit(within)
     return run
+
+
+async def outputs(
+    spawn: Spawn, *args: str, within: float = WAIT_S, **env: str | None
+) -> tuple[int, str, str]:
+    """Run a command whose stdout is not events (`tasks`, `check-config`, `--help`, ...) to
+    its end, checked as every run is: (exit code, stdout, stderr)."""
+    run = await spawn(*args, json_lines=False, **env)
+    rc = await run.wait_exit(within)
+    return rc, run.stdout, run.stderr
 
 
 async def on_a_terminal(spawn: Spawn, *args: str, within: float = WAIT_S, **env: str | None) -> Run:

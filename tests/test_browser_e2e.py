@@ -12,28 +12,25 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from tests.test_taskcmds_e2e import daemon, write_config
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.kit import free_port, sim_task, simulator  # noqa: E402
+from tests.kit import Spawn, StartSim, free_port, sim_task, until, write_config  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 WAIT_S = 40.0
-TOKEN = "admin-token-SECRET-cmds"  # the daemon's (tests.test_taskcmds_e2e.daemon)
+TOKEN = "admin-token-SECRET-browser"  # the daemon's admin token
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 
 
@@ -74,58 +71,91 @@ def row_status(driver: WebDriver, key: str) -> str | None:
     return None if status is None else str(status)
 
 
-async def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any]) -> None:
-    # selenium blocks: it waits in a thread while the simulator serves on this loop
-    await asyncio.to_thread(WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until, check)
-
-
 async def test_a_task_goes_to_finished_on_the_page_without_a_reload(
-    tmp_path: Path, browser: WebDriver
+    tmp_path: Path, browser: WebDriver, simulate: StartSim, enkwatch: Spawn
 ) -> None:
-    tasks = (
+    sim = await simulate(
         sim_task("t1", ("Running", 0.3), ("Finished", None)),
         sim_task("t2", ("Running", None)),
         {**sim_task("data-generation-4f1c", ("Queued", 1.0), ("Running", 2.0), ("Finished", None)),
          "dataset": "FinanceQA"},
     )  # fmt: skip
     port = free_port()
-    async with simulator(*tasks) as sim, daemon(write_config(tmp_path, sim.url, port)) as run:
-        await run.until("task.transition", task_key="t1", status="Finished")
-        await asyncio.to_thread(browser.get, f"http://127.0.0.1:{port}/")
-        await wait_for(browser, lambda d: d.find_element(By.ID, "live").text == "live")
-        assert row_status(browser, "t1") == "Finished"
-        assert row_status(browser, "t2") == "Running"
-        browser.execute_script("window.notReloaded = true;")
+    cfg = write_config(
+        tmp_path / "enkwatch.yaml",
+        sim,
+        [{"task_id": "t1", "labels": {"team": "safety"}}, {"task_id": "t2"}],
+        state=str(tmp_path / "state.db"),
+        admin={"listen": f"127.0.0.1:{port}"},
+    )
+    run = await enkwatch("run", "--config", cfg, ENKWATCH_ADMIN_TOKEN=TOKEN)
+    await run.wait_event("task.transition", task_key="t1", status="Finished")
+    await asyncio.to_thread(browser.get, f"http://127.0.0.1:{port}/")
+    await until(
+        lambda: browser.find_element(By.ID, "live").text == "live",
+        "the page live",
+        within=WAIT_S,
+        every=0.1,
+        blocking=True,
+    )
+    assert row_status(browser, "t1") == "Finished"
+    assert row_status(browser, "t2") == "Running"
+    browser.execute_script("window.notReloaded = true;")
 
-        # a task added through the page's own form, with the token typed in
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "add-task-id").send_keys("data-generation-4f1c")
-        browser.find_element(By.ID, "add-labels").send_keys("team=safety")
-        browser.find_element(By.CSS_SELECTOR, "#add-form button").click()
-        key = "data-generation-4f1c"
-        await wait_for(browser, lambda d: row_status(d, key) in ("Queued", "Running"))
-        await wait_for(browser, lambda d: row_status(d, key) == "Finished")
-        assert browser.execute_script("return window.notReloaded === true;")
-        assert "Finished" in browser.find_element(By.ID, "counts").text
+    # a task added through the page's own form, with the token typed in
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "add-task-id").send_keys("data-generation-4f1c")
+    browser.find_element(By.ID, "add-labels").send_keys("team=safety")
+    browser.find_element(By.CSS_SELECTOR, "#add-form button").click()
+    key = "data-generation-4f1c"
+    await until(
+        lambda: row_status(browser, key) in ("Queued", "Running"),
+        f"{key} on the page",
+        within=WAIT_S,
+        every=0.1,
+        blocking=True,
+    )
+    await until(
+        lambda: row_status(browser, key) == "Finished",
+        f"{key} Finished on the page",
+        within=WAIT_S,
+        every=0.1,
+        blocking=True,
+    )
+    assert browser.execute_script("return window.notReloaded === true;")
+    assert "Finished" in browser.find_element(By.ID, "counts").text
 
-        # filter without a reload
-        browser.find_element(By.ID, "q").send_keys("safety")
-        await wait_for(browser, lambda d: row_status(d, "t2") is None)
-        assert row_status(browser, key) == "Finished" and row_status(browser, "t1")
-        browser.find_element(By.ID, "q").clear()
-        browser.find_element(By.ID, "token").clear()
-        browser.find_element(By.ID, "add-task-id").clear()
-        browser.find_element(By.ID, "add-labels").clear()
-        browser.execute_script(
-            "const q = document.getElementById('q'); q.value = '';"
-            "q.dispatchEvent(new Event('input'));"
-        )
-        await wait_for(browser, lambda d: row_status(d, "t2") == "Running")
-        browser.find_element(By.TAG_NAME, "h1").click()  # no focus ring in the picture
-        shot = tmp_path / "status-page.png"
-        assert browser.save_screenshot(str(shot))
-        if os.environ.get("ENKWATCH_UPDATE_SCREENSHOT") == "1":
-            shutil.copyfile(shot, SCREENSHOT)
-        assert shot.stat().st_size > 10_000
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        assert errors == []
+    # filter without a reload
+    browser.find_element(By.ID, "q").send_keys("safety")
+    await until(
+        lambda: row_status(browser, "t2") is None,
+        "t2 filtered out",
+        within=WAIT_S,
+        every=0.1,
+        blocking=True,
+    )
+    assert row_status(browser, key) == "Finished" and row_status(browser, "t1")
+    browser.find_element(By.ID, "q").clear()
+    browser.find_element(By.ID, "token").clear()
+    browser.find_element(By.ID, "add-task-id").clear()
+    browser.find_element(By.ID, "add-labels").clear()
+    browser.execute_script(
+        "const q = document.getElementById('q'); q.value = '';q.dispatchEvent(new Event('input'));"
+    )
+    await until(
+        lambda: row_status(browser, "t2") == "Running",
+        "t2 back on the page",
+        within=WAIT_S,
+        every=0.1,
+        blocking=True,
+    )
+    browser.find_element(By.TAG_NAME, "h1").click()  # no focus ring in the picture
+    shot = tmp_path / "status-page.png"
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("ENKWATCH_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, SCREENSHOT)
+    assert shot.stat().st_size > 10_000
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    run.send(signal.SIGTERM)
+    assert await run.wait_exit() == 0
