@@ -7,27 +7,21 @@ real pseudo-terminal (colour, NO_COLOR, the end-of-run table).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import pty
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from enkwatch.cli import build_parser, pair_tasks
-from tests.kit import sim_task, simulator
+from tests.kit import Spawn, StartSim, finish, on_a_terminal, outputs, sim_task, write_yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
-SECRET = "sk-test-SECRET-cli"
-WAIT_S = 30.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 COMMANDS = (
     "run",
@@ -39,89 +33,6 @@ COMMANDS = (
     "migrate-state",
     "healthcheck",
 )
-
-
-def child_env(**extra: str | None) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ENKWATCH_", "NO_COLOR", "FORCE_COLOR")) and k != "ENKRYPTAI_API_KEY"
-    }
-    env["ENKRYPTAI_API_KEY"] = SECRET
-    env["TERM"] = "xterm-256color"
-    for name, value in extra.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-async def enkwatch(*args: str, cwd: Path | None = None, **env: str | None) -> tuple[int, str, str]:
-    """Run the command to its end: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "enkwatch",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(**env),
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    text_out, text_err = out.decode(), err.decode()
-    assert "Traceback" not in text_err, text_err
-    assert SECRET not in text_out + text_err
-    return proc.returncode, text_out, text_err
-
-
-async def on_a_terminal(*args: str, **env: str | None) -> tuple[int, str]:
-    """Run the command with stdout on a pseudo-terminal: (exit code, what the terminal got)."""
-    master, slave = pty.openpty()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "enkwatch",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=slave,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(**env),
-    )
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def read_all() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    try:
-        reader = asyncio.ensure_future(asyncio.to_thread(read_all))
-        assert proc.stderr is not None
-        err = await asyncio.wait_for(proc.stderr.read(), WAIT_S)
-        code = await asyncio.wait_for(proc.wait(), WAIT_S)
-        await asyncio.wait_for(reader, WAIT_S)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        os.close(master)
-    assert b"Traceback" not in err, err
-    return code, b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 def finishing_task(name: str) -> dict[str, Any]:
@@ -158,38 +69,40 @@ def test_task_flags_pair_as_in_the_config_file(
     assert pair_tasks(flags) == tasks
 
 
-async def test_watch_with_a_task_id_and_its_dataset_watches_one_task() -> None:
-    async with simulator(finishing_task("a")) as sim:
-        url = sim.url
-        code, out, err = await enkwatch(
-            "watch",
-            "--task-id",
-            "a",
-            "--dataset",
-            "ds-a",
-            "--interval",
-            "0.05",
-            ENKWATCH_API__BASE_URL=url,
-        )
+async def test_watch_with_a_task_id_and_its_dataset_watches_one_task(
+    simulate: StartSim, enkwatch: Spawn
+) -> None:
+    url = (await simulate(finishing_task("a"))).url
+    run = await finish(
+        enkwatch,
+        "watch",
+        "--task-id",
+        "a",
+        "--dataset",
+        "ds-a",
+        "--interval",
+        "0.05",
+        ENKWATCH_API__BASE_URL=url,
+    )
+    assert run.rc == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert events[0]["event"] == "daemon.started" and events[0]["tasks"] == 1
+    keys = {e["task_key"] for e in events if e["event"] == "task.transition"}
+    assert keys == {"a"}
+    # status takes the same flags the same way, in either order
+    for flags in (
+        ["--task-id", "a", "--dataset", "ds-a"],
+        ["--dataset", "ds-a", "--task-id", "a"],
+    ):
+        code, out, err = await outputs(enkwatch, "status", *flags, ENKWATCH_API__BASE_URL=url)
         assert code == 0, err
-        events = [json.loads(line) for line in out.splitlines()]
-        assert events[0]["event"] == "daemon.started" and events[0]["tasks"] == 1
-        keys = {e["task_key"] for e in events if e["event"] == "task.transition"}
-        assert keys == {"a"}
-        # status takes the same flags the same way, in either order
-        for flags in (
-            ["--task-id", "a", "--dataset", "ds-a"],
-            ["--dataset", "ds-a", "--task-id", "a"],
-        ):
-            code, out, err = await enkwatch("status", *flags, ENKWATCH_API__BASE_URL=url)
-            assert code == 0, err
-            assert json.loads(out)["task_id"] == "a"
-        code, out, err = await enkwatch(
-            "status", "--task-id", "a", "--task-id", "b", ENKWATCH_API__BASE_URL=url
-        )
-        assert (code, out) == (2, "")
-        assert err.startswith("usage: enkwatch status")
-        assert "status asks for one task; these flags name 2" in err
+        assert json.loads(out)["task_id"] == "a"
+    code, out, err = await outputs(
+        enkwatch, "status", "--task-id", "a", "--task-id", "b", ENKWATCH_API__BASE_URL=url
+    )
+    assert (code, out) == (2, "")
+    assert err.startswith("usage: enkwatch status")
+    assert "status asks for one task; these flags name 2" in err
 
 
 # -- usage mistakes are usage, config mistakes are configuration --------------------------------
@@ -212,17 +125,22 @@ async def test_watch_with_a_task_id_and_its_dataset_watches_one_task() -> None:
         (["migrate-state", "--from", "nope.db", "--to", "postgresql://h/db"], "--from: nope.db"),
     ],
 )
-async def test_a_usage_mistake_says_usage(args: list[str], names: str) -> None:
-    code, out, err = await enkwatch(*args)
+async def test_a_usage_mistake_says_usage(args: list[str], names: str, enkwatch: Spawn) -> None:
+    code, out, err = await outputs(enkwatch, *args)
     assert (code, out) == (2, ""), err
     assert err.startswith("usage: enkwatch"), err
     assert names in err, err
     assert "invalid configuration" not in err
 
 
-async def test_a_bad_environment_setting_is_configuration_not_usage() -> None:
-    code, _, err = await enkwatch(
-        "watch", "--task-id", "a", ENKWATCH_POLLING__INTERVL="5", ENKWATCH_API__BASE_URL=None
+async def test_a_bad_environment_setting_is_configuration_not_usage(enkwatch: Spawn) -> None:
+    code, _, err = await outputs(
+        enkwatch,
+        "watch",
+        "--task-id",
+        "a",
+        ENKWATCH_POLLING__INTERVL="5",
+        ENKWATCH_API__BASE_URL=None,
     )
     assert code == 2
     assert "invalid configuration" in err and "usage:" not in err
@@ -232,15 +150,12 @@ async def test_a_bad_environment_setting_is_configuration_not_usage() -> None:
 # -- check-config refuses what run refuses ------------------------------------------------------
 
 
-def write_config(path: Path, **sections: Any) -> str:
-    path.write_text(yaml.safe_dump(sections, sort_keys=False), encoding="utf-8")
-    return str(path)
-
-
-async def test_check_config_reports_what_run_would_refuse_all_at_once(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", state={"path": str(tmp_path / "no-dir" / "s.db")})
+async def test_check_config_reports_what_run_would_refuse_all_at_once(
+    tmp_path: Path, enkwatch: Spawn
+) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", state={"path": str(tmp_path / "no-dir" / "s.db")})
     for command in (["check-config", "--config", cfg], ["run", "--config", cfg]):
-        code, out, err = await enkwatch(*command, ENKRYPTAI_API_KEY=None)
+        code, out, err = await outputs(enkwatch, *command, ENKRYPTAI_API_KEY=None)
         assert (code, out) == (2, ""), (command, err)
         assert "no API key: set $ENKRYPTAI_API_KEY" in err
         assert f"state.path: {tmp_path / 'no-dir' / 's.db'}: the directory" in err
@@ -248,55 +163,59 @@ async def test_check_config_reports_what_run_would_refuse_all_at_once(tmp_path: 
         assert "tasks: the watch list is empty and nothing can add to it" in err
     assert not (tmp_path / "no-dir").exists()
     # --file-only: the file alone (a lint away from where it runs)
-    code, _, err = await enkwatch(
-        "check-config", "--file-only", "--config", cfg, ENKRYPTAI_API_KEY=None
+    code, _, err = await outputs(
+        enkwatch, "check-config", "--file-only", "--config", cfg, ENKRYPTAI_API_KEY=None
     )
     assert code == 0, err
 
 
-async def test_check_config_checks_the_key_file_and_the_state_file(tmp_path: Path) -> None:
+async def test_check_config_checks_the_key_file_and_the_state_file(
+    tmp_path: Path, enkwatch: Spawn
+) -> None:
     (tmp_path / "a-dir.db").mkdir()
     (tmp_path / "not-sqlite.db").write_text("hello")
     for state, words in (
         ("a-dir.db", "is not a regular file"),
         ("not-sqlite.db", "is not a SQLite database"),
     ):
-        cfg = write_config(
+        cfg = write_yaml(
             tmp_path / "c.yaml",
             api={"api_key_file": str(tmp_path / "missing-key")},
             state={"path": str(tmp_path / state)},
             tasks=[{"task_id": "a"}],
         )
-        code, _, err = await enkwatch("check-config", "--config", cfg)
+        code, _, err = await outputs(enkwatch, "check-config", "--config", cfg)
         assert code == 2
         assert "api.api_key_file: cannot read" in err
         assert words in err, err
 
 
-async def test_check_config_creates_no_state_file(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", tasks=[{"task_id": "a"}])
-    code, out, err = await enkwatch("check-config", "--config", cfg, cwd=tmp_path)
+async def test_check_config_creates_no_state_file(tmp_path: Path, enkwatch: Spawn) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", tasks=[{"task_id": "a"}])
+    code, out, err = await outputs(enkwatch, "check-config", "--config", cfg)  # in tmp_path
     assert code == 0, err
     assert json.loads(out)["state"]["path"] == "enkwatch-state.db"
     assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
 
 
-async def test_an_empty_watch_list_is_fine_when_tasks_can_be_added(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", admin={"listen": "127.0.0.1:0"}, tasks=[])
-    code, _, err = await enkwatch("check-config", "--config", cfg, cwd=tmp_path)
+async def test_an_empty_watch_list_is_fine_when_tasks_can_be_added(
+    tmp_path: Path, enkwatch: Spawn
+) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", admin={"listen": "127.0.0.1:0"}, tasks=[])
+    code, _, err = await outputs(enkwatch, "check-config", "--config", cfg)  # in tmp_path
     assert code == 0, err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-async def test_an_unwritable_state_directory(tmp_path: Path) -> None:
+async def test_an_unwritable_state_directory(tmp_path: Path, enkwatch: Spawn) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        cfg = write_config(
+        cfg = write_yaml(
             tmp_path / "c.yaml", state={"path": str(locked / "s.db")}, tasks=[{"task_id": "a"}]
         )
-        code, _, err = await enkwatch("check-config", "--config", cfg)
+        code, _, err = await outputs(enkwatch, "check-config", "--config", cfg)
         assert code == 2
         assert "is not writable" in err
     finally:
@@ -342,8 +261,8 @@ def help_blocks(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-async def test_help_shows_every_default(command: str) -> None:
-    code, out, _ = await enkwatch(command, "--help", COLUMNS="300")
+async def test_help_shows_every_default(command: str, enkwatch: Spawn) -> None:
+    code, out, _ = await outputs(enkwatch, command, "--help", COLUMNS="300")
     assert code == 0
     blocks = help_blocks(out)
     for option in value_options(command):
@@ -352,83 +271,85 @@ async def test_help_shows_every_default(command: str) -> None:
         assert "None" not in line, line
 
 
-async def test_help_of_watch_tells_the_pairing_rule() -> None:
-    _, out, _ = await enkwatch("watch", "--help", COLUMNS="300")
+async def test_help_of_watch_tells_the_pairing_rule(enkwatch: Spawn) -> None:
+    _, out, _ = await outputs(enkwatch, "watch", "--help", COLUMNS="300")
     assert "next to each other" in out
 
 
 # -- the console format on a terminal -----------------------------------------------------------
 
 
-async def test_a_terminal_gets_the_console_format_in_colour_and_a_summary() -> None:
-    async with simulator(finishing_task("a"), finishing_task("b")) as sim:
-        url = sim.url
-        args = ("watch", "--task-id", "a", "--task-id", "b", "--interval", "0.05")
-        code, screen = await on_a_terminal(*args, ENKWATCH_API__BASE_URL=url)
-        assert code == 0, screen
-        assert "\x1b[" in screen  # colour
-        plain = ANSI.sub("", screen)
-        assert "{" not in plain  # no JSON
-        for repr_ in ("None", "False", "True", "{'"):
-            assert repr_ not in plain
-        lines = plain.splitlines()
+async def test_a_terminal_gets_the_console_format_in_colour_and_a_summary(
+    simulate: StartSim, enkwatch: Spawn
+) -> None:
+    url = (await simulate(finishing_task("a"), finishing_task("b"))).url
+    args = ("watch", "--task-id", "a", "--task-id", "b", "--interval", "0.05")
+    run = await on_a_terminal(enkwatch, *args, ENKWATCH_API__BASE_URL=url)
+    code, screen = run.rc, run.stdout
+    assert code == 0, screen
+    assert "\x1b[" in screen  # colour
+    plain = ANSI.sub("", screen)
+    assert "{" not in plain  # no JSON
+    for repr_ in ("None", "False", "True", "{'"):
+        assert repr_ not in plain
+    lines = plain.splitlines()
+    assert any(
+        re.match(r"\d\d:\d\d:\d\d  START     enkwatch .*, watching 2 tasks", ln) for ln in lines
+    )
+    for key in ("a", "b"):
         assert any(
-            re.match(r"\d\d:\d\d:\d\d  START     enkwatch .*, watching 2 tasks", ln) for ln in lines
-        )
-        for key in ("a", "b"):
-            assert any(
-                re.search(rf"  FINISHED  ds-{key}  {key}  \w+ -> Finished  \d+ polls, ", ln)
-                for ln in lines
-            ), plain
-        assert not any("event_id" in ln for ln in lines)
-        # the end-of-run table: every task, its final status
-        assert "final status" in plain
-        rows = [ln for ln in lines if "│" in ln and "Finished" in ln]
-        assert len(rows) == 2, plain
+            re.search(rf"  FINISHED  ds-{key}  {key}  \w+ -> Finished  \d+ polls, ", ln)
+            for ln in lines
+        ), plain
+    assert not any("event_id" in ln for ln in lines)
+    # the end-of-run table: every task, its final status
+    assert "final status" in plain
+    rows = [ln for ln in lines if "│" in ln and "Finished" in ln]
+    assert len(rows) == 2, plain
 
-        code, screen = await on_a_terminal(*args, ENKWATCH_API__BASE_URL=url, NO_COLOR="1")
-        assert code == 0
-        assert "\x1b[" not in screen
-        assert "FINISHED  ds-a  a" in screen and "final status" in screen
+    run = await on_a_terminal(enkwatch, *args, ENKWATCH_API__BASE_URL=url, NO_COLOR="1")
+    code, screen = run.rc, run.stdout
+    assert code == 0
+    assert "\x1b[" not in screen
+    assert "FINISHED  ds-a  a" in screen and "final status" in screen
 
-        code, screen = await on_a_terminal(
-            *args, "--log-level", "debug", ENKWATCH_API__BASE_URL=url, NO_COLOR="1"
-        )
-        assert code == 0
-        assert "event_id=a:" in screen
+    run = await on_a_terminal(
+        enkwatch, *args, "--log-level", "debug", ENKWATCH_API__BASE_URL=url, NO_COLOR="1"
+    )
+    assert run.rc == 0
+    assert "event_id=a:" in run.stdout
 
-        code, screen = await on_a_terminal(
-            *args, "--log-format", "json", ENKWATCH_API__BASE_URL=url
-        )
-        assert code == 0
-        events = [json.loads(line) for line in screen.splitlines() if line.strip()]
-        assert events[-1]["event"] == "daemon.stopped"  # JSON lines only, no table
+    run = await on_a_terminal(enkwatch, *args, "--log-format", "json", ENKWATCH_API__BASE_URL=url)
+    assert run.rc == 0
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    assert events[-1]["event"] == "daemon.stopped"  # JSON lines only, no table
 
 
-async def test_a_pipe_gets_json_and_no_table() -> None:
-    async with simulator(finishing_task("a")) as sim:
-        url = sim.url
-        code, out, err = await enkwatch(
-            "watch", "--task-id", "a", "--interval", "0.05", ENKWATCH_API__BASE_URL=url
-        )
-    assert (code, err) == (0, "")
-    for line in out.splitlines():
+async def test_a_pipe_gets_json_and_no_table(simulate: StartSim, enkwatch: Spawn) -> None:
+    url = (await simulate(finishing_task("a"))).url
+    run = await finish(
+        enkwatch, "watch", "--task-id", "a", "--interval", "0.05", ENKWATCH_API__BASE_URL=url
+    )
+    assert (run.rc, run.stderr) == (0, "")
+    for line in run.stdout.splitlines():
         assert isinstance(json.loads(line), dict)
 
 
-async def test_the_console_format_on_a_pipe_has_the_table_without_colour() -> None:
-    async with simulator(finishing_task("a")) as sim:
-        url = sim.url
-        code, out, _ = await enkwatch(
-            "--log-format",
-            "console",
-            "watch",
-            "--task-id",
-            "a",
-            "--interval",
-            "0.05",
-            ENKWATCH_API__BASE_URL=url,
-        )
+async def test_the_console_format_on_a_pipe_has_the_table_without_colour(
+    simulate: StartSim, enkwatch: Spawn
+) -> None:
+    url = (await simulate(finishing_task("a"))).url
+    code, out, _ = await outputs(
+        enkwatch,
+        "--log-format",
+        "console",
+        "watch",
+        "--task-id",
+        "a",
+        "--interval",
+        "0.05",
+        ENKWATCH_API__BASE_URL=url,
+    )
     assert code == 0
     assert "\x1b[" not in out
     assert "final status" in out
