@@ -8,7 +8,7 @@ import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,6 +25,7 @@ from pydantic import (
 
 from enkwatch.errors import ConfigError
 from enkwatch.models import WEBHOOK_EVENTS, is_postgres_url
+from enkwatch.templates import TemplateProblem, compile_template
 
 ENV_PREFIX = "ENKWATCH_"
 API_KEY_ENV = "ENKRYPTAI_API_KEY"
@@ -177,13 +178,52 @@ class AdminConfig(_Model):
         return host.strip("[]"), int(port)
 
 
+class SecretSource(_Model):
+    """Where a webhook secret or a routing key is read: a variable or a file."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env, file")
+        return self
+
+
+def _stringify_labels(value: object) -> object:
+    # `{tier: 1}` is what a user writes; labels travel as strings
+    if isinstance(value, Mapping):
+        return {
+            k: str(v).lower()
+            if isinstance(v, bool)
+            else str(v)
+            if isinstance(v, int | float)
+            else v
+            for k, v in value.items()
+        }
+    return value
+
+
 class WebhookConfig(_Model):
     """One entry of `sinks.webhooks`."""
 
     url: str
-    secret_env: str | None = None
-    events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
     name: str | None = None
+    format: Literal["json", "cloudevents", "slack", "teams", "pagerduty", "template"] = "json"
+    # deprecated: one raw secret, for X-Enkwatch-Signature (and webhook-signature)
+    secret_env: str | None = None
+    # Standard Webhooks secrets (`whsec_<base64>`), all active at once: rotation without a gap
+    secrets: list[SecretSource] = Field(default_factory=list)
+    # filters, all of which an event must pass
+    events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
+    statuses: list[str] = Field(default_factory=list)
+    kinds: list[Literal["dataset", "redteam", "redteam_run"]] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    # format options
+    template: str | None = None
+    source: str = "enkwatch"
+    routing_key: SecretSource | None = None
     timeout_seconds: TimeoutSeconds = 10.0
     max_age_seconds: DeliveryAgeSeconds = 86400.0
 
@@ -206,6 +246,51 @@ class WebhookConfig(_Model):
             raise ValueError("select at least one event (or '*' for all)")
         return value
 
+    @field_validator("statuses")
+    @classmethod
+    def _check_statuses(cls, value: list[str]) -> list[str]:
+        if any(not s.strip() for s in value):
+            raise ValueError("a status must not be empty")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        return _stringify_labels(value)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not value or header_problem(value):
+            raise ValueError("must be a non-empty URI reference without control characters")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_template(value)
+            except TemplateProblem as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _format_options(self) -> WebhookConfig:
+        if (self.format == "template") != (self.template is not None):
+            raise ValueError(
+                "format: template needs a template, and only it takes one"
+                if self.format == "template"
+                else f"template: only format: template takes a template (this is {self.format})"
+            )
+        if (self.format == "pagerduty") != (self.routing_key is not None):
+            raise ValueError(
+                "format: pagerduty needs routing_key ({env: NAME} or {file: PATH})"
+                if self.format == "pagerduty"
+                else f"routing_key: only format: pagerduty takes one (this is {self.format})"
+            )
+        return self
+
 
 class SinksConfig(_Model):
     """`sinks`: where events go besides stdout."""
@@ -225,17 +310,7 @@ class TaskConfig(_Model):
     @field_validator("labels", mode="before")
     @classmethod
     def _scalar_labels(cls, value: object) -> object:
-        # `{tier: 1}` is what a user writes; labels travel as strings
-        if isinstance(value, Mapping):
-            return {
-                k: str(v).lower()
-                if isinstance(v, bool)
-                else str(v)
-                if isinstance(v, int | float)
-                else v
-                for k, v in value.items()
-            }
-        return value
+        return _stringify_labels(value)
 
     @field_validator("task_id", "dataset")
     @classmethod

@@ -24,6 +24,7 @@ DAEMON_ALL_DONE: Final = "daemon.all_done"
 DAEMON_STOPPING: Final = "daemon.stopping"
 DAEMON_STOPPED: Final = "daemon.stopped"
 SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
+SINK_DISABLED: Final = "sink.disabled"
 STATE_UNAVAILABLE: Final = "state.unavailable"
 STATE_RECOVERED: Final = "state.recovered"
 
@@ -47,6 +48,7 @@ WEBHOOK_EVENTS: Final = frozenset(
         DAEMON_STOPPING,
         DAEMON_STOPPED,
         SINK_DELIVERY_FAILED,
+        SINK_DISABLED,
     }
 )
 
