@@ -751,22 +751,28 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return parse_config(raw, environ, source)
 
 
+def read_key_file(path: Path, where: str) -> str:
+    """The stripped text of a small key file (an API key, a secret); ConfigError naming `where`
+    and the file, never its content."""
+    try:
+        key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError, _FileRefused) as err:
+        detail = (
+            str(err)
+            if isinstance(err, _FileRefused)
+            else getattr(err, "strerror", None) or "not readable UTF-8 text"
+        )
+        raise ConfigError([f"{where}: cannot read {path}: {detail}"]) from None
+    if not key:
+        raise ConfigError([f"{where}: {path} is empty"])
+    return key
+
+
 def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str:
     """The API key from `api.api_key_file`, else `$ENKRYPTAI_API_KEY`; never echoed."""
     environ = os.environ if environ is None else environ
     if config.api.api_key_file is not None:
-        path = config.api.api_key_file
-        try:
-            key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError, _FileRefused) as err:
-            detail = (
-                str(err)
-                if isinstance(err, _FileRefused)
-                else getattr(err, "strerror", None) or "not readable UTF-8 text"
-            )
-            raise ConfigError([f"api.api_key_file: cannot read {path}: {detail}"]) from None
-        if not key:
-            raise ConfigError([f"api.api_key_file: {path} is empty"])
+        key = read_key_file(config.api.api_key_file, "api.api_key_file")
         origin = "api.api_key_file"
     else:
         key = environ.get(API_KEY_ENV, "").strip()

@@ -243,7 +243,7 @@ class EventWriter:
         clock: Clock,
         journal: EventJournal | None = None,
         observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
-        sinks_for: Callable[[str], Sequence[str]] | None = None,
+        sinks_for: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
         notify: Callable[[], None] | None = None,
         *,
         out: Lines | None = None,
@@ -293,7 +293,7 @@ class EventWriter:
         body.update(fields)
         if self._secrets:
             body = scrub(body, self._secrets)
-        return body, self._sinks_for(name)
+        return body, self._sinks_for(body)
 
     def _publish(
         self,
@@ -337,7 +337,7 @@ class EventWriter:
         if self._secrets:
             body = scrub(body, self._secrets)
         self._publish(body, ())
-        sinks = self._sinks_for(name)
+        sinks = self._sinks_for(body)
         if name.startswith(SINK_EVENT_PREFIX):
             sinks = [s for s in sinks if s != fields.get("sink")]
         if sinks and self._journal is not None:
@@ -352,6 +352,11 @@ class EventWriter:
         if isinstance(failed, str) and failed.startswith(SINK_EVENT_PREFIX):
             return
         self.daemon_event(SINK_DELIVERY_FAILED, ERROR, **fields)
+
+    def sink_disabled(self, fields: Mapping[str, Any]) -> None:
+        """A sink whose receiver answered 410 Gone: `sink.disabled`, a warning (never queued
+        for that sink)."""
+        self.daemon_event(SINK_DISABLED, WARNING, **fields)
 
     async def _enqueue(
         self, journal: EventJournal, sinks: Sequence[str], body: Mapping[str, Any]
@@ -377,7 +382,7 @@ class EventWriter:
             job.cancel()
 
 
-def _no_sinks(name: str) -> Sequence[str]:
+def _no_sinks(event: Mapping[str, Any]) -> Sequence[str]:
     return ()
 
 

@@ -29,7 +29,7 @@ from enkwatch.metrics import Metrics, StateGauges
 from enkwatch.output import Lines, StdoutUnusable
 from enkwatch.ownership import Owner, choose_owner
 from enkwatch.schedule import PollScheduler, Timers, follow_polling
-from enkwatch.sinks import Outbox, Sink, dead_letter_fields, sink_secrets
+from enkwatch.sinks import Outbox, Sink, dead_letter_fields, disabled_fields, sink_secrets
 from enkwatch.state import open_store
 from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
@@ -173,9 +173,8 @@ class Service:
         outbox = Outbox(
             store, self._sinks, self.clock, rng=self._rng,
             on_result=lambda s, o: self.metrics.deliveries.labels(s.id, o).inc(),
-            on_dead=lambda sink, row, error: writer.delivery_failed(
-                dead_letter_fields(sink, row, error)
-            ),
+            on_dead=lambda s, row, err: writer.delivery_failed(dead_letter_fields(s, row, err)),
+            on_disabled=lambda s, code, n: writer.sink_disabled(disabled_fields(s, code, n)),
         )  # fmt: skip
         writer = EventWriter(
             self.clock, store, (self.metrics.observe_event, self.feed.publish),

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Final, Protocol
 
+# a `meta` row per webhook sink disabled by a 410 Gone: the key names the sink, the value is
+# the fingerprint of its config then (a changed config enables it again)
+DISABLED_SINK_PREFIX: Final = "disabled-sink:"
+
 
 class StateError(Exception):
     """The state store cannot be opened or is not ours."""
@@ -152,6 +156,12 @@ class OutboxStore(Protocol):
     async def delivery_dead(self, row_id: int) -> None: ...
 
     def outbox_stats(self) -> tuple[int, float | None]: ...
+
+    async def disabled_sinks(self) -> dict[str, str]: ...
+
+    async def disable_sink(self, sink: str, fingerprint: str) -> int: ...
+
+    async def enable_sink(self, sink: str) -> None: ...
 
 
 class Store(TaskState, EventJournal, OutboxStore, Protocol):

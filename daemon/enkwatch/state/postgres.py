@@ -39,6 +39,7 @@ from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
 from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
 from enkwatch.state.base import (
+    DISABLED_SINK_PREFIX,
     RESET_FIELDS,
     STATE_FIELDS,
     TASK_FIELDS,
@@ -605,6 +606,40 @@ class PgStore:
     async def delivery_dead(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("UPDATE enkwatch_outbox SET state = 'dead' WHERE id = $1", row_id)
+
+    @guarded
+    async def disabled_sinks(self) -> dict[str, str]:
+        """The sinks disabled by a 410 Gone, each with the fingerprint of its config then."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT key, value FROM enkwatch_meta WHERE key LIKE $1",
+                DISABLED_SINK_PREFIX + "%",
+            )
+        return {str(r["key"]).removeprefix(DISABLED_SINK_PREFIX): str(r["value"]) for r in rows}
+
+    @guarded
+    async def disable_sink(self, sink: str, fingerprint: str) -> int:
+        """Remember a disabled sink; its pending deliveries are dropped (returns how many)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO enkwatch_meta (key, value) VALUES ($1, $2) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                DISABLED_SINK_PREFIX + sink,
+                fingerprint,
+            )
+            status = await conn.execute(
+                "UPDATE enkwatch_outbox SET state = 'dead' WHERE sink = $1 AND state = 'pending'",
+                sink,
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
+    @guarded
+    async def enable_sink(self, sink: str) -> None:
+        """Forget that a sink was disabled (its config changed)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM enkwatch_meta WHERE key = $1", DISABLED_SINK_PREFIX + sink
+            )
 
     def outbox_stats(self) -> tuple[int, float | None]:
         return self._outbox_stats
