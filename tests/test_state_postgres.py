@@ -358,3 +358,21 @@ async def test_written_poll_failures_leave_the_shared_journal(dsn: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_disabled_sink_is_shared_and_its_pending_deliveries_dropped(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    try:
+        await a.leases.balance()
+        await a.enqueue(["hook", "other"], {"event": "daemon.started"})
+        await a.enqueue(["hook"], {"event": "daemon.stopping"})
+        assert await a.disable_sink("hook", "fp-1") == 2
+        assert await b.disabled_sinks() == {"hook": "fp-1"}
+        assert await a.pending_deliveries("hook", 10) == []
+        assert [r.sink for r in await a.pending_deliveries("other", 10)] == ["other"]
+        await b.enable_sink("hook")
+        assert await a.disabled_sinks() == {}
+    finally:
+        await a.close()
+        await b.close()
