@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hmac
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -705,3 +706,58 @@ async def test_gone_is_a_sink_disabled_event_of_the_service(
     [disabled] = [e for e in logs if e["event"] == ev.SINK_DISABLED]
     assert disabled["log_level"] == "warning"
     assert disabled["sink"] == "gone" and disabled["http_status"] == 410
+
+
+def docs_block(lang: str, containing: str) -> str:
+    """The fenced `lang` block of docs/notifications.md that contains `containing`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "notifications.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```" + lang + "\n")[1:]]
+    [block] = [b for b in blocks if containing in b]
+    return block
+
+
+async def test_the_docs_verifiers_accept_a_delivery_and_refuse_a_forgery(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder()
+    server = await serve_recorder(aiohttp_server, recorder)
+    url = str(server.make_url("/hook"))
+    [sink] = sinks_from(
+        [{"url": url, "name": "test", "secrets": [{"env": "S"}]}], {"S": NEW_SECRET}
+    )
+    store = SqliteStore(":memory:")
+    outbox = Outbox(store, [sink], SystemClock())
+    await journal(store, "t1", 1, ["test"], status="Failed")
+    await outbox.start()
+    try:
+        await asyncio.wait_for(recorder.got.wait(), 10)
+    finally:
+        await outbox.close()
+    [(headers, body)] = recorder.received
+    headers = {k.lower(): v for k, v in headers.items()}
+    forged = body.replace(b"Failed", b"Finish")
+
+    monkeypatch.setenv("ENKWATCH_WEBHOOK_SECRET", NEW_SECRET)
+    namespace: dict[str, Any] = {}
+    exec(docs_block("python", "Webhook(os.environ"), namespace)
+    assert namespace["receive"](body, headers)["status"] == "Failed"
+    assert namespace["receive"](forged, headers) is None
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node here: the Node.js snippet is not run")
+    driver = docs_block("js", "function verify") + (
+        "const m = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
+        "console.log(JSON.stringify(m.bodies.map((b) =>"
+        " verify(m.secret, m.headers, Buffer.from(b, 'base64')))));\n"
+    )
+    message = {
+        "secret": NEW_SECRET,
+        "headers": headers,
+        "bodies": [base64.b64encode(b).decode() for b in (body, forged)],
+    }
+    proc = await asyncio.create_subprocess_exec(
+        node, "-e", driver, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(json.dumps(message).encode()), 30)
+    assert json.loads(out) == [True, False]
