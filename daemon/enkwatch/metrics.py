@@ -67,7 +67,8 @@ class Metrics:
         )
         self.deliveries = Counter(
             "enkwatch_webhook_deliveries",
-            "Webhook POSTs by sink and outcome (delivered, failed, dead_lettered).",
+            "Webhook deliveries by sink and outcome "
+            "(delivered, failed, dead_lettered, filtered, disabled).",
             ["sink", "outcome"],
             registry=r,
         )

@@ -383,9 +383,10 @@ class Outbox:
             await self._store.delivery_done(row.id)
             self._on_result(sink, "filtered")
             return
+        msg_id = message_id(event, row.body)
         try:
             payload_error = None
-            payload = sink.format.render(event, row.body, message_id(event, row.body))
+            payload = sink.format.render(event, row.body, msg_id)
         except FormatError as err:
             payload_error = str(err)
         if payload_error is not None:
@@ -399,7 +400,7 @@ class Outbox:
                 self._clock.now().timestamp()
             ):
                 return  # another delivery of this sink was just told to stop or slow down
-            answer = await self._post(sink, payload.body, payload.content_type, event, row.body)
+            answer = await self._post(sink, payload.body, payload.content_type, msg_id)
         await self._settle(sink, row, answer)
 
     async def _settle(self, sink: Sink, row: OutboxRow, answer: _Answer) -> None:
@@ -433,11 +434,8 @@ class Outbox:
         await self._store.delivery_retry(row.id, attempts, now + delay)
         self._on_result(sink, "failed")
 
-    def _headers(
-        self, sink: Sink, content_type: str, body: bytes, event: Mapping[str, Any], raw: bytes
-    ) -> dict[str, str]:
+    def _headers(self, sink: Sink, content_type: str, body: bytes, msg_id: str) -> dict[str, str]:
         timestamp = int(self._clock.now().timestamp())
-        msg_id = message_id(event, raw)
         headers = {
             "Content-Type": content_type,
             IDEMPOTENCY_HEADER: msg_id,
@@ -452,12 +450,10 @@ class Outbox:
             headers[SIGNATURE_HEADER] = signature(sink.secret, timestamp, body)
         return headers
 
-    async def _post(
-        self, sink: Sink, body: bytes, content_type: str, event: Mapping[str, Any], raw: bytes
-    ) -> _Answer:
+    async def _post(self, sink: Sink, body: bytes, content_type: str, msg_id: str) -> _Answer:
         """How the receiver answered; an error is a short reason (never the URL)."""
         assert self._session is not None
-        headers = self._headers(sink, content_type, body, event, raw)
+        headers = self._headers(sink, content_type, body, msg_id)
         try:
             async with self._session.post(
                 sink.url,
