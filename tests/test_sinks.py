@@ -515,6 +515,32 @@ async def test_gone_disables_the_sink_across_restarts_until_its_config_changes(
     assert await store.disabled_sinks() == {}
 
 
+async def test_a_reload_enables_a_changed_disabled_sink_and_stops_a_removed_one(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    recorder = Recorder((410, {}))
+    server = await serve_recorder(aiohttp_server, recorder)
+    store = SqliteStore(str(tmp_path / "state.db"))
+    sink = make_sink(str(server.make_url("/hook")), fingerprint="config-1")
+    outbox = Outbox(store, [sink], fake_clock())
+    await journal(store, "a", 1, ["test"])
+    await outbox.start()
+    try:
+        await until(lambda: outbox.stats()[2] == 1)  # disabled: the gauge's figure
+        changed = make_sink(str(server.make_url("/hook")), fingerprint="config-2")
+        await outbox.reconfigure([changed])
+        assert outbox.disabled == set() and await store.disabled_sinks() == {}
+        await journal(store, "a", 2, outbox.sinks_for({"event": "task.transition"}))
+        outbox.notify()
+        await asyncio.wait_for(recorder.got.wait(), 10)
+        await outbox.reconfigure([])
+        assert outbox.sinks_for({"event": "task.transition"}) == []
+        assert outbox.stats()[2] == 0
+    finally:
+        await outbox.close()
+        await store.close()
+
+
 async def test_retry_after_pauses_the_whole_sink(aiohttp_server: Any) -> None:
     recorder = Recorder((429, {"Retry-After": "120"}))
     server = await serve_recorder(aiohttp_server, recorder)

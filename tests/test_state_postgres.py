@@ -195,6 +195,11 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     await lite.record_event(rec, transition(rec, "Queued"), ["hook"])
     await lite.mark_written("task-1", 1)
     await lite.record_event(rec, transition(rec, "Running"))
+    rec.stalled_status = "Running"  # task.stalled was emitted: migrated with the task
+    rec.status_since = 7.5
+    rec.seq += 1
+    await lite.record_event(rec, {"event": "task.stalled", "task_key": "task-1", "seq": 3})
+    await lite.disable_sink("gone", "fp-1")  # a 410: the mark moves too
     await lite.close()
 
     def run() -> subprocess.CompletedProcess[str]:
@@ -205,8 +210,9 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     assert json.loads(done.stdout) == {
         "tasks_copied": 1,
         "tasks_already_there": 0,
-        "events_copied": 2,
+        "events_copied": 3,
         "deliveries_copied": 1,
+        "disabled_sinks_copied": 1,
     }
     again = await asyncio.to_thread(run)  # idempotent: nothing copied twice
     assert json.loads(again.stdout)["tasks_already_there"] == 1
@@ -215,11 +221,13 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     try:
         await store.leases.balance()
         [moved] = (await store.load_tasks()).values()
-        assert (moved.seq, moved.last_status, moved.watch_started_at) == (2, "Running", 5.0)
+        assert (moved.seq, moved.last_status, moved.watch_started_at) == (3, "Running", 5.0)
+        assert (moved.stalled_status, moved.status_since) == ("Running", 7.5)
         assert moved.spec == {"task_id": "task-1"}
-        await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 3
+        assert await store.disabled_sinks() == {"gone": "fp-1"}
+        await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 4
         # migrated history counts as written: only the new event waits for its confirmation
-        assert [e.seq for e in await store.unwritten_events()] == [3]
+        assert [e.seq for e in await store.unwritten_events()] == [4]
         [row] = await store.pending_deliveries("hook", 10)
         assert json.loads(row.body)["event_id"] == "task-1:1"
     finally:

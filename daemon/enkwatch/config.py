@@ -129,6 +129,8 @@ class PollingConfig(_Model):
     max_requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
     max_backoff_seconds: IntervalSeconds = 300.0
     not_found_attempts: Annotated[int, Field(ge=1)] = 3
+    # a task in one non-terminal status longer than this gets task.stalled (null: never)
+    stall_after_seconds: DeadlineSeconds | None = None
 
 
 class StateConfig(_Model):
@@ -305,6 +307,8 @@ class TaskConfig(_Model):
     dataset: str | None = None
     interval_seconds: IntervalSeconds | None = None
     deadline_seconds: DeadlineSeconds | None = None
+    # this task's own stall threshold (else polling.stall_after_seconds)
+    stall_after_seconds: DeadlineSeconds | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")

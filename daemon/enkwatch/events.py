@@ -39,6 +39,7 @@ from enkwatch.models import (
     STATE_UNAVAILABLE,
     TASK_GAVE_UP,
     TASK_POLL_FAILED,
+    TASK_STALLED,
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
 )
@@ -409,6 +410,7 @@ __all__ = [
     "STATE_UNAVAILABLE",
     "TASK_GAVE_UP",
     "TASK_POLL_FAILED",
+    "TASK_STALLED",
     "TASK_TRANSITION",
     "TASK_UNKNOWN_STATUS",
     "WARNING",

@@ -98,6 +98,8 @@ def headline(event: Mapping[str, Any]) -> str:
         return f"{who}: poll failed ({event.get('error')}, attempt {event.get('attempt')})"
     if name == ev.TASK_UNKNOWN_STATUS:
         return f"{who}: unknown status {event.get('status')}"
+    if name == ev.TASK_STALLED:
+        return f"{who}: stalled in {event.get('status')} for {event.get('stalled_seconds')} s"
     if name == ev.SINK_DELIVERY_FAILED:
         return f"webhook {event.get('sink')}: gave up delivering {event.get('failed_event_id')}"
     if name == ev.SINK_DISABLED:
@@ -218,12 +220,15 @@ class TeamsFormat:
 
 
 def pagerduty_action(event: Mapping[str, Any]) -> str | None:
-    """`trigger` for a failure, `resolve` for a task that ended well, None for anything else."""
+    """`trigger` for a failure or a stall, `resolve` for a task that ended well or moved on
+    from a stall, None for anything else."""
     name = event.get("event")
-    if name == ev.TASK_GAVE_UP:
+    if name in (ev.TASK_GAVE_UP, ev.TASK_STALLED):
         return PAGERDUTY_TRIGGER
     if name == ev.TASK_TRANSITION and event.get("terminal"):
         return PAGERDUTY_RESOLVE if event.get("status") in SUCCEEDED else PAGERDUTY_TRIGGER
+    if name == ev.TASK_TRANSITION and event.get("stall_ended"):
+        return PAGERDUTY_RESOLVE
     return None
 
 
@@ -250,7 +255,7 @@ class PagerDutyFormat:
             body["payload"] = {
                 "summary": headline(event)[:PAGERDUTY_SUMMARY_MAX],
                 "source": self._source,
-                "severity": "error",
+                "severity": "warning" if event.get("event") == ev.TASK_STALLED else "error",
                 "timestamp": event.get("timestamp"),
                 "component": event.get("dataset") or event.get("task_id"),
                 "group": event.get("kind") or "dataset",

@@ -17,6 +17,7 @@ TASK_TRANSITION: Final = "task.transition"
 TASK_POLL_FAILED: Final = "task.poll_failed"
 TASK_UNKNOWN_STATUS: Final = "task.unknown_status"
 TASK_GAVE_UP: Final = "task.gave_up"
+TASK_STALLED: Final = "task.stalled"
 API_AUTH_FAILED: Final = "api.auth_failed"
 CONFIG_RELOADED: Final = "config.reloaded"
 CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
@@ -40,6 +41,7 @@ WEBHOOK_EVENTS: Final = frozenset(
         TASK_POLL_FAILED,
         TASK_UNKNOWN_STATUS,
         TASK_GAVE_UP,
+        TASK_STALLED,
         API_AUTH_FAILED,
         CONFIG_RELOADED,
         CONFIG_RELOAD_FAILED,

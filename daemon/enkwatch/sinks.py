@@ -250,6 +250,8 @@ class Outbox:
         self._retry_base_s = retry_base_s
         self._store = store
         self.sinks = list(sinks)
+        # the current config of each sink, by id: a reload swaps it under its worker
+        self._by_id = {s.id: s for s in self.sinks}
         self._clock = clock
         self._on_result = on_result
         self._on_dead = on_dead
@@ -257,7 +259,7 @@ class Outbox:
         self._rng = rng or random.Random()
         self._wake = {s.id: asyncio.Event() for s in self.sinks}
         self._session: aiohttp.ClientSession | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: dict[str, asyncio.Task[None]] = {}
         self.idle = {s.id: asyncio.Event() for s in self.sinks}
         self.disabled: set[str] = set()
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
@@ -267,34 +269,69 @@ class Outbox:
         """The ids of the sinks that take this event."""
         return [s.id for s in self.sinks if s.id not in self.disabled and s.wants(event)]
 
+    def stats(self) -> tuple[int, float | None, int]:
+        """Pending deliveries, the age of the oldest, and how many sinks are disabled."""
+        return (*self._store.outbox_stats(), len(self.disabled))
+
     def notify(self) -> None:
         """New rows were written: look again now."""
         for wake in self._wake.values():
             wake.set()
 
     async def start(self) -> None:
-        if not self.sinks:
+        await self._start_workers(self.sinks)
+
+    async def _start_workers(self, sinks: Sequence[Sink]) -> None:
+        if not sinks:
             return
-        await self._load_disabled()
-        self._session = aiohttp.ClientSession(
-            headers={"User-Agent": f"enkwatch/{__version__}"},
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # a connection slot per parallel delivery of every sink: a hanging receiver
-            # holds its own slots, never another sink's
-            connector=aiohttp.TCPConnector(limit=MAX_PARALLEL_PER_SINK * len(self.sinks)),
-        )
-        for sink in self.sinks:
+        await self._load_disabled(sinks)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": f"enkwatch/{__version__}"},
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # no shared cap: each sink has its own MAX_PARALLEL_PER_SINK deliveries at
+                # once, so a hanging receiver holds its own connections, never another's
+                connector=aiohttp.TCPConnector(limit=0),
+            )
+        for sink in sinks:
+            self._wake.setdefault(sink.id, asyncio.Event())
+            self.idle.setdefault(sink.id, asyncio.Event())
             if sink.id in self.disabled:
                 self.idle[sink.id].set()
-            else:
-                self._workers.append(asyncio.ensure_future(self._drain(sink)))
+            elif (worker := self._workers.get(sink.id)) is None or worker.done():
+                self._workers[sink.id] = asyncio.ensure_future(self._drain(sink.id))
 
-    async def _load_disabled(self) -> None:
+    async def reconfigure(self, sinks: Sequence[Sink]) -> None:
+        """A reload: new sinks start, removed ones stop (their rows wait in the outbox), and
+        a changed one keeps its worker with its new config: filters, format and secrets
+        apply to the deliveries still pending (a disabled sink whose config changed is
+        enabled again)."""
+        old = self._by_id
+        self.sinks = list(sinks)
+        self._by_id = {s.id: s for s in self.sinks}
+        for sink_id in old.keys() - self._by_id.keys():
+            worker = self._workers.pop(sink_id, None)
+            if worker is not None:
+                worker.cancel()  # a POST under way is cut: its row stays pending
+            self.disabled.discard(sink_id)
+            self.idle.pop(sink_id, None)
+            self._wake.pop(sink_id, None)
+        changed = [s for s in self.sinks if s.id in old and old[s.id].fingerprint != s.fingerprint]
+        for sink in changed:
+            self._paused_until.pop(sink.id, None)
+            if sink.id in self.disabled:
+                self.disabled.discard(sink.id)
+                with contextlib.suppress(StateUnavailable):
+                    await self._store.enable_sink(sink.id)
+        await self._start_workers(self.sinks)
+        self.notify()
+
+    async def _load_disabled(self, sinks: Sequence[Sink]) -> None:
         try:
             marks = await self._store.disabled_sinks()
         except StateUnavailable:
             return  # the shared state is down: a disabled sink answers 410 again
-        for sink in self.sinks:
+        for sink in sinks:
             mark = marks.get(sink.id)
             if mark is None:
                 continue
@@ -306,11 +343,12 @@ class Outbox:
                     await self._store.enable_sink(sink.id)
 
     async def close(self) -> None:
-        for worker in self._workers:
+        workers = list(self._workers.values())
+        for worker in workers:
             worker.cancel()
         # the workers' CancelledError are results here; our own cancellation still propagates
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._workers = {}
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -328,10 +366,10 @@ class Outbox:
             return False
         return True
 
-    async def _drain(self, sink: Sink) -> None:
-        wake = self._wake[sink.id]
-        idle = self.idle[sink.id]
-        while sink.id not in self.disabled:
+    async def _drain(self, sink_id: str) -> None:
+        wake = self._wake[sink_id]
+        idle = self.idle[sink_id]
+        while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
             wake.clear()
             try:
                 rows = await self._store.pending_deliveries(sink.id, limit=1000)

@@ -66,6 +66,8 @@ EVENT_FIELDS: Final = frozenset(
         "failed_event_id",
         "attempts",
         "stalled_seconds",
+        "stall_ended",
+        "dropped_deliveries",
         "source",
     }
 )

@@ -99,6 +99,9 @@ CREATE TABLE IF NOT EXISTS enkwatch_tasks (
     spec jsonb,
     removed boolean NOT NULL DEFAULT false
 );
+-- added after schema 1 was released: a database of an older enkwatch gets them (NULL)
+ALTER TABLE enkwatch_tasks ADD COLUMN IF NOT EXISTS status_since double precision;
+ALTER TABLE enkwatch_tasks ADD COLUMN IF NOT EXISTS stalled_status text;
 CREATE INDEX IF NOT EXISTS enkwatch_tasks_partition ON enkwatch_tasks (partition);
 CREATE TABLE IF NOT EXISTS enkwatch_events (
     task_key text NOT NULL,
@@ -334,6 +337,20 @@ class PgStore:
                 )
                 n_outbox += 1
         return len(copied), n_events, n_outbox
+
+    async def import_disabled_sinks(self, marks: Mapping[str, str]) -> int:
+        """Copy the marks of sinks disabled by a 410 (a mark already here is kept): how many."""
+        copied = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for sink, fingerprint in marks.items():
+                status = await conn.execute(
+                    "INSERT INTO enkwatch_meta (key, value) VALUES ($1, $2) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    DISABLED_SINK_PREFIX + sink,
+                    fingerprint,
+                )
+                copied += int(status.rsplit(" ", 1)[-1])
+        return copied
 
     @guarded
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
