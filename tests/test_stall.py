@@ -158,6 +158,9 @@ async def test_a_check_never_races_the_tasks_poll(rig: Rig) -> None:
         poller._busy.add(task.key)  # a poll of the task is under way
         assert await poller.check_stall(task) == pytest.approx(0.5)
         poller._busy.discard(task.key)
+        task.next_due = rig.clock.monotonic()  # its poll is due: that goes first
+        assert await poller.check_stall(task) == pytest.approx(0.5)
+        task.next_due = rig.clock.monotonic() + 5
         with capture_logs() as logs:
             assert await poller.check_stall(task) is None
         assert named(logs, ev.TASK_STALLED)

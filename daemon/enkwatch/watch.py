@@ -471,6 +471,9 @@ class Poller:
             return due_in
         if task.key in self._busy:
             return STALL_BUSY_RETRY_S
+        if task.next_due is not None and task.next_due <= self._clock.monotonic():
+            # a poll is due (after a restart: every task): its answer may end the stall
+            return STALL_BUSY_RETRY_S
         if self._may_poll is not None and not self._may_poll(task.key):
             return None  # no longer ours: its new owner checks it
         self._busy.add(task.key)
