@@ -787,3 +787,27 @@ async def test_the_docs_verifiers_accept_a_delivery_and_refuse_a_forgery(
     )
     out, _ = await asyncio.wait_for(proc.communicate(json.dumps(message).encode()), 30)
     assert json.loads(out) == [True, False]
+
+
+def test_sink_secrets_and_routing_keys_are_redacted_in_events() -> None:
+    from structlog.testing import capture_logs
+
+    from enkwatch.clock import FakeClock as Clock
+    from enkwatch.events import EventWriter
+    from enkwatch.sinks import sink_secrets
+
+    routing = "R0uting-key-0123456789abcdef"
+    sinks = sinks_from(
+        [
+            {"url": "https://h.example/a", "secrets": [{"env": "NEW"}]},
+            {"url": "https://h.example/b", "format": "pagerduty", "routing_key": {"env": "PD"}},
+        ],
+        {"NEW": NEW_SECRET, "PD": routing},
+    )
+    assert set(sink_secrets(sinks)) == {NEW_SECRET, routing}
+    writer = EventWriter(Clock())
+    writer.add_secrets(sink_secrets(sinks))  # as a reload does
+    with capture_logs() as logs:
+        writer.daemon_event("config.reload_failed", errors=[f"echoed {NEW_SECRET} {routing}"])
+    text = json.dumps(logs)
+    assert NEW_SECRET not in text and routing not in text

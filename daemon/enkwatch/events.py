@@ -354,6 +354,11 @@ class EventWriter:
             return
         self.daemon_event(SINK_DELIVERY_FAILED, ERROR, **fields)
 
+    def add_secrets(self, secrets: Iterable[str | None]) -> None:
+        """More values to redact (a reload's new sink secrets); none is ever forgotten."""
+        fresh = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
+        self._secrets = tuple(set(self._secrets) | fresh)
+
     def sink_disabled(self, fields: Mapping[str, Any]) -> None:
         """A sink whose receiver answered 410 Gone: `sink.disabled`, a warning (never queued
         for that sink)."""

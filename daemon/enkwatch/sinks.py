@@ -77,6 +77,8 @@ class Sink:
     labels: tuple[tuple[str, str], ...] = ()
     format: Format = field(default_factory=JsonFormat)
     fingerprint: str = ""  # of its config: a disabled sink whose config changed is enabled
+    # the secrets and routing key as written (whsec_...): redacted wherever they would show
+    secret_texts: tuple[str, ...] = ()
 
     def wants(self, event: Mapping[str, Any]) -> bool:
         """True when this sink takes the event: every filter passes and the format sends it."""
@@ -152,9 +154,11 @@ def _build_sink(i: int, hook: WebhookConfig, environ: Mapping[str, str]) -> Sink
             problems.append(f"{where}.secret_env: the variable {hook.secret_env} is not set")
         secret = value.encode()
     keys = [_legacy_key(secret)] if secret else []
+    texts: list[str] = []
     for j, src in enumerate(hook.secrets):
         try:
             for word in _read_source(src, f"{where}.secrets[{j}]", environ).split():
+                texts.append(word)
                 keys.append(signing_key(word))
         except ConfigError as err:
             problems += err.problems
@@ -165,6 +169,7 @@ def _build_sink(i: int, hook: WebhookConfig, environ: Mapping[str, str]) -> Sink
     if hook.routing_key is not None:
         try:
             routing_key = _read_source(hook.routing_key, f"{where}.routing_key", environ)
+            texts.append(routing_key)
         except ConfigError as err:
             problems += err.problems
     if problems:
@@ -182,6 +187,7 @@ def _build_sink(i: int, hook: WebhookConfig, environ: Mapping[str, str]) -> Sink
         labels=tuple(sorted(hook.labels.items())),
         format=build_format(hook, routing_key),
         fingerprint=fingerprint(hook),
+        secret_texts=tuple(texts),
     )
 
 
@@ -200,8 +206,9 @@ def build_sinks(config: SinksConfig, environ: Mapping[str, str]) -> list[Sink]:
 
 
 def sink_secrets(sinks: Sequence[Sink]) -> list[str]:
-    """The sinks' secrets, as text (redacted wherever they would show)."""
-    return [s.secret.decode("utf-8", "replace") for s in sinks if s.secret]
+    """The sinks' secrets and routing keys, as text (redacted wherever they would show)."""
+    legacy = [s.secret.decode("utf-8", "replace") for s in sinks if s.secret]
+    return legacy + [text for s in sinks for text in s.secret_texts]
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:

@@ -22,7 +22,7 @@ from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
-from enkwatch.sinks import Sink, build_sinks
+from enkwatch.sinks import Sink, build_sinks, sink_secrets
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
 from enkwatch.watch import NO_LABELS, TaskWatch
 
@@ -308,6 +308,7 @@ class WatchList:
             self._writer.daemon_event(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
             return
         if sinks is not None and self._on_sinks is not None:
+            self._writer.add_secrets(sink_secrets(sinks))
             await self._on_sinks(sinks)
         await self.apply(new)
 
