@@ -31,6 +31,10 @@ OVERLOAD_FACTOR = 5.0
 IDLE_INTERVAL_S = 60.0
 IDLE_TARGET_N = 10_000
 FLIP_EVERY = 10  # the event-cost run: one poll in this many is a status transition
+# the sinks run: every poll a transition, 1,000 a second, each to three sinks
+SINK_EVENTS_PER_S = 1_000
+SINK_TASKS = 1_000
+SINKS_TARGET = 0.10
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,16 @@ class Plan:
     design_n: int
     design_pairs: int
     render_events: int
+    sinks_window_s: float
 
 
 PLANS = {
-    "full": Plan((1_000, 10_000, 100_000), 5, 1.5, 4.0, 3.0, 4.0, 10.5, 20_000, 10_000, 3, 20_000),
-    "quick": Plan((1_000, 10_000), 3, 1.0, 2.5, 1.5, 2.5, 10.5, 10_000, 5_000, 1, 10_000),
+    "full": Plan(
+        (1_000, 10_000, 100_000), 5, 1.5, 4.0, 3.0, 4.0, 10.5, 20_000, 10_000, 3, 20_000, 5.0
+    ),
+    "quick": Plan((1_000, 10_000), 3, 1.0, 2.5, 1.5, 2.5, 10.5, 10_000, 5_000, 1, 10_000, 3.0),
     # a few seconds: proves the harness works (tests/test_bench.py), measures nothing
-    "smoke": Plan((300,), 1, 0.4, 0.6, 0.4, 0.6, 1.0, 500, 300, 1, 1_000),
+    "smoke": Plan((300,), 1, 0.4, 0.6, 0.4, 0.6, 1.0, 500, 300, 1, 1_000, 0.6),
 }
 
 # target: (figure, comparison, bound, the N it applies to or None for all / the comparison)
@@ -123,8 +130,8 @@ class Child:
 
 
 class Server(Child):
-    def __init__(self) -> None:
-        super().__init__("bench.server", "--flip-every", str(FLIP_EVERY))
+    def __init__(self, *args: str) -> None:
+        super().__init__("bench.server", "--flip-every", str(FLIP_EVERY), *args)
         self.port = int(self.readline(20).split()[1])
 
     def flip(self, on: bool) -> None:
@@ -307,6 +314,62 @@ def run_design(plan: Plan, server: Server, bare_rps: float, tmp: Path) -> dict[s
     }
 
 
+def _sinks_window(plan: Plan, api: Server, tmp: Path, receiver: Server | None) -> dict[str, Any]:
+    """1,000 transitions a second for a window, in a fresh enkwatch (with three sinks or none)."""
+    label = "sinks" if receiver is not None else "plain"
+    enk = Child("bench.worker", "enkwatch")
+    try:
+        enk.call(
+            "start",
+            n=SINK_TASKS,
+            port=api.port,
+            pool=POOL,
+            state_path=str(tmp / f"state-{label}.db"),
+            events_path=str(tmp / f"events-{label}.jsonl"),
+            receiver_port=receiver.port if receiver is not None else None,
+        )
+        enk.call("first_round", answer_within_s=60, timeout_s=50)
+        interval = SINK_TASKS / SINK_EVENTS_PER_S
+        api.flip(True)
+        try:
+            enk.call("schedule", interval_s=interval, spread_s=interval)
+            out = enk.call("deliver", window_s=plan.sinks_window_s, settle_s=0.5)
+        finally:
+            api.flip(False)
+        enk.call("stop", answer_within_s=60)
+        enk.proc.wait(10)
+    finally:
+        enk.kill()
+    return out
+
+
+def run_sinks(plan: Plan, tmp: Path) -> dict[str, Any]:
+    """Three sinks (json, cloudevents, slack) at 1,000 events per second against none: the
+    CPU per poll of the whole process (journaling the deliveries and making them)."""
+    api = Server("--flip-every", "1")  # every answer flips its task: every poll a transition
+    receiver = Server("--receiver")
+    try:
+        plain = _sinks_window(plan, api, tmp, None)
+        sinks = _sinks_window(plan, api, tmp, receiver)
+    finally:
+        receiver.close()
+        api.close()
+    cpu_plain = plain["cpu_s"] / max(plain["count"], 1)
+    cpu_sinks = sinks["cpu_s"] / max(sinks["count"], 1)
+    return {
+        "sinks": 3,
+        "events_per_s_plain": plain["events"] / plain["wall_s"],
+        "events_per_s_sinks": sinks["events"] / sinks["wall_s"],
+        "cpu_per_poll_plain_us": cpu_plain * 1e6,
+        "cpu_per_poll_sinks_us": cpu_sinks * 1e6,
+        "sinks_cpu_overhead": cpu_sinks / cpu_plain - 1.0,
+        "deliveries_per_s": sinks["delivered"] / (sinks["wall_s"] + 0.5),
+        "outbox_pending_after": sinks["outbox_pending"],
+        "lateness_p99_ms_plain": plain["lateness_ms"]["p99"],
+        "lateness_p99_ms_sinks": sinks["lateness_ms"]["p99"],
+    }
+
+
 def run_render(plan: Plan) -> dict[str, Any]:
     render = Child("bench.worker", "render")
     try:
@@ -398,6 +461,14 @@ def table(result: dict[str, Any]) -> str:
             f"{r['stdlib_json_us_per_event']:.1f} us/event "
             f"(ratio {r['orjson_to_stdlib_ratio']:.2f})"
         )
+    s = result.get("sinks")
+    if s:
+        lines.append(
+            f"3 sinks at {s['events_per_s_sinks']:.0f} events/s: CPU/poll "
+            f"{s['cpu_per_poll_sinks_us']:.0f} us against {s['cpu_per_poll_plain_us']:.0f} us "
+            f"without (+{s['sinks_cpu_overhead']:.0%}); {s['deliveries_per_s']:.0f} deliveries/s, "
+            f"{s['outbox_pending_after']} pending after"
+        )
     lines.append("")
     for v in result["targets"]:
         mark = "met   " if v["met"] else "MISSED"
@@ -435,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             print("design comparison ...", file=sys.stderr, flush=True)
             result["design"] = run_design(plan, server, bare_rps, Path(tmp))
             result["render"] = run_render(plan)
+            print("three sinks at 1,000 events/s ...", file=sys.stderr, flush=True)
+            result["sinks"] = run_sinks(plan, Path(tmp))
         finally:
             bare.close()
             server.close()
@@ -450,6 +523,15 @@ def main(argv: list[str] | None = None) -> int:
             print("3 replicas on PostgreSQL, N = 10,000 ...", file=sys.stderr, flush=True)
             result["replicas"] = measure_replicas(10_000, 3, 10.0)
     result["targets"] = verdicts(result["runs"])
+    overhead = result["sinks"]["sinks_cpu_overhead"]
+    result["targets"].append(
+        {
+            "target": "3 sinks at 1,000 events/s add <= 10% to poll CPU",
+            "n": SINK_TASKS,
+            "value": overhead,
+            "met": overhead <= SINKS_TARGET,
+        }
+    )
     result["seconds"] = time.monotonic() - began
     print(table(result))
     for run in result.get("replicas", {}).get("runs", []):

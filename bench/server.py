@@ -6,6 +6,9 @@ emits one transition per task, ever; between SIGUSR1 and SIGUSR2 (the event-cost
 every K-th answer flips the status of the task it is about (Running <-> Queued), so one
 poll in K is a transition, whatever the number of tasks.
 
+With `--receiver` it is a webhook receiver instead: every POST (of any path) is read and
+answered 204, as a receiver that accepts everything would (the sinks benchmark).
+
 It is a bare asyncio protocol speaking just enough HTTP/1.1 keep-alive, not an aiohttp
 app: a request costs it a fraction of what it costs the client, so on a 2-core machine
 the client under test, not the server, is what saturates.
@@ -115,6 +118,32 @@ class _Http(asyncio.Protocol):
         )
 
 
+class _Receiver(asyncio.Protocol):
+    """Reads each POST of a keep-alive connection (its Content-Length body) and answers 204."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        answers = 0
+        while (end := buffer.find(b"\r\n\r\n")) >= 0:
+            head = buffer[:end]
+            length = int(_header(head, head.lower(), b"\r\ncontent-length:") or b"0")
+            if len(buffer) < end + 4 + length:
+                break  # the body is still on its way
+            buffer = buffer[end + 4 + length :]
+            answers += 1
+        self._buffer = buffer
+        if answers and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n" * answers)
+
+
 async def _until_orphaned(parent: int, stop: asyncio.Event) -> None:
     # the benchmark dying without SIGTERM must not leave a server behind
     while os.getppid() == parent:  # noqa: ASYNC110 (no event to wait on: a poll)
@@ -122,7 +151,7 @@ async def _until_orphaned(parent: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(port: int, flip_every: int) -> None:
+async def serve(port: int, flip_every: int, receiver: bool = False) -> None:
     """Serve until SIGTERM; print `PORT <n>` once listening."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -130,7 +159,8 @@ async def serve(port: int, flip_every: int) -> None:
     flipper = Flipper(flip_every)
     loop.add_signal_handler(signal.SIGUSR1, setattr, flipper, "on", True)
     loop.add_signal_handler(signal.SIGUSR2, setattr, flipper, "on", False)
-    server = await loop.create_server(lambda: _Http(flipper), "127.0.0.1", port, backlog=1024)
+    factory = _Receiver if receiver else (lambda: _Http(flipper))
+    server = await loop.create_server(factory, "127.0.0.1", port, backlog=1024)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     watchdog = asyncio.create_task(_until_orphaned(os.getppid(), stop))
     try:
@@ -144,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.server")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--flip-every", type=int, default=10)
+    parser.add_argument("--receiver", action="store_true", help="a webhook receiver (204)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.flip_every))
+        asyncio.run(serve(args.port, args.flip_every, args.receiver))
     return 0
 
 

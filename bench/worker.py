@@ -102,9 +102,35 @@ class BareWorker:
 # -- the real service ----------------------------------------------------------------------
 
 
-def config_document(n: int, port: int, pool: int, state_path: str) -> dict[str, Any]:
+# the sinks benchmark: three sinks of three formats, every transition to each
+SINK_SECRET = "whsec_" + "YmVuY2gtc2VjcmV0LWJlbmNoLXNlY3JldC1iZW5jaCE="
+SINK_FORMATS = ("json", "cloudevents", "slack")
+
+
+def sinks_document(receiver_port: int | None) -> dict[str, Any]:
+    if receiver_port is None:
+        return {"webhooks": []}
+    url = f"http://127.0.0.1:{receiver_port}/hook"
+    return {
+        "webhooks": [
+            {
+                "url": f"{url}/{fmt}",
+                "name": f"bench-{fmt}",
+                "format": fmt,
+                "secrets": [{"env": "BENCH_SINK_SECRET"}],
+                "events": ["task.transition"],
+            }
+            for fmt in SINK_FORMATS
+        ]
+    }
+
+
+def config_document(
+    n: int, port: int, pool: int, state_path: str, receiver_port: int | None = None
+) -> dict[str, Any]:
     """The decoded config of a watch list of `n` tasks on a long interval."""
     return {
+        "sinks": sinks_document(receiver_port),
         "api": {"base_url": f"http://127.0.0.1:{port}", "timeout_seconds": 10},
         "polling": {
             "interval_seconds": 3600,
@@ -240,11 +266,18 @@ class EnkwatchWorker:
             Poller._emit = timed_sync  # type: ignore[method-assign]
 
     async def start(
-        self, n: int, port: int, pool: int, state_path: str, events_path: str
+        self,
+        n: int,
+        port: int,
+        pool: int,
+        state_path: str,
+        events_path: str,
+        receiver_port: int | None = None,
     ) -> dict[str, Any]:
         from enkwatch.config import parse_config
         from enkwatch.events import configure_logging
         from enkwatch.service import Service
+        from enkwatch.sinks import build_sinks
 
         self._n, self._pool = n, pool
         self._time_events()
@@ -252,12 +285,13 @@ class EnkwatchWorker:
         configure_logging(stream=self._events_file)
         gc.collect()
         rss_before = rss_bytes()
-        raw = config_document(n, port, pool, state_path)
+        raw = config_document(n, port, pool, state_path, receiver_port)
         t0 = time.perf_counter()
         config = parse_config(raw, environ={})
         parse_s = time.perf_counter() - t0
         del raw
-        self.service = Service(config, API_KEY)
+        sinks = build_sinks(config.sinks, {"BENCH_SINK_SECRET": SINK_SECRET})
+        self.service = Service(config, API_KEY, sinks=sinks)
         self._t_run = time.perf_counter()
         self._run = asyncio.create_task(self.service.run(install_signals=False))
         ready = asyncio.create_task(self.service.ready.wait())
@@ -362,6 +396,24 @@ class EnkwatchWorker:
                 "writer_thread": self.event_cpu_s - self._event_cpu_s - thread0,
             },
         )
+        return out
+
+    def _delivered(self) -> float:
+        registry = self.service.metrics.registry
+        return sum(
+            registry.get_sample_value(
+                "enkwatch_webhook_deliveries_total", {"sink": s.id, "outcome": "delivered"}
+            )
+            or 0.0
+            for s in self.service.running.outbox.sinks
+        )
+
+    async def deliver(self, window_s: float, settle_s: float) -> dict[str, Any]:
+        """`load`, and the webhook deliveries made in its window, and the backlog after it."""
+        delivered0 = self._delivered()
+        out = await self.load(window_s, settle_s)
+        out["delivered"] = self._delivered() - delivered0
+        out["outbox_pending"] = self.service.running.outbox.stats()[0]
         return out
 
     async def idle(self, window_s: float) -> dict[str, Any]:

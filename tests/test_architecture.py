@@ -24,13 +24,13 @@ LAYERS: list[set[str]] = [
     {"watchlist"},
     {"ownership"},
     {"schedule", "metrics", "sinks", "admin", "demo", "health"},
-    {"watch"},
+    {"watch", "formats"},
     {"events", "client", "simulator", "statuspage"},
     {"limits", "output", "kinds", "state", "console", "preflight", "livefeed"},
     {"config"},
-    {"models", "errors", "clock", "bodies", "redact"},
+    {"models", "errors", "clock", "bodies", "redact", "templates"},
 ]
-LEAVES = {"models", "errors", "clock", "bodies", "redact"}
+LEAVES = {"models", "errors", "clock", "bodies", "redact", "templates"}
 MAX_FUNCTION_LINES = 60
 MAX_SERVICE_LINES = 300
 

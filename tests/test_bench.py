@@ -58,5 +58,7 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert run["exit_code"] == 0
     assert result["design"]["aps_polls_per_s"] > 0
     assert result["render"]["events"] > 0
+    assert result["sinks"]["events_per_s_sinks"] > 0
+    assert result["sinks"]["deliveries_per_s"] > 0
     # the table went to stdout, beside the JSON
     assert "polls/s ratio to bare" in proc.stdout

@@ -848,7 +848,7 @@ def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
         ({"tasks": [{"taskid": "a"}]}, "tasks[0].taskid: unknown key; did you mean task_id?"),
         (
             {"sinks": {"webhooks": [{"url": "https://h.example/x", "secret": "s"}]}},
-            "sinks.webhooks[0].secret: unknown key; did you mean secret_env?",
+            "sinks.webhooks[0].secret: unknown key; did you mean secrets?",
         ),
         (
             {"zzz": 1},

@@ -65,6 +65,15 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     ev.TASK_GAVE_UP: task_fields(
         reason="deadline_exceeded", last_status=None, polls=1, watched_seconds=7300.0
     ),
+    ev.TASK_STALLED: task_fields(
+        status="Queued", stalled_seconds=3725.5, polls=124, watched_seconds=3730.0
+    ),
+    ev.SINK_DISABLED: {
+        "sink": "ops",
+        "http_status": 410,
+        "dropped_deliveries": 3,
+        "hint": "the receiver answered 410 Gone; change this sink's config to enable it again",
+    },
     ev.API_AUTH_FAILED: {"http_status": 401, "hint": ev.AUTH_HINT},
     ev.CONFIG_RELOADED: {
         "added": ["a", "b"],
@@ -215,9 +224,9 @@ def test_a_dataset_only_task_before_its_first_answer_is_named_by_its_dataset() -
 
 
 def test_an_event_it_does_not_know_is_shown_with_its_fields_in_plain_words() -> None:
-    line = render("task.stalled", **task_fields(status="Queued", stalled_seconds=600.0, x=None))
-    assert line.startswith("13:07:40  INFO      FinanceQA  data-generation-…0004  task.stalled")
-    assert "status=Queued stalled_seconds=600 x=-" in line
+    line = render("task.wedged", **task_fields(status="Queued", wedged_seconds=600.0, x=None))
+    assert line.startswith("13:07:40  INFO      FinanceQA  data-generation-…0004  task.wedged")
+    assert "status=Queued wedged_seconds=600 x=-" in line
 
 
 def test_a_multi_line_detail_stays_on_one_line_and_is_cut() -> None:

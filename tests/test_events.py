@@ -55,7 +55,7 @@ async def test_a_task_event_is_journaled_rendered_counted_and_queued_in_order() 
             FakeClock(),
             journal,
             observers=[lambda body: steps.append(f"metrics {body['event']}")],
-            sinks_for=lambda name: ["hook"],
+            sinks_for=lambda event: ["hook"],
             notify=lambda: steps.append("notify"),
         )
         task = Task()
@@ -77,7 +77,7 @@ async def test_a_daemon_event_is_rendered_counted_and_not_journaled() -> None:
             FakeClock(),
             Journal(steps, []),
             observers=[lambda body: steps.append("metrics")],
-            sinks_for=lambda name: (),
+            sinks_for=lambda event: (),
         )
         writer.daemon_event(ev.DAEMON_STARTED, version="x", tasks=0)
     assert steps == ["metrics"]

@@ -86,6 +86,7 @@ def test_the_gauges_are_read_from_the_live_state_at_scrape_time() -> None:
     clock = FakeClock()
     tasks = [task("a", "Running"), task("b", "Running", failures=2), task("c", failures=5)]
     tasks[0].status_since = clock.now().timestamp() - 30
+    tasks[0].record.stalled_status = "Running"  # task.stalled was emitted
     done = task("d", "Finished")
     done.record.outcome = "Finished"
     tasks.append(done)
@@ -97,7 +98,7 @@ def test_the_gauges_are_read_from_the_live_state_at_scrape_time() -> None:
             lambda: tasks,
             RequestGate(0, clock),
             lambda: 3,
-            lambda: (4, 12.5),
+            lambda: (4, 12.5, 1),
             lambda: replication,
         )
     )
@@ -112,6 +113,8 @@ def test_the_gauges_are_read_from_the_live_state_at_scrape_time() -> None:
     assert value(metrics, "enkwatch_polls_in_flight") == 3
     assert value(metrics, "enkwatch_outbox_pending") == 4
     assert value(metrics, "enkwatch_outbox_oldest_age_seconds") == 12.5
+    assert value(metrics, "enkwatch_webhook_sinks_disabled") == 1
+    assert value(metrics, "enkwatch_tasks_stalled", kind="dataset") == 1
     assert value(metrics, "enkwatch_retry_after_remaining_seconds") == 0
     assert value(metrics, "enkwatch_partitions_owned") is None  # a sole owner: no replica metrics
 
@@ -137,7 +140,7 @@ def test_no_task_id_dataset_or_url_in_any_label() -> None:
             lambda: [task(TASK_ID, "Running", failures=1)],
             RequestGate(0, clock),
             lambda: 0,
-            lambda: (0, None),
+            lambda: (0, None, 0),
             lambda: None,
         )
     )

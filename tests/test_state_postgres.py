@@ -195,6 +195,11 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     await lite.record_event(rec, transition(rec, "Queued"), ["hook"])
     await lite.mark_written("task-1", 1)
     await lite.record_event(rec, transition(rec, "Running"))
+    rec.stalled_status = "Running"  # task.stalled was emitted: migrated with the task
+    rec.status_since = 7.5
+    rec.seq += 1
+    await lite.record_event(rec, {"event": "task.stalled", "task_key": "task-1", "seq": 3})
+    await lite.disable_sink("gone", "fp-1")  # a 410: the mark moves too
     await lite.close()
 
     def run() -> subprocess.CompletedProcess[str]:
@@ -205,8 +210,9 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     assert json.loads(done.stdout) == {
         "tasks_copied": 1,
         "tasks_already_there": 0,
-        "events_copied": 2,
+        "events_copied": 3,
         "deliveries_copied": 1,
+        "disabled_sinks_copied": 1,
     }
     again = await asyncio.to_thread(run)  # idempotent: nothing copied twice
     assert json.loads(again.stdout)["tasks_already_there"] == 1
@@ -215,11 +221,13 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
     try:
         await store.leases.balance()
         [moved] = (await store.load_tasks()).values()
-        assert (moved.seq, moved.last_status, moved.watch_started_at) == (2, "Running", 5.0)
+        assert (moved.seq, moved.last_status, moved.watch_started_at) == (3, "Running", 5.0)
+        assert (moved.stalled_status, moved.status_since) == ("Running", 7.5)
         assert moved.spec == {"task_id": "task-1"}
-        await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 3
+        assert await store.disabled_sinks() == {"gone": "fp-1"}
+        await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 4
         # migrated history counts as written: only the new event waits for its confirmation
-        assert [e.seq for e in await store.unwritten_events()] == [3]
+        assert [e.seq for e in await store.unwritten_events()] == [4]
         [row] = await store.pending_deliveries("hook", 10)
         assert json.loads(row.body)["event_id"] == "task-1:1"
     finally:
@@ -355,6 +363,24 @@ async def test_written_poll_failures_leave_the_shared_journal(dsn: str) -> None:
         # and a keyed lookup of the shared watch list
         assert (await b.load_task("task-1")) is not None
         assert await b.load_task("nope") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_disabled_sink_is_shared_and_its_pending_deliveries_dropped(dsn: str) -> None:
+    a = await open_store(dsn, "a")
+    b = await open_store(dsn, "b")
+    try:
+        await a.leases.balance()
+        await a.enqueue(["hook", "other"], {"event": "daemon.started"})
+        await a.enqueue(["hook"], {"event": "daemon.stopping"})
+        assert await a.disable_sink("hook", "fp-1") == 2
+        assert await b.disabled_sinks() == {"hook": "fp-1"}
+        assert await a.pending_deliveries("hook", 10) == []
+        assert [r.sink for r in await a.pending_deliveries("other", 10)] == ["other"]
+        await b.enable_sink("hook")
+        assert await a.disabled_sinks() == {}
     finally:
         await a.close()
         await b.close()

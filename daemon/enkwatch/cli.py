@@ -807,6 +807,7 @@ async def _migrate(args: argparse.Namespace) -> int:
                 "tasks_already_there": report.tasks_skipped,
                 "events_copied": report.events,
                 "deliveries_copied": report.outbox,
+                "disabled_sinks_copied": report.disabled_sinks,
             }
         )
     )

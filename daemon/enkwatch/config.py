@@ -8,7 +8,7 @@ import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,6 +25,7 @@ from pydantic import (
 
 from enkwatch.errors import ConfigError
 from enkwatch.models import WEBHOOK_EVENTS, is_postgres_url
+from enkwatch.templates import TemplateProblem, compile_template
 
 ENV_PREFIX = "ENKWATCH_"
 API_KEY_ENV = "ENKRYPTAI_API_KEY"
@@ -128,6 +129,8 @@ class PollingConfig(_Model):
     max_requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
     max_backoff_seconds: IntervalSeconds = 300.0
     not_found_attempts: Annotated[int, Field(ge=1)] = 3
+    # a task in one non-terminal status longer than this gets task.stalled (null: never)
+    stall_after_seconds: DeadlineSeconds | None = None
 
 
 class StateConfig(_Model):
@@ -177,13 +180,52 @@ class AdminConfig(_Model):
         return host.strip("[]"), int(port)
 
 
+class SecretSource(_Model):
+    """Where a webhook secret or a routing key is read: a variable or a file."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env, file")
+        return self
+
+
+def _stringify_labels(value: object) -> object:
+    # `{tier: 1}` is what a user writes; labels travel as strings
+    if isinstance(value, Mapping):
+        return {
+            k: str(v).lower()
+            if isinstance(v, bool)
+            else str(v)
+            if isinstance(v, int | float)
+            else v
+            for k, v in value.items()
+        }
+    return value
+
+
 class WebhookConfig(_Model):
     """One entry of `sinks.webhooks`."""
 
     url: str
-    secret_env: str | None = None
-    events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
     name: str | None = None
+    format: Literal["json", "cloudevents", "slack", "teams", "pagerduty", "template"] = "json"
+    # deprecated: one raw secret, for X-Enkwatch-Signature (and webhook-signature)
+    secret_env: str | None = None
+    # Standard Webhooks secrets (`whsec_<base64>`), all active at once: rotation without a gap
+    secrets: list[SecretSource] = Field(default_factory=list)
+    # filters, all of which an event must pass
+    events: list[str] = Field(default_factory=lambda: ["task.transition", "task.gave_up"])
+    statuses: list[str] = Field(default_factory=list)
+    kinds: list[Literal["dataset", "redteam", "redteam_run"]] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    # format options
+    template: str | None = None
+    source: str = "enkwatch"
+    routing_key: SecretSource | None = None
     timeout_seconds: TimeoutSeconds = 10.0
     max_age_seconds: DeliveryAgeSeconds = 86400.0
 
@@ -206,6 +248,51 @@ class WebhookConfig(_Model):
             raise ValueError("select at least one event (or '*' for all)")
         return value
 
+    @field_validator("statuses")
+    @classmethod
+    def _check_statuses(cls, value: list[str]) -> list[str]:
+        if any(not s.strip() for s in value):
+            raise ValueError("a status must not be empty")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        return _stringify_labels(value)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not value or header_problem(value):
+            raise ValueError("must be a non-empty URI reference without control characters")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_template(value)
+            except TemplateProblem as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _format_options(self) -> WebhookConfig:
+        if (self.format == "template") != (self.template is not None):
+            raise ValueError(
+                "format: template needs a template, and only it takes one"
+                if self.format == "template"
+                else f"template: only format: template takes a template (this is {self.format})"
+            )
+        if (self.format == "pagerduty") != (self.routing_key is not None):
+            raise ValueError(
+                "format: pagerduty needs routing_key ({env: NAME} or {file: PATH})"
+                if self.format == "pagerduty"
+                else f"routing_key: only format: pagerduty takes one (this is {self.format})"
+            )
+        return self
+
 
 class SinksConfig(_Model):
     """`sinks`: where events go besides stdout."""
@@ -220,22 +307,14 @@ class TaskConfig(_Model):
     dataset: str | None = None
     interval_seconds: IntervalSeconds | None = None
     deadline_seconds: DeadlineSeconds | None = None
+    # this task's own stall threshold (else polling.stall_after_seconds)
+    stall_after_seconds: DeadlineSeconds | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")
     @classmethod
     def _scalar_labels(cls, value: object) -> object:
-        # `{tier: 1}` is what a user writes; labels travel as strings
-        if isinstance(value, Mapping):
-            return {
-                k: str(v).lower()
-                if isinstance(v, bool)
-                else str(v)
-                if isinstance(v, int | float)
-                else v
-                for k, v in value.items()
-            }
-        return value
+        return _stringify_labels(value)
 
     @field_validator("task_id", "dataset")
     @classmethod
@@ -676,22 +755,28 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return parse_config(raw, environ, source)
 
 
+def read_key_file(path: Path, where: str) -> str:
+    """The stripped text of a small key file (an API key, a secret); ConfigError naming `where`
+    and the file, never its content."""
+    try:
+        key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError, _FileRefused) as err:
+        detail = (
+            str(err)
+            if isinstance(err, _FileRefused)
+            else getattr(err, "strerror", None) or "not readable UTF-8 text"
+        )
+        raise ConfigError([f"{where}: cannot read {path}: {detail}"]) from None
+    if not key:
+        raise ConfigError([f"{where}: {path} is empty"])
+    return key
+
+
 def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str:
     """The API key from `api.api_key_file`, else `$ENKRYPTAI_API_KEY`; never echoed."""
     environ = os.environ if environ is None else environ
     if config.api.api_key_file is not None:
-        path = config.api.api_key_file
-        try:
-            key = read_regular_file(path, MAX_KEY_FILE_BYTES).decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError, _FileRefused) as err:
-            detail = (
-                str(err)
-                if isinstance(err, _FileRefused)
-                else getattr(err, "strerror", None) or "not readable UTF-8 text"
-            )
-            raise ConfigError([f"api.api_key_file: cannot read {path}: {detail}"]) from None
-        if not key:
-            raise ConfigError([f"api.api_key_file: {path} is empty"])
+        key = read_key_file(config.api.api_key_file, "api.api_key_file")
         origin = "api.api_key_file"
     else:
         key = environ.get(API_KEY_ENV, "").strip()

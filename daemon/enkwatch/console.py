@@ -29,10 +29,12 @@ from enkwatch.models import (
     DAEMON_STOPPED,
     DAEMON_STOPPING,
     SINK_DELIVERY_FAILED,
+    SINK_DISABLED,
     STATE_RECOVERED,
     STATE_UNAVAILABLE,
     TASK_GAVE_UP,
     TASK_POLL_FAILED,
+    TASK_STALLED,
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
 )
@@ -208,6 +210,24 @@ def _gave_up(f: dict[str, Any]) -> tuple[str, str, str]:
     return "GAVE UP", "bold red", f"{detail}  {extra}" if extra else detail
 
 
+def _stalled(f: dict[str, Any]) -> tuple[str, str, str]:
+    status = _clip(plain(f.pop("status", None)), 40)
+    stalled = f.pop("stalled_seconds", None)
+    f.pop("polls", None)
+    f.pop("watched_seconds", None)
+    how_long = duration(stalled) if isinstance(stalled, int | float) else plain(stalled)
+    return "STALLED", "yellow", f"in {status} for {how_long}; still polling"
+
+
+def _sink_disabled(f: dict[str, Any]) -> tuple[str, str, str]:
+    sink = plain(f.pop("sink", None))
+    http_status = f.pop("http_status", None)
+    dropped = f.pop("dropped_deliveries", 0)
+    f.pop("hint", None)
+    text = f"{sink} answered HTTP {plain(http_status)}: disabled until its config changes"
+    return "WEBHOOK", "bold red", text + (f" ({plain(dropped)} dropped)" if dropped else "")
+
+
 def _auth_failed(f: dict[str, Any]) -> tuple[str, str, str]:
     http_status = f.pop("http_status", None)
     hint = f.pop("hint", None) or AUTH_HINT
@@ -292,6 +312,8 @@ DESCRIBE: Final[Mapping[str, Describe]] = {
     TASK_POLL_FAILED: _poll_failed,
     TASK_UNKNOWN_STATUS: _unknown_status,
     TASK_GAVE_UP: _gave_up,
+    TASK_STALLED: _stalled,
+    SINK_DISABLED: _sink_disabled,
     API_AUTH_FAILED: _auth_failed,
     DAEMON_STARTED: _started,
     DAEMON_ALL_DONE: _all_done,

@@ -34,10 +34,12 @@ from enkwatch.models import (
     DAEMON_STOPPED,
     DAEMON_STOPPING,
     SINK_DELIVERY_FAILED,
+    SINK_DISABLED,
     STATE_RECOVERED,
     STATE_UNAVAILABLE,
     TASK_GAVE_UP,
     TASK_POLL_FAILED,
+    TASK_STALLED,
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
 )
@@ -242,7 +244,7 @@ class EventWriter:
         clock: Clock,
         journal: EventJournal | None = None,
         observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
-        sinks_for: Callable[[str], Sequence[str]] | None = None,
+        sinks_for: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
         notify: Callable[[], None] | None = None,
         *,
         out: Lines | None = None,
@@ -292,7 +294,7 @@ class EventWriter:
         body.update(fields)
         if self._secrets:
             body = scrub(body, self._secrets)
-        return body, self._sinks_for(name)
+        return body, self._sinks_for(body)
 
     def _publish(
         self,
@@ -336,7 +338,7 @@ class EventWriter:
         if self._secrets:
             body = scrub(body, self._secrets)
         self._publish(body, ())
-        sinks = self._sinks_for(name)
+        sinks = self._sinks_for(body)
         if name.startswith(SINK_EVENT_PREFIX):
             sinks = [s for s in sinks if s != fields.get("sink")]
         if sinks and self._journal is not None:
@@ -351,6 +353,16 @@ class EventWriter:
         if isinstance(failed, str) and failed.startswith(SINK_EVENT_PREFIX):
             return
         self.daemon_event(SINK_DELIVERY_FAILED, ERROR, **fields)
+
+    def add_secrets(self, secrets: Iterable[str | None]) -> None:
+        """More values to redact (a reload's new sink secrets); none is ever forgotten."""
+        fresh = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
+        self._secrets = tuple(set(self._secrets) | fresh)
+
+    def sink_disabled(self, fields: Mapping[str, Any]) -> None:
+        """A sink whose receiver answered 410 Gone: `sink.disabled`, a warning (never queued
+        for that sink)."""
+        self.daemon_event(SINK_DISABLED, WARNING, **fields)
 
     async def _enqueue(
         self, journal: EventJournal, sinks: Sequence[str], body: Mapping[str, Any]
@@ -376,7 +388,7 @@ class EventWriter:
             job.cancel()
 
 
-def _no_sinks(name: str) -> Sequence[str]:
+def _no_sinks(event: Mapping[str, Any]) -> Sequence[str]:
     return ()
 
 
@@ -398,10 +410,12 @@ __all__ = [
     "ERR_TIMEOUT",
     "INFO",
     "SINK_DELIVERY_FAILED",
+    "SINK_DISABLED",
     "STATE_RECOVERED",
     "STATE_UNAVAILABLE",
     "TASK_GAVE_UP",
     "TASK_POLL_FAILED",
+    "TASK_STALLED",
     "TASK_TRANSITION",
     "TASK_UNKNOWN_STATUS",
     "WARNING",

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from enkwatch import events as ev
 from enkwatch.clock import Clock
-from enkwatch.kinds import KNOWN_STATUSES
+from enkwatch.kinds import KINDS, KNOWN_STATUSES
 from enkwatch.limits import RequestGate
 from enkwatch.output import Lines
 from enkwatch.watch import TaskWatch
@@ -67,7 +67,8 @@ class Metrics:
         )
         self.deliveries = Counter(
             "enkwatch_webhook_deliveries",
-            "Webhook POSTs by sink and outcome (delivered, failed, dead_lettered).",
+            "Webhook deliveries by sink and outcome "
+            "(delivered, failed, dead_lettered, filtered, disabled).",
             ["sink", "outcome"],
             registry=r,
         )
@@ -174,7 +175,7 @@ class StateGauges(Collector):
         tasks: Callable[[], Iterable[TaskWatch]],
         gate: RequestGate,
         in_flight: Callable[[], int],
-        outbox: Callable[[], tuple[int, float | None]],
+        outbox: Callable[[], tuple[int, float | None, int]],
         replication: Callable[[], dict[str, float] | None],
     ) -> None:
         self._clock = clock
@@ -191,7 +192,13 @@ class StateGauges(Collector):
         )
         yield from self._gate_metrics()
         yield from self._replica_metrics()
-        pending, oldest = self.outbox()
+        pending, oldest, disabled = self.outbox()
+        yield GaugeMetricFamily(
+            "enkwatch_webhook_sinks_disabled",
+            "Webhook sinks disabled because their receiver answered 410 Gone (until their "
+            "config changes).",
+            value=disabled,
+        )
         yield GaugeMetricFamily(
             "enkwatch_outbox_pending", "Webhook deliveries waiting in the outbox.", value=pending
         )
@@ -203,6 +210,7 @@ class StateGauges(Collector):
 
     def _task_gauges(self) -> Iterator[Metric]:
         by_status: Tally[str] = Tally()
+        stalled: Tally[str] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
@@ -211,8 +219,10 @@ class StateGauges(Collector):
             label = _status_label(task)
             by_status[label] += 1
             if not task.done:
-                since = task.status_since or task.record.watch_started_at
+                since = task.record.status_since or task.record.watch_started_at
                 age_by_status[label] = max(age_by_status.get(label, 0.0), now - since)
+                if task.record.stalled_status is not None:
+                    stalled[task.kind.name] += 1
             if task.failures:
                 failing += 1
                 worst = max(worst, task.failures)
@@ -233,6 +243,14 @@ class StateGauges(Collector):
         yield GaugeMetricFamily(
             "enkwatch_tasks_failing", "Tasks whose last poll failed.", value=failing
         )
+        stalls = GaugeMetricFamily(
+            "enkwatch_tasks_stalled",
+            "Tasks stalled now (task.stalled was emitted for their current status), by kind.",
+            labels=["kind"],
+        )
+        for kind in sorted(KINDS.keys() | stalled.keys()):
+            stalls.add_metric([kind], stalled.get(kind, 0))
+        yield stalls
         yield GaugeMetricFamily(
             "enkwatch_consecutive_failures_max",
             "The longest run of consecutive failed polls of any task.",

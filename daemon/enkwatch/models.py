@@ -17,6 +17,7 @@ TASK_TRANSITION: Final = "task.transition"
 TASK_POLL_FAILED: Final = "task.poll_failed"
 TASK_UNKNOWN_STATUS: Final = "task.unknown_status"
 TASK_GAVE_UP: Final = "task.gave_up"
+TASK_STALLED: Final = "task.stalled"
 API_AUTH_FAILED: Final = "api.auth_failed"
 CONFIG_RELOADED: Final = "config.reloaded"
 CONFIG_RELOAD_FAILED: Final = "config.reload_failed"
@@ -24,6 +25,7 @@ DAEMON_ALL_DONE: Final = "daemon.all_done"
 DAEMON_STOPPING: Final = "daemon.stopping"
 DAEMON_STOPPED: Final = "daemon.stopped"
 SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
+SINK_DISABLED: Final = "sink.disabled"
 STATE_UNAVAILABLE: Final = "state.unavailable"
 STATE_RECOVERED: Final = "state.recovered"
 
@@ -39,6 +41,7 @@ WEBHOOK_EVENTS: Final = frozenset(
         TASK_POLL_FAILED,
         TASK_UNKNOWN_STATUS,
         TASK_GAVE_UP,
+        TASK_STALLED,
         API_AUTH_FAILED,
         CONFIG_RELOADED,
         CONFIG_RELOAD_FAILED,
@@ -47,6 +50,7 @@ WEBHOOK_EVENTS: Final = frozenset(
         DAEMON_STOPPING,
         DAEMON_STOPPED,
         SINK_DELIVERY_FAILED,
+        SINK_DISABLED,
     }
 )
 

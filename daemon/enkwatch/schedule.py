@@ -18,6 +18,9 @@ The design, chosen deliberately (the benchmark holds it to 10,000-100,000 tasks)
   pause never holds a deadline: during one, a due task whose deadline has come is ended
   by `expire` (no request), and any other due task waits, re-pushed at the earlier of its
   deadline and the pause's end, so the heap's head stays the next thing to do.
+* Stall checks (`task.stalled`) have their own heap of monotonic due times and their own
+  APScheduler job, `StallTimer`: a task's check is (re)computed whenever the task is pushed
+  back on the poll heap, costs nothing while its due time is unchanged, and sends no request.
 * Due times are monotonic; APScheduler 3 keeps its jobs in wall time. A step of the wall
   clock (NTP, a VM resumed) would shift every job by the step: a step back of two hours
   left the dispatcher and the housekeeping jobs asleep for two hours. `ClockStepGuard`
@@ -39,13 +42,16 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from enkwatch.clock import Clock
 from enkwatch.config import PollingConfig
 from enkwatch.limits import RequestGate
-from enkwatch.watch import DONE, AuthRejected, PollEnd, Poller, PollResult, TaskWatch
+from enkwatch.watch import DONE, LOST, AuthRejected, PollEnd, Poller, PollResult, TaskWatch
 
 # polls due within this much of now start together, saving a wake-up each
 DISPATCH_SLACK_S: Final = 0.005
 HEARTBEAT_S: Final = 1.0
 LOST_WAKEUP_S: Final = 0.1
 DISPATCH_JOB_ID: Final = "enkwatch-dispatch"
+STALL_JOB_ID: Final = "enkwatch-stall-checks"
+# a stall check's due time that moved by less than this is left where it is
+STALL_SLACK_S: Final = 0.05
 # runs of the dispatch job that may be pending at once (see ApschedulerWakeup)
 DISPATCH_INSTANCES: Final = 4
 # how often the wall clock is compared with the monotonic one, and how large a difference
@@ -54,6 +60,18 @@ CLOCK_CHECK_EVERY_S: Final = 1.0
 CLOCK_STEP_S: Final = 1.0
 
 PollFn = Callable[[TaskWatch], Awaitable[PollResult]]
+
+
+class StallSource(Protocol):
+    """What the stall checks need of the poller."""
+
+    def stall_due_in(self, task: TaskWatch) -> float | None:
+        """Seconds until the task counts as stalled (<= 0: now), None: nothing to watch."""
+        ...
+
+    async def check_stall(self, task: TaskWatch) -> float | PollEnd | None:
+        """Emit task.stalled if due: None (done with this status), seconds to wait, or LOST."""
+        ...
 
 
 class Wakeup(Protocol):
@@ -76,6 +94,87 @@ class ManualWakeup:
         self.armed = at if self.armed is None else min(self.armed, at)
 
 
+class StallTimer:
+    """When each task's stall check is due: a heap of monotonic due times and one wake-up.
+
+    The poller says in how many seconds a task counts as stalled and emits `task.stalled`;
+    the poll scheduler calls `follow` each time it pushes a task back on its heap and
+    `forget` when it drops one.
+    """
+
+    def __init__(
+        self, source: StallSource, clock: Clock, wakeup: WakeupFactory | None = None
+    ) -> None:
+        self._check = source.check_stall
+        self._due_in = source.stall_due_in
+        self._clock = clock
+        self._heap: list[tuple[float, int, TaskWatch]] = []
+        self._next_gen = 0
+        self.running: set[asyncio.Task[None]] = set()
+        self.wakeup: Wakeup = wakeup(self.fire) if wakeup is not None else ManualWakeup()
+        self.stopped = False
+        self.on_lost: Callable[[TaskWatch], None] = lambda task: None
+        self.on_crash: Callable[[BaseException], None] = lambda exc: None
+
+    def pending(self) -> int:
+        """Stall checks waiting for their time."""
+        return sum(1 for _, gen, task in self._heap if gen == task.stall_gen)
+
+    def follow(self, task: TaskWatch) -> None:
+        """(Re)compute when the task's check is due: O(1) when unchanged, else O(log n)."""
+        due_in = self._due_in(task)
+        if due_in is None:
+            self.forget(task)
+            return
+        due = self._clock.monotonic() + max(0.0, due_in)
+        if task.stall_due is not None and abs(task.stall_due - due) < STALL_SLACK_S:
+            return
+        self._push(task, due)
+
+    def _push(self, task: TaskWatch, due: float) -> None:
+        self._next_gen += 1
+        task.stall_gen, task.stall_due = self._next_gen, due
+        heapq.heappush(self._heap, (due, self._next_gen, task))
+        if not self.stopped:
+            self.wakeup.arm(self._heap[0][0])
+
+    def forget(self, task: TaskWatch) -> None:
+        task.stall_gen, task.stall_due = -1, None
+
+    def fire(self) -> None:
+        """Start the checks that are due, then arm the wake-up for the next."""
+        heap = self._heap
+        horizon = self._clock.monotonic() + DISPATCH_SLACK_S
+        while heap and not self.stopped and heap[0][0] <= horizon:
+            _, gen, task = heapq.heappop(heap)
+            if gen != task.stall_gen:
+                continue
+            self.forget(task)
+            job = asyncio.ensure_future(self._run(task))
+            self.running.add(job)
+            job.add_done_callback(self._finished)
+        while heap and heap[0][1] != heap[0][2].stall_gen:
+            heapq.heappop(heap)  # stale entries: dropped, not armed for
+        if heap and not self.stopped:
+            self.wakeup.arm(heap[0][0])
+
+    async def _run(self, task: TaskWatch) -> None:
+        result = await self._check(task)
+        if result is LOST:
+            self.on_lost(task)
+        elif isinstance(result, float) and task.stall_due is None and not self.stopped:
+            # not yet, its poll under way, or the state refused the write: look again then
+            self._push(task, self._clock.monotonic() + result)
+
+    def _finished(self, job: asyncio.Task[None]) -> None:
+        self.running.discard(job)
+        if not job.cancelled() and (exc := job.exception()) is not None:
+            self.on_crash(exc)  # only a bug: expected endings are results
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 class PollScheduler:
     """Starts each task's poll when it is due, never more than `max_in_flight` at once."""
 
@@ -90,6 +189,7 @@ class PollScheduler:
         on_end: Callable[[TaskWatch, PollResult], None] | None = None,
         wakeup: WakeupFactory | None = None,
         expire: PollFn | None = None,
+        stalls: StallTimer | None = None,
     ) -> None:
         self._poll = poll
         # ends a task at its deadline without a request (during a pause); None: never asked
@@ -109,6 +209,11 @@ class PollScheduler:
         self.started_polls = 0
         # lateness of each start (actual minus due), for the benchmark
         self.lateness_hook: Callable[[float], None] | None = None
+        # task.stalled: its checks follow the tasks of this heap
+        self.stalls = stalls
+        if stalls is not None:
+            stalls.on_crash = on_crash
+            stalls.on_lost = lambda task: self._ended(task, LOST)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -141,12 +246,16 @@ class PollScheduler:
         """Never poll `task` again (an in-flight poll finishes, its result is dropped)."""
         task.sched_gen = -1
         task.next_due = None
+        if self.stalls is not None:
+            self.stalls.forget(task)
 
     def _push(self, task: TaskWatch, due: float) -> None:
         self._next_gen += 1
         task.sched_gen = self._next_gen
         task.next_due = due
         heapq.heappush(self._heap, (due, self._next_gen, task))
+        if self.stalls is not None:
+            self.stalls.follow(task)
 
     # -- dispatching ---------------------------------------------------------------------
 
@@ -219,39 +328,56 @@ class PollScheduler:
             pass  # removed (or re-added) while in flight: this result schedules nothing
         elif result is DONE:
             task.sched_gen = -1
+            if self.stalls is not None:
+                self.stalls.forget(task)
             self._on_task_done(task)
         elif isinstance(result, PollEnd | AuthRejected):
-            task.sched_gen = -1
-            if self._on_end is not None:
-                self._on_end(task, result)
+            self._ended(task, result)
             return
         elif not self.stopped:
             self._push(task, self._clock.monotonic() + result)
         self.dispatch()
 
+    def _ended(self, task: TaskWatch, result: PollResult) -> None:
+        # lost, or the key rejected: the caller decides
+        task.sched_gen = -1
+        if self.stalls is not None:
+            self.stalls.forget(task)
+        if self._on_end is not None:
+            self._on_end(task, result)
+
     # -- shutdown ------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Start no new polls."""
+        """Start no new polls (and no stall checks)."""
         self.stopped = True
+        if self.stalls is not None:
+            self.stalls.stop()
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for in-flight polls, then cancel the rest; how many."""
-        if not self.in_flight:
+        """Wait up to `timeout_s` for in-flight polls (and stall checks), then cancel the rest;
+        how many polls were cancelled."""
+        checks: set[asyncio.Future[Any]] = set(self.stalls.running if self.stalls else ())
+        jobs = checks | set(self.in_flight)
+        if not jobs:
             return 0
-        _, pending = await asyncio.wait(set(self.in_flight), timeout=timeout_s)
+        _, pending = await asyncio.wait(jobs, timeout=timeout_s)
         for job in pending:
             job.cancel()
         if pending:
             await asyncio.wait(pending)
-        return len(pending)
+        return len(pending - checks)
 
 
 class ApschedulerWakeup:
     """The dispatcher as one APScheduler job whose next run time follows the heap's head."""
 
     def __init__(
-        self, scheduler: AsyncIOScheduler, dispatch: Callable[[], None], clock: Clock
+        self,
+        scheduler: AsyncIOScheduler,
+        dispatch: Callable[[], None],
+        clock: Clock,
+        job_id: str = DISPATCH_JOB_ID,
     ) -> None:
         self._clock = clock
         self._dispatch = dispatch
@@ -266,7 +392,7 @@ class ApschedulerWakeup:
             self._tick,
             "interval",
             seconds=HEARTBEAT_S,
-            id=DISPATCH_JOB_ID,
+            id=job_id,
             max_instances=DISPATCH_INSTANCES,
             coalesce=True,
             misfire_grace_time=None,
@@ -411,6 +537,10 @@ class Timers:
     def wakeup(self, dispatch: Callable[[], None]) -> ApschedulerWakeup:
         """A WakeupFactory: the poll dispatcher as one job of this scheduler."""
         return ApschedulerWakeup(self._scheduler, dispatch, self._clock)
+
+    def stall_wakeup(self, fire: Callable[[], None]) -> ApschedulerWakeup:
+        """A WakeupFactory: the stall checks as one more job of this scheduler."""
+        return ApschedulerWakeup(self._scheduler, fire, self._clock, STALL_JOB_ID)
 
     def pause(self) -> None:
         """Shutdown, first step: no job runs any more."""

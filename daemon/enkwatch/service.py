@@ -28,8 +28,8 @@ from enkwatch.livefeed import EventFeed
 from enkwatch.metrics import Metrics, StateGauges
 from enkwatch.output import Lines, StdoutUnusable
 from enkwatch.ownership import Owner, choose_owner
-from enkwatch.schedule import PollScheduler, Timers, follow_polling
-from enkwatch.sinks import Outbox, Sink, dead_letter_fields, sink_secrets
+from enkwatch.schedule import PollScheduler, StallTimer, Timers, follow_polling
+from enkwatch.sinks import Outbox, Sink, dead_letter_fields, disabled_fields, sink_secrets
 from enkwatch.state import open_store
 from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
@@ -173,9 +173,8 @@ class Service:
         outbox = Outbox(
             store, self._sinks, self.clock, rng=self._rng,
             on_result=lambda s, o: self.metrics.deliveries.labels(s.id, o).inc(),
-            on_dead=lambda sink, row, error: writer.delivery_failed(
-                dead_letter_fields(sink, row, error)
-            ),
+            on_dead=lambda s, row, err: writer.delivery_failed(dead_letter_fields(s, row, err)),
+            on_disabled=lambda s, code, n: writer.sink_disabled(disabled_fields(s, code, n)),
         )  # fmt: skip
         writer = EventWriter(
             self.clock, store, (self.metrics.observe_event, self.feed.publish),
@@ -204,17 +203,18 @@ class Service:
             on_crash=self._crashed, paused_for=gate.pause_remaining,
             on_end=lambda task, result: self._poll_ended(owner, writer, task, result),
             wakeup=timers.wakeup, expire=poller.expire,
+            stalls=StallTimer(poller, self.clock, timers.stall_wakeup),
         )  # fmt: skip
         watchlist = WatchList(
             self.config, store, owner, sched, writer, self.clock, self.config_path,
-            on_change=lambda: self._check_all_done(watchlist),
+            on_change=lambda: self._check_all_done(watchlist), on_sinks=outbox.reconfigure,
             on_polling=lambda new: follow_polling(new.polling, sched, poller, gate),
         )  # fmt: skip
         await owner.load(watchlist)
         self.metrics.registry.register(
             StateGauges(
                 self.clock, lambda: watchlist.tasks.values(), gate,
-                lambda: len(sched.in_flight), store.outbox_stats, owner.stats,
+                lambda: len(sched.in_flight), outbox.stats, owner.stats,
             )
         )  # fmt: skip
         await outbox.start()

@@ -1,4 +1,4 @@
-"""Webhook sinks: signed JSON POSTs delivered at least once, in order per task, from an outbox.
+"""Webhook sinks: signed POSTs delivered at least once, in order per task, from an outbox.
 
 The outbox lives in the state database and is written in the same transaction as the event
 (see `Store.record_event`), so an event that was emitted is delivered even if the process is
@@ -6,17 +6,27 @@ killed right after. Each sink is drained by one loop: the oldest pending deliver
 task is sent (several tasks at once), a failure is retried with exponential backoff and
 blocks only the later deliveries of the same task, and a delivery older than the sink's
 `max_age_seconds` is dead-lettered with a `sink.delivery_failed` event.
+
+Every POST carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
+`webhook-signature` with one `v1,<base64>` per active secret) and, for `secret_env`, the
+deprecated `X-Enkwatch-Signature`. What a receiver answers steers its sink alone: a 410
+Gone disables it (remembered in the state until its config changes), a 429/502/503/504
+pauses it (for `Retry-After` when given), a redirect is a failure and is not followed.
+The body is rendered by the sink's format (`formats`) at delivery time, from the journaled
+event: secrets and routing keys are never stored with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -24,34 +34,68 @@ import orjson
 
 from enkwatch import __version__
 from enkwatch.bodies import read_prefix
+from enkwatch.client import parse_retry_after
 from enkwatch.clock import Clock
-from enkwatch.config import SinksConfig, WebhookConfig
+from enkwatch.config import SecretSource, SinksConfig, WebhookConfig, read_key_file
 from enkwatch.errors import ConfigError, StateUnavailable
+from enkwatch.formats import Format, FormatError, JsonFormat, build_format, message_id
 from enkwatch.state.base import OutboxRow, OutboxStore
 
-SIGNATURE_HEADER: Final = "X-Enkwatch-Signature"
+SIGNATURE_HEADER: Final = "X-Enkwatch-Signature"  # deprecated: Standard Webhooks replace it
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+WEBHOOK_ID: Final = "webhook-id"
+WEBHOOK_TIMESTAMP: Final = "webhook-timestamp"
+WEBHOOK_SIGNATURE: Final = "webhook-signature"
+SECRET_PREFIX: Final = "whsec_"
+# the Standard Webhooks spec asks for secrets of 24 to 64 random bytes
+SECRET_MIN_BYTES: Final = 24
+SECRET_MAX_BYTES: Final = 64
 MAX_PARALLEL_PER_SINK: Final = 8
 RETRY_BASE_S: Final = 1.0
 RETRY_MAX_S: Final = 300.0
 IDLE_RECHECK_S: Final = 5.0
 # the most of a receiver's answer ever read (decoded); more closes the connection instead
 MAX_ANSWER_READ_BYTES: Final = 1024
+GONE: Final = 410
+# answers that ask the sender to slow down: the whole sink pauses
+SLOW_DOWN: Final = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
 class Sink:
-    """A configured webhook, its secret resolved."""
+    """A configured webhook: its filters, its format, its secrets resolved."""
 
     id: str
     url: str
-    secret: bytes | None
+    secret: bytes | None  # `secret_env`: signs X-Enkwatch-Signature (and webhook-signature)
     events: frozenset[str]
     timeout_s: float
     max_age_s: float
+    signing_keys: tuple[bytes, ...] = ()  # every active Standard Webhooks key
+    statuses: frozenset[str] = frozenset()  # casefolded; empty: any
+    kinds: frozenset[str] = frozenset()
+    labels: tuple[tuple[str, str], ...] = ()
+    format: Format = field(default_factory=JsonFormat)
+    fingerprint: str = ""  # of its config: a disabled sink whose config changed is enabled
+    # the secrets and routing key as written (whsec_...): redacted wherever they would show
+    secret_texts: tuple[str, ...] = ()
 
-    def wants(self, event: str) -> bool:
-        return "*" in self.events or event in self.events
+    def wants(self, event: Mapping[str, Any]) -> bool:
+        """True when this sink takes the event: every filter passes and the format sends it."""
+        if "*" not in self.events and event.get("event") not in self.events:
+            return False
+        if event.get("task_key"):
+            # the task filters; an event not about a task is selected by its name alone
+            status = event.get("status")
+            if self.statuses and status is not None and str(status).casefold() not in self.statuses:
+                return False
+            if self.kinds and (event.get("kind") or "dataset") not in self.kinds:
+                return False
+            if self.labels:
+                labels = event.get("labels") or {}
+                if any(labels.get(k) != v for k, v in self.labels):
+                    return False
+        return self.format.accepts(event)
 
 
 def sink_id(cfg: WebhookConfig) -> str:
@@ -61,43 +105,139 @@ def sink_id(cfg: WebhookConfig) -> str:
     return "webhook-" + hashlib.sha256(cfg.url.encode()).hexdigest()[:10]
 
 
+def fingerprint(cfg: WebhookConfig) -> str:
+    """A digest of a sink's config (names of variables and files, never their values)."""
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _read_source(src: SecretSource, where: str, environ: Mapping[str, str]) -> str:
+    """The text of a variable or a file; ConfigError naming it (never its value)."""
+    if src.env is not None:
+        value = environ.get(src.env, "").strip()
+        if not value:
+            raise ConfigError([f"{where}.env: the variable {src.env} is not set"])
+        return value
+    assert src.file is not None
+    # a regular file of at most 64 KiB (not a FIFO, a device): as the API key file
+    return read_key_file(src.file, f"{where}.file")
+
+
+def signing_key(secret: str) -> bytes:
+    """The key of a `whsec_<base64>` secret; ValueError saying what is wrong (not the value)."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a secret must be written {SECRET_PREFIX}<base64>")
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"a secret must be written {SECRET_PREFIX}<base64>: not base64") from None
+    if not SECRET_MIN_BYTES <= len(key) <= SECRET_MAX_BYTES:
+        raise ValueError(
+            f"a secret must hold {SECRET_MIN_BYTES} to {SECRET_MAX_BYTES} bytes, not {len(key)}"
+        )
+    return key
+
+
+def _legacy_key(secret: bytes) -> bytes:
+    # a `secret_env` written whsec_...: the key it stands for; any other: its own bytes
+    with contextlib.suppress(ValueError):
+        return signing_key(secret.decode())
+    return secret
+
+
+def _build_sink(i: int, hook: WebhookConfig, environ: Mapping[str, str]) -> Sink:
+    where = f"sinks.webhooks[{i}]"
+    problems: list[str] = []
+    secret: bytes | None = None
+    if hook.secret_env is not None:
+        value = environ.get(hook.secret_env, "")
+        if not value:
+            problems.append(f"{where}.secret_env: the variable {hook.secret_env} is not set")
+        secret = value.encode()
+    keys = [_legacy_key(secret)] if secret else []
+    texts: list[str] = []
+    for j, src in enumerate(hook.secrets):
+        try:
+            for word in _read_source(src, f"{where}.secrets[{j}]", environ).split():
+                texts.append(word)
+                keys.append(signing_key(word))
+        except ConfigError as err:
+            problems += err.problems
+        except ValueError as err:
+            origin = f"the variable {src.env}" if src.env else f"the file {src.file}"
+            problems.append(f"{where}.secrets[{j}]: {origin}: {err} (the value was not shown)")
+    routing_key = None
+    if hook.routing_key is not None:
+        try:
+            routing_key = _read_source(hook.routing_key, f"{where}.routing_key", environ)
+            texts.append(routing_key)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    return Sink(
+        id=sink_id(hook),
+        url=hook.url,
+        secret=secret,
+        events=frozenset(hook.events),
+        timeout_s=hook.timeout_seconds,
+        max_age_s=hook.max_age_seconds,
+        signing_keys=tuple(dict.fromkeys(keys)),
+        statuses=frozenset(s.casefold() for s in hook.statuses),
+        kinds=frozenset(hook.kinds),
+        labels=tuple(sorted(hook.labels.items())),
+        format=build_format(hook, routing_key),
+        fingerprint=fingerprint(hook),
+        secret_texts=tuple(texts),
+    )
+
+
 def build_sinks(config: SinksConfig, environ: Mapping[str, str]) -> list[Sink]:
-    """Resolve each webhook's secret from the environment; ConfigError naming what is missing."""
+    """Resolve each webhook's secrets and routing key; ConfigError naming all that is missing."""
     problems = []
     sinks = []
     for i, hook in enumerate(config.webhooks):
-        secret: bytes | None = None
-        if hook.secret_env is not None:
-            value = environ.get(hook.secret_env, "")
-            if not value:
-                problems.append(
-                    f"sinks.webhooks[{i}].secret_env: the variable {hook.secret_env} is not set"
-                )
-            secret = value.encode()
-        sinks.append(
-            Sink(
-                id=sink_id(hook),
-                url=hook.url,
-                secret=secret,
-                events=frozenset(hook.events),
-                timeout_s=hook.timeout_seconds,
-                max_age_s=hook.max_age_seconds,
-            )
-        )
+        try:
+            sinks.append(_build_sink(i, hook, environ))
+        except ConfigError as err:
+            problems += err.problems
     if problems:
         raise ConfigError(problems)
     return sinks
 
 
 def sink_secrets(sinks: Sequence[Sink]) -> list[str]:
-    """The sinks' secrets, as text (redacted wherever they would show)."""
-    return [s.secret.decode("utf-8", "replace") for s in sinks if s.secret]
+    """The sinks' secrets and routing keys, as text (redacted wherever they would show)."""
+    legacy = [s.secret.decode("utf-8", "replace") for s in sinks if s.secret]
+    return legacy + [text for s in sinks for text in s.secret_texts]
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`."""
+    """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">` (X-Enkwatch-Signature, deprecated)."""
     mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
+
+
+def standard_signature(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` per key, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for key in keys
+    )
+
+
+def encode_event(body: Mapping[str, Any]) -> bytes:
+    """The exact bytes journaled for an event (the `json` format's body)."""
+    return orjson.dumps(dict(body))
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """How one POST went: `error` is None for a 2xx."""
+
+    error: str | None
+    status: int | None = None
+    retry_after_s: float | None = None
 
 
 class Outbox:
@@ -112,22 +252,33 @@ class Outbox:
         on_dead: Callable[[Sink, OutboxRow, str], None] = lambda s, r, e: None,
         rng: random.Random | None = None,
         retry_base_s: float = RETRY_BASE_S,
+        on_disabled: Callable[[Sink, int, int], None] = lambda s, status, dropped: None,
     ) -> None:
         self._retry_base_s = retry_base_s
         self._store = store
         self.sinks = list(sinks)
+        # the current config of each sink, by id: a reload swaps it under its worker
+        self._by_id = {s.id: s for s in self.sinks}
         self._clock = clock
         self._on_result = on_result
         self._on_dead = on_dead
+        self._on_disabled = on_disabled
         self._rng = rng or random.Random()
         self._wake = {s.id: asyncio.Event() for s in self.sinks}
         self._session: aiohttp.ClientSession | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: dict[str, asyncio.Task[None]] = {}
         self.idle = {s.id: asyncio.Event() for s in self.sinks}
+        self.disabled: set[str] = set()
+        # wall-clock time before which a sink sends nothing (it asked us to slow down)
+        self._paused_until: dict[str, float] = {}
 
-    def sinks_for(self, event: str) -> list[str]:
+    def sinks_for(self, event: Mapping[str, Any]) -> list[str]:
         """The ids of the sinks that take this event."""
-        return [s.id for s in self.sinks if s.wants(event)]
+        return [s.id for s in self.sinks if s.id not in self.disabled and s.wants(event)]
+
+    def stats(self) -> tuple[int, float | None, int]:
+        """Pending deliveries, the age of the oldest, and how many sinks are disabled."""
+        return (*self._store.outbox_stats(), len(self.disabled))
 
     def notify(self) -> None:
         """New rows were written: look again now."""
@@ -135,20 +286,76 @@ class Outbox:
             wake.set()
 
     async def start(self) -> None:
-        if not self.sinks:
+        await self._start_workers(self.sinks)
+
+    async def _start_workers(self, sinks: Sequence[Sink]) -> None:
+        if not sinks:
             return
-        self._session = aiohttp.ClientSession(
-            headers={"User-Agent": f"enkwatch/{__version__}", "Content-Type": "application/json"},
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        self._workers = [asyncio.ensure_future(self._drain(s)) for s in self.sinks]
+        await self._load_disabled(sinks)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": f"enkwatch/{__version__}"},
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # no shared cap: each sink has its own MAX_PARALLEL_PER_SINK deliveries at
+                # once, so a hanging receiver holds its own connections, never another's
+                connector=aiohttp.TCPConnector(limit=0),
+            )
+        for sink in sinks:
+            self._wake.setdefault(sink.id, asyncio.Event())
+            self.idle.setdefault(sink.id, asyncio.Event())
+            if sink.id in self.disabled:
+                self.idle[sink.id].set()
+            elif (worker := self._workers.get(sink.id)) is None or worker.done():
+                self._workers[sink.id] = asyncio.ensure_future(self._drain(sink.id))
+
+    async def reconfigure(self, sinks: Sequence[Sink]) -> None:
+        """A reload: new sinks start, removed ones stop (their rows wait in the outbox), and
+        a changed one keeps its worker with its new config: filters, format and secrets
+        apply to the deliveries still pending (a disabled sink whose config changed is
+        enabled again)."""
+        old = self._by_id
+        self.sinks = list(sinks)
+        self._by_id = {s.id: s for s in self.sinks}
+        for sink_id in old.keys() - self._by_id.keys():
+            worker = self._workers.pop(sink_id, None)
+            if worker is not None:
+                worker.cancel()  # a POST under way is cut: its row stays pending
+            self.disabled.discard(sink_id)
+            self.idle.pop(sink_id, None)
+            self._wake.pop(sink_id, None)
+        changed = [s for s in self.sinks if s.id in old and old[s.id].fingerprint != s.fingerprint]
+        for sink in changed:
+            self._paused_until.pop(sink.id, None)
+            if sink.id in self.disabled:
+                self.disabled.discard(sink.id)
+                with contextlib.suppress(StateUnavailable):
+                    await self._store.enable_sink(sink.id)
+        await self._start_workers(self.sinks)
+        self.notify()
+
+    async def _load_disabled(self, sinks: Sequence[Sink]) -> None:
+        try:
+            marks = await self._store.disabled_sinks()
+        except StateUnavailable:
+            return  # the shared state is down: a disabled sink answers 410 again
+        for sink in sinks:
+            mark = marks.get(sink.id)
+            if mark is None:
+                continue
+            if mark == sink.fingerprint:
+                self.disabled.add(sink.id)
+            else:
+                # its config changed since the 410: try it again
+                with contextlib.suppress(StateUnavailable):
+                    await self._store.enable_sink(sink.id)
 
     async def close(self) -> None:
-        for worker in self._workers:
+        workers = list(self._workers.values())
+        for worker in workers:
             worker.cancel()
         # the workers' CancelledError are results here; our own cancellation still propagates
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._workers = {}
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -166,10 +373,10 @@ class Outbox:
             return False
         return True
 
-    async def _drain(self, sink: Sink) -> None:
-        wake = self._wake[sink.id]
-        idle = self.idle[sink.id]
-        while True:
+    async def _drain(self, sink_id: str) -> None:
+        wake = self._wake[sink_id]
+        idle = self.idle[sink_id]
+        while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
             wake.clear()
             try:
                 rows = await self._store.pending_deliveries(sink.id, limit=1000)
@@ -183,6 +390,10 @@ class Outbox:
                 continue
             idle.clear()
             now = self._clock.now().timestamp()
+            paused_s = self._paused_until.get(sink.id, 0.0) - now
+            if paused_s > 0:
+                await self._sleep_or_wake(wake, min(IDLE_RECHECK_S, paused_s))
+                continue
             heads: dict[str, OutboxRow] = {}
             for row in rows:
                 heads.setdefault(row.task_key, row)
@@ -193,6 +404,7 @@ class Outbox:
                 continue
             soonest = min(r.next_attempt_at for r in heads.values())
             await self._sleep_or_wake(wake, min(IDLE_RECHECK_S, max(0.01, soonest - now)))
+        idle.set()
 
     async def _sleep_or_wake(self, wake: asyncio.Event, seconds: float) -> None:
         try:
@@ -207,39 +419,90 @@ class Outbox:
             await self._deliver(sink, row, sem)
 
     async def _deliver(self, sink: Sink, row: OutboxRow, sem: asyncio.Semaphore) -> None:
+        try:
+            event = orjson.loads(row.body)
+        except orjson.JSONDecodeError:
+            event = {}
+        if not isinstance(event, dict) or not sink.wants(event):
+            # the sink's filters changed since the row was queued (a restart): not sent
+            await self._store.delivery_done(row.id)
+            self._on_result(sink, "filtered")
+            return
+        msg_id = message_id(event, row.body)
+        try:
+            payload_error = None
+            payload = sink.format.render(event, row.body, msg_id)
+        except FormatError as err:
+            payload_error = str(err)
+        if payload_error is not None:
+            # rendering is deterministic: retrying would fail the same way
+            await self._store.delivery_dead(row.id)
+            self._on_result(sink, "dead_lettered")
+            self._on_dead(sink, row, payload_error)
+            return
         async with sem:
-            error = await self._post(sink, row)
-        if error is None:
+            if sink.id in self.disabled or self._paused_until.get(sink.id, 0.0) > (
+                self._clock.now().timestamp()
+            ):
+                return  # another delivery of this sink was just told to stop or slow down
+            answer = await self._post(sink, payload.body, payload.content_type, msg_id)
+        await self._settle(sink, row, answer)
+
+    async def _settle(self, sink: Sink, row: OutboxRow, answer: _Answer) -> None:
+        if answer.error is None:
             await self._store.delivery_done(row.id)
             self._on_result(sink, "delivered")
+            return
+        if answer.status == GONE:
+            if sink.id not in self.disabled:
+                self.disabled.add(sink.id)
+                dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
+                self._on_result(sink, "disabled")
+                self._on_disabled(sink, GONE, dropped)
+            self._wake[sink.id].set()
             return
         now = self._clock.now().timestamp()
         if now - row.created_at >= sink.max_age_s:
             await self._store.delivery_dead(row.id)
             self._on_result(sink, "dead_lettered")
-            self._on_dead(sink, row, error)
+            self._on_dead(sink, row, answer.error)
             return
         attempts = row.attempts + 1
         ceiling = min(RETRY_MAX_S, self._retry_base_s * 2.0 ** min(attempts, 20))
         delay = max(ceiling / 10, self._rng.uniform(0, ceiling))
+        if answer.status in SLOW_DOWN:
+            # the receiver asked the sender to slow down: the whole sink waits
+            if answer.retry_after_s is not None:
+                delay = max(answer.retry_after_s, ceiling / 10)
+            until = now + delay
+            self._paused_until[sink.id] = max(self._paused_until.get(sink.id, 0.0), until)
         await self._store.delivery_retry(row.id, attempts, now + delay)
         self._on_result(sink, "failed")
 
-    async def _post(self, sink: Sink, row: OutboxRow) -> str | None:
-        """None when the receiver answered 2xx; else a short reason (never the URL)."""
-        assert self._session is not None
-        headers = {}
-        event_id = _event_id(row.body)
-        if event_id is not None:
-            headers[IDEMPOTENCY_HEADER] = event_id
-        if sink.secret is not None:
-            headers[SIGNATURE_HEADER] = signature(
-                sink.secret, int(self._clock.now().timestamp()), row.body
+    def _headers(self, sink: Sink, content_type: str, body: bytes, msg_id: str) -> dict[str, str]:
+        timestamp = int(self._clock.now().timestamp())
+        headers = {
+            "Content-Type": content_type,
+            IDEMPOTENCY_HEADER: msg_id,
+            WEBHOOK_ID: msg_id,
+            WEBHOOK_TIMESTAMP: str(timestamp),
+        }
+        if sink.signing_keys:
+            headers[WEBHOOK_SIGNATURE] = standard_signature(
+                sink.signing_keys, msg_id, timestamp, body
             )
+        if sink.secret is not None:
+            headers[SIGNATURE_HEADER] = signature(sink.secret, timestamp, body)
+        return headers
+
+    async def _post(self, sink: Sink, body: bytes, content_type: str, msg_id: str) -> _Answer:
+        """How the receiver answered; an error is a short reason (never the URL)."""
+        assert self._session is not None
+        headers = self._headers(sink, content_type, body, msg_id)
         try:
             async with self._session.post(
                 sink.url,
-                data=row.body,
+                data=body,
                 headers=headers,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=sink.timeout_s),
@@ -247,12 +510,13 @@ class Outbox:
                 # only the status matters: a short answer is read (keep-alive), never a long one
                 await read_prefix(resp, MAX_ANSWER_READ_BYTES)
                 if 200 <= resp.status < 300:
-                    return None
-                return f"HTTP {resp.status}"
+                    return _Answer(None, resp.status)
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
+                return _Answer(f"HTTP {resp.status}", resp.status, retry_after)
         except TimeoutError:
-            return "timeout"
+            return _Answer("timeout")
         except aiohttp.ClientError as err:
-            return f"connection: {type(err).__name__}"
+            return _Answer(f"connection: {type(err).__name__}")
 
 
 def dead_letter_fields(sink: Sink, row: OutboxRow, error: str) -> dict[str, Any]:
@@ -273,9 +537,11 @@ def dead_letter_fields(sink: Sink, row: OutboxRow, error: str) -> dict[str, Any]
     }
 
 
-def _event_id(body: bytes) -> str | None:
-    try:
-        value = orjson.loads(body).get("event_id")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+def disabled_fields(sink: Sink, http_status: int, dropped: int) -> dict[str, Any]:
+    """The fields of the sink.disabled event of a sink whose receiver answered 410 Gone."""
+    return {
+        "sink": sink.id,
+        "http_status": http_status,
+        "dropped_deliveries": dropped,
+        "hint": "the receiver answered 410 Gone; change this sink's config to enable it again",
+    }

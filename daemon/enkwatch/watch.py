@@ -40,6 +40,9 @@ OUTCOME_OK: Final = "ok"
 OUTCOME_NOT_FOUND: Final = "not_found"
 OUTCOME_UNAUTHORIZED: Final = "unauthorized"
 
+# a stall check that finds the task's poll in flight looks again this much later
+STALL_BUSY_RETRY_S: Final = 0.5
+
 # the labels of a task without labels (never mutated: labels are replaced, not edited)
 NO_LABELS: Final[dict[str, str]] = {}
 
@@ -97,13 +100,16 @@ class TaskWatch:
     not_found: int = 0
     last_error: str | None = None
     next_due: float | None = None
-    # wall time of the last transition seen by this process (for "stuck in Queued" alerts)
-    status_since: float | None = None
-    # the scheduler's generation of this task's heap entry (lazy deletion)
+    # the task's own stall threshold (None: polling.stall_after_seconds)
+    stall_after_s: float | None = None
+    # the scheduler's generation of this task's heap entry (lazy deletion), and of its
+    # stall check's entry with the monotonic time it is due
     sched_gen: int = 0
     # when watching began on this process's monotonic clock (see `anchor`): deadlines and
     # watched_seconds are measured from it, so a step of the wall clock moves neither
     started_mono: float | None = None
+    stall_gen: int = 0
+    stall_due: float | None = None
 
     @classmethod
     def from_config(
@@ -117,6 +123,7 @@ class TaskWatch:
             labels=dict(task.labels) if task.labels else NO_LABELS,
             interval_s=task.interval_seconds or polling.interval_seconds,
             deadline_s=task.deadline_seconds,
+            stall_after_s=task.stall_after_seconds,
             record=record,
             source=source,
         )
@@ -135,6 +142,16 @@ class TaskWatch:
         if self.deadline_s is None or self.started_mono is None:
             return None
         return self.started_mono + self.deadline_s
+
+    @property
+    def status_since(self) -> float | None:
+        """Wall time (epoch seconds) at which the current status was first seen (kept in the
+        state with the task: a restart does not move it)."""
+        return self.record.status_since
+
+    @status_since.setter
+    def status_since(self, value: float | None) -> None:
+        self.record.status_since = value
 
     @property
     def done(self) -> bool:
@@ -187,6 +204,9 @@ class Poller:
         self._committed: dict[TaskWatch, tuple[Any, ...]] = {}
         # writes refused in a row by the local state (its retries back off on this)
         self.state_failures = 0
+        # the tasks whose poll or stall check is under way: never both at once (one writer
+        # per task: the state's compare-and-set on seq would take a second one for a race)
+        self._busy: set[str] = set()
 
     # -- the poll ---------------------------------------------------------------------
 
@@ -197,6 +217,15 @@ class Poller:
         """
         if self._may_poll is not None and not self._may_poll(task.key):
             return LOST
+        if task.key in self._busy:
+            return STALL_BUSY_RETRY_S  # its stall event is being written: poll right after
+        self._busy.add(task.key)
+        try:
+            return await self._poll(task)
+        finally:
+            self._busy.discard(task.key)
+
+    async def _poll(self, task: TaskWatch) -> PollResult:
         # one coroutine per poll, as before: the endings are caught here, not one level down
         started = self._clock.monotonic()
         self._committed[task] = _durable(task.record)
@@ -291,7 +320,10 @@ class Poller:
                 rec.last_unknown_status = None
                 if obs.terminal:
                     rec.outcome = obs.status
-                task.status_since = self._clock.now().timestamp()
+                rec.status_since = self._clock.now().timestamp()
+                # the next transition ends a stall (PagerDuty resolves on it)
+                stall = {"stall_ended": True} if rec.stalled_status is not None else {}
+                rec.stalled_status = None
                 await self._emit(
                     task,
                     ev.TASK_TRANSITION,
@@ -303,6 +335,7 @@ class Poller:
                     created_at=obs.created_at,
                     started_at=obs.started_at,
                     watched_seconds=round(self._watched_s(task), 3),
+                    **stall,
                 )
             if obs.terminal:
                 return DONE
@@ -409,6 +442,64 @@ class Poller:
             return DONE
         return min(delay, remaining)
 
+    # -- stalls -------------------------------------------------------------------------
+
+    def stall_after(self, task: TaskWatch) -> float | None:
+        """The task's stall threshold in seconds: its own, else the polling default."""
+        own = task.stall_after_s
+        return own if own is not None else self.polling.stall_after_seconds
+
+    def stall_due_in(self, task: TaskWatch) -> float | None:
+        """Seconds until the task counts as stalled in its status (<= 0: it does), or None
+        when there is nothing to watch for: no threshold, done, no status yet, or reported."""
+        after = self.stall_after(task)
+        rec = task.record
+        if after is None or task.done or rec.last_status is None or rec.stalled_status:
+            return None
+        now = self._clock.now().timestamp()
+        if rec.status_since is None:
+            rec.status_since = now  # a state of an older enkwatch: counted from now on
+        return rec.status_since + after - now
+
+    async def check_stall(self, task: TaskWatch) -> float | PollEnd | None:
+        """Emit task.stalled if the task is stalled now: None when nothing more is to be
+        checked for this status, seconds until the next check, or LOST (state refused)."""
+        due_in = self.stall_due_in(task)
+        if due_in is None:
+            return None
+        if due_in > 0:
+            return due_in
+        if task.key in self._busy:
+            return STALL_BUSY_RETRY_S
+        if task.next_due is not None and task.next_due <= self._clock.monotonic():
+            # a poll is due (after a restart: every task): its answer may end the stall
+            return STALL_BUSY_RETRY_S
+        if self._may_poll is not None and not self._may_poll(task.key):
+            return None  # no longer ours: its new owner checks it
+        self._busy.add(task.key)
+        rec = task.record
+        saved = _durable(rec)
+        try:
+            rec.stalled_status = rec.last_status
+            stalled_s = self._clock.now().timestamp() - (rec.status_since or 0.0)
+            await self._emit(
+                task,
+                ev.TASK_STALLED,
+                ev.WARNING,
+                status=rec.last_status,
+                stalled_seconds=round(stalled_s, 3),
+                polls=rec.polls,
+                watched_seconds=round(self._watched_s(task), 3),
+            )
+        except StateNotWritten:
+            _restore(rec, saved)  # not emitted: tried again once the state takes writes
+            return self._state_retry(task)
+        except (LeaseLost, StateUnavailable):
+            return LOST
+        finally:
+            self._busy.discard(task.key)
+        return None
+
     # -- events -------------------------------------------------------------------------
 
     async def _emit(self, task: TaskWatch, name: str, level: str, **fields: Any) -> None:
@@ -427,6 +518,8 @@ _DURABLE: Final = (
     "seen_task_id",
     "seq",
     "outcome",
+    "status_since",
+    "stalled_status",
 )
 
 

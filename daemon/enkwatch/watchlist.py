@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -22,11 +22,12 @@ from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
+from enkwatch.sinks import Sink, build_sinks, sink_secrets
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
 from enkwatch.watch import NO_LABELS, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
-RESTART_SECTIONS: Final = ("api", "state", "admin", "sinks")
+RESTART_SECTIONS: Final = ("api", "state", "admin")
 # poll counts are checkpointed in chunks that each block the loop for a few milliseconds at
 # most, even at 100,000 tasks
 CHECKPOINT_CHUNK: Final = 1000
@@ -58,6 +59,7 @@ class WatchList:
         config_path: str | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_polling: Callable[[Config], None] = lambda config: None,
+        on_sinks: Callable[[Sequence[Sink]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._store = store
@@ -71,6 +73,8 @@ class WatchList:
         self._on_change = on_change
         # the polling section changed: the limits shared by all tasks follow it
         self._on_polling = on_polling
+        # the sinks section changed: the outbox takes the new sinks (their secrets resolved)
+        self._on_sinks = on_sinks
         self.tasks: dict[str, TaskWatch] = {}
         self._config_tasks: dict[str, TaskConfig] = {t.key: t for t in config.tasks}
         self._config_keys: set[str] = set(self._config_tasks)
@@ -297,9 +301,15 @@ class WatchList:
         self._config_sig = file_signature(self.config_path)
         try:
             new = load_config(self.config_path)
+            # the sinks are built again (their secret files read again: a rotation needs
+            # no restart); a missing secret is an error and the old config stays
+            sinks = build_sinks(new.sinks, os.environ) if self._on_sinks is not None else None
         except ConfigError as err:
             self._writer.daemon_event(ev.CONFIG_RELOAD_FAILED, ev.ERROR, errors=err.problems)
             return
+        if sinks is not None and self._on_sinks is not None:
+            self._writer.add_secrets(sink_secrets(sinks))
+            await self._on_sinks(sinks)
         await self.apply(new)
 
     async def apply(self, new: Config) -> None:
@@ -355,6 +365,7 @@ def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
         or task.labels != cfg.labels
         or task.interval_s != (cfg.interval_seconds or config.polling.interval_seconds)
         or task.deadline_s != cfg.deadline_seconds
+        or task.stall_after_s != cfg.stall_after_seconds
     )
 
 
@@ -364,3 +375,4 @@ def _update(task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
     task.labels = dict(cfg.labels) if cfg.labels else NO_LABELS
     task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
     task.deadline_s = cfg.deadline_seconds
+    task.stall_after_s = cfg.stall_after_seconds

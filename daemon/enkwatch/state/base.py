@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Final, Protocol
 
+# a `meta` row per webhook sink disabled by a 410 Gone: the key names the sink, the value is
+# the fingerprint of its config then (a changed config enables it again)
+DISABLED_SINK_PREFIX: Final = "disabled-sink:"
+
 
 class StateError(Exception):
     """The state store cannot be opened or is not ours."""
@@ -31,6 +35,10 @@ class TaskRecord:
     seq: int = 0
     polls: int = 0
     outcome: str | None = None
+    # wall time (epoch seconds) at which last_status was first seen, and the status in which
+    # task.stalled was emitted (once per status: None again after the next transition)
+    status_since: float | None = None
+    stalled_status: str | None = None
     spec: dict[str, Any] | None = field(default=None)
 
 
@@ -47,6 +55,8 @@ TASK_FIELDS: Final = (
     "seq",
     "polls",
     "outcome",
+    "status_since",
+    "stalled_status",
 )
 # what an event changes, journaled with it (WHERE task_key = ...)
 STATE_FIELDS: Final = (
@@ -57,6 +67,8 @@ STATE_FIELDS: Final = (
     "seq",
     "polls",
     "outcome",
+    "status_since",
+    "stalled_status",
 )
 task_values: Final = attrgetter(*TASK_FIELDS)
 state_values: Final = attrgetter(*STATE_FIELDS)
@@ -64,7 +76,13 @@ state_values: Final = attrgetter(*STATE_FIELDS)
 
 # what `reset_task` clears: the task is watched again as if new (its seq goes on, so every
 # event_id stays unique)
-RESET_FIELDS: Final = ("last_status", "last_unknown_status", "outcome")
+RESET_FIELDS: Final = (
+    "last_status",
+    "last_unknown_status",
+    "outcome",
+    "status_since",
+    "stalled_status",
+)
 
 
 def record_from_row(row: Sequence[Any], spec: dict[str, Any] | None) -> TaskRecord:
@@ -152,6 +170,12 @@ class OutboxStore(Protocol):
     async def delivery_dead(self, row_id: int) -> None: ...
 
     def outbox_stats(self) -> tuple[int, float | None]: ...
+
+    async def disabled_sinks(self) -> dict[str, str]: ...
+
+    async def disable_sink(self, sink: str, fingerprint: str) -> int: ...
+
+    async def enable_sink(self, sink: str) -> None: ...
 
 
 class Store(TaskState, EventJournal, OutboxStore, Protocol):

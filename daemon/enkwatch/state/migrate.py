@@ -23,10 +23,13 @@ class MigrationReport:
     tasks_skipped: int
     events: int
     outbox: int
+    # webhook sinks disabled by a 410 Gone (they stay disabled until their config changes)
+    disabled_sinks: int = 0
 
 
 async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
-    """Copy tasks, their event journal and pending webhook deliveries; idempotent per task.
+    """Copy tasks, their event journal, pending webhook deliveries and the marks of disabled
+    sinks; idempotent per task (and per sink).
 
     `sqlite_path` must name an existing file (checked by the caller: SQLite would create it).
     """
@@ -48,9 +51,10 @@ async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
         tasks, events, outbox = await target.import_state(
             records.values(), source.journal(), source.pending_outbox(), MIGRATION_REPLICA
         )
+        disabled = await target.import_disabled_sinks(await source.disabled_sinks())
     except DB_ERRORS as err:
         raise ConfigError([f"--to: the copy failed: {type(err).__name__}"]) from None
     finally:
         await source.close()
         await target.close()
-    return MigrationReport(tasks, len(records) - tasks, events, outbox)
+    return MigrationReport(tasks, len(records) - tasks, events, outbox, disabled)

@@ -39,6 +39,7 @@ from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
 from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
 from enkwatch.state.base import (
+    DISABLED_SINK_PREFIX,
     RESET_FIELDS,
     STATE_FIELDS,
     TASK_FIELDS,
@@ -98,6 +99,9 @@ CREATE TABLE IF NOT EXISTS enkwatch_tasks (
     spec jsonb,
     removed boolean NOT NULL DEFAULT false
 );
+-- added after schema 1 was released: a database of an older enkwatch gets them (NULL)
+ALTER TABLE enkwatch_tasks ADD COLUMN IF NOT EXISTS status_since double precision;
+ALTER TABLE enkwatch_tasks ADD COLUMN IF NOT EXISTS stalled_status text;
 CREATE INDEX IF NOT EXISTS enkwatch_tasks_partition ON enkwatch_tasks (partition);
 CREATE TABLE IF NOT EXISTS enkwatch_events (
     task_key text NOT NULL,
@@ -333,6 +337,20 @@ class PgStore:
                 )
                 n_outbox += 1
         return len(copied), n_events, n_outbox
+
+    async def import_disabled_sinks(self, marks: Mapping[str, str]) -> int:
+        """Copy the marks of sinks disabled by a 410 (a mark already here is kept): how many."""
+        copied = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for sink, fingerprint in marks.items():
+                status = await conn.execute(
+                    "INSERT INTO enkwatch_meta (key, value) VALUES ($1, $2) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    DISABLED_SINK_PREFIX + sink,
+                    fingerprint,
+                )
+                copied += int(status.rsplit(" ", 1)[-1])
+        return copied
 
     @guarded
     async def set_task_spec(self, task_key: str, spec: Mapping[str, Any] | None) -> None:
@@ -605,6 +623,40 @@ class PgStore:
     async def delivery_dead(self, row_id: int) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("UPDATE enkwatch_outbox SET state = 'dead' WHERE id = $1", row_id)
+
+    @guarded
+    async def disabled_sinks(self) -> dict[str, str]:
+        """The sinks disabled by a 410 Gone, each with the fingerprint of its config then."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT key, value FROM enkwatch_meta WHERE key LIKE $1",
+                DISABLED_SINK_PREFIX + "%",
+            )
+        return {str(r["key"]).removeprefix(DISABLED_SINK_PREFIX): str(r["value"]) for r in rows}
+
+    @guarded
+    async def disable_sink(self, sink: str, fingerprint: str) -> int:
+        """Remember a disabled sink; its pending deliveries are dropped (returns how many)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO enkwatch_meta (key, value) VALUES ($1, $2) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                DISABLED_SINK_PREFIX + sink,
+                fingerprint,
+            )
+            status = await conn.execute(
+                "UPDATE enkwatch_outbox SET state = 'dead' WHERE sink = $1 AND state = 'pending'",
+                sink,
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
+    @guarded
+    async def enable_sink(self, sink: str) -> None:
+        """Forget that a sink was disabled (its config changed)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM enkwatch_meta WHERE key = $1", DISABLED_SINK_PREFIX + sink
+            )
 
     def outbox_stats(self) -> tuple[int, float | None]:
         return self._outbox_stats

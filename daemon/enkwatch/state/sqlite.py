@@ -29,6 +29,7 @@ from enkwatch.clock import Clock, SystemClock
 from enkwatch.errors import StateNotWritten
 from enkwatch.models import TASK_POLL_FAILED
 from enkwatch.state.base import (
+    DISABLED_SINK_PREFIX,
     RESET_FIELDS,
     STATE_FIELDS,
     TASK_FIELDS,
@@ -67,7 +68,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     watch_started_at REAL NOT NULL,
     polls INTEGER NOT NULL DEFAULT 0,
     outcome TEXT,
-    spec TEXT
+    spec TEXT,
+    status_since REAL,
+    stalled_status TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     task_key TEXT NOT NULL,
@@ -89,6 +92,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
 """
+# columns added after schema 1 was released: a file of an older enkwatch gets them (NULL)
+_ADDED_COLUMNS = (("status_since", "REAL"), ("stalled_status", "TEXT"))
 _TASK_COLUMNS = ", ".join((*TASK_FIELDS, "spec"))
 _INSERT_TASK = (
     f"INSERT OR IGNORE INTO tasks ({_TASK_COLUMNS}) "
@@ -131,6 +136,7 @@ class SqliteStore:
             # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_columns()
             # a table of the same name from another program fails here, before we stamp it
             self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks LIMIT 0")
             self._db.execute("SELECT task_key, seq, body, written FROM events LIMIT 0")
@@ -141,6 +147,14 @@ class SqliteStore:
 
     async def open(self) -> None:
         """Opened in the constructor (errors as early as possible)."""
+
+    def _add_columns(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        if "task_key" not in have:
+            return  # not our table: the check that follows says so
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -323,6 +337,29 @@ class SqliteStore:
     async def delivery_dead(self, row_id: int) -> None:
         with self._writing():
             self._db.execute("UPDATE outbox SET state = 'dead' WHERE id = ?", (row_id,))
+
+    async def disabled_sinks(self) -> dict[str, str]:
+        """The sinks disabled by a 410 Gone, each with the fingerprint of its config then."""
+        rows = self._db.execute(
+            "SELECT key, value FROM meta WHERE key LIKE ?", (DISABLED_SINK_PREFIX + "%",)
+        ).fetchall()
+        return {str(k).removeprefix(DISABLED_SINK_PREFIX): str(v) for k, v in rows}
+
+    async def disable_sink(self, sink: str, fingerprint: str) -> int:
+        """Remember a disabled sink; its pending deliveries are dropped (returns how many)."""
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (DISABLED_SINK_PREFIX + sink, fingerprint),
+            )
+            cur = self._db.execute(
+                "UPDATE outbox SET state = 'dead' WHERE sink = ? AND state = 'pending'", (sink,)
+            )
+        return cur.rowcount
+
+    async def enable_sink(self, sink: str) -> None:
+        """Forget that a sink was disabled (its config changed)."""
+        self._db.execute("DELETE FROM meta WHERE key = ?", (DISABLED_SINK_PREFIX + sink,))
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """Pending deliveries and the age in seconds of the oldest."""
