@@ -462,7 +462,25 @@ def test_load_scenario_missing_file(tmp_path: Path) -> None:
     assert problems == ["cannot read the scenario: No such file or directory"]
 
 
-_keys = st.sampled_from(["api_key", "tasks", "task_id", "dataset", "timeline", "status", "kind"])
+_keys = st.sampled_from(
+    [
+        "api_key",
+        "tasks",
+        "task_id",
+        "dataset",
+        "timeline",
+        "status",
+        "kind",
+        "test_name",
+        "run_id",
+        "starts",
+        "fields",
+        "model_config",
+        "list_faults",
+        "redteam",
+        "max_per_page",
+    ]
+)
 _yamlish = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),

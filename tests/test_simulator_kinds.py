@@ -621,3 +621,26 @@ async def test_the_documented_scenario_serves_every_kind(
     assert (await body(f"/rt/runs/{run_id}"))["status"] == "completed"
     finished = await body("/redteam/list-tasks?status=Finished")
     assert [t["test_name"] for t in finished["tasks"]] == ["nightly-llama", "nightly-gpt"]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"page": ""}, 422),
+        ({"page": "1.5"}, 422),
+        ({"page": "9" * 5000}, 422),  # longer than int() takes
+        ({"page": "99999999999999999999"}, 200),  # far past the last page: empty
+        ({"per_page": "99999999999999999999"}, 422),
+        ({"per_page": " 3 "}, 200),
+        ({"status": ""}, 422),
+        ({"status": "Finished", "extra": "x"}, 200),  # unknown parameters are ignored
+    ],
+)
+async def test_odd_list_queries_are_answered(
+    aiohttp_client: MakeClient, clock: FakeClock, params: dict[str, str], expected: int
+) -> None:
+    client = await aiohttp_client(build_app(scenario(redteam(1)), clock))
+    status, body = await get(client, "/redteam/list-tasks", **params)
+    assert status == expected, body
+    if status == 200:
+        assert body["pagination"]["has_next"] is False
