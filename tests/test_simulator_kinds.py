@@ -301,7 +301,7 @@ async def test_redteam_list_items_carry_their_status(
     sc = scenario(
         redteam(1, ("Running", 10), ("Finished", None)),
         redteam(2, ("Queued", 5), ("Running", None), project_name="support"),
-        redteam(3, ("Failed", None), created_at="2025-12-31T00:00:00+00:00"),
+        redteam(3, ("Failed", None), created_at="2025-12-31T00:00:00"),  # no offset: UTC
         dataset(4),
         starts="at_start",
     )

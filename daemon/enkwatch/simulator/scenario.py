@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal, Self
@@ -149,6 +149,14 @@ class ScenarioTask(_Model):
             if phase.seconds is None:
                 raise ValueError(f"timeline[{i}] needs seconds: only the last phase stays")
         return timeline
+
+    @field_validator("created_at")
+    @classmethod
+    def _aware(cls, moment: datetime | None) -> datetime | None:
+        # a time without an offset is UTC, so every job's created_at orders with the others
+        if moment is not None and moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> Self:
