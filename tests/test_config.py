@@ -111,6 +111,7 @@ def test_normalized_watch_list_applies_defaults() -> None:
     assert normalized_watch_list(config) == [
         {
             "task_key": TASK_ID,
+            "kind": "dataset",
             "task_id": TASK_ID,
             "dataset": None,
             "interval_seconds": 7,
@@ -119,6 +120,7 @@ def test_normalized_watch_list_applies_defaults() -> None:
         },
         {
             "task_key": "dataset:FinanceQA",
+            "kind": "dataset",
             "task_id": None,
             "dataset": "FinanceQA",
             "interval_seconds": 2,

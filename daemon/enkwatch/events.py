@@ -40,6 +40,7 @@ from enkwatch.models import (
     TASK_POLL_FAILED,
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
+    TaskKind,
 )
 from enkwatch.output import DirectLines, Lines, LineWriter, StdoutUnusable
 from enkwatch.state.base import EventJournal, JournaledEvent, TaskRecord
@@ -223,6 +224,7 @@ class WatchedTask(Protocol):
     dataset: str | None
     labels: dict[str, str]
     record: TaskRecord
+    kind: TaskKind
 
 
 class EventWriter:
@@ -281,8 +283,11 @@ class EventWriter:
             "timestamp": rfc3339(self._clock.now()),
             "level": level,
             "event": name,
-            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
-            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            **task.kind.identity(
+                task.task_id if task.task_id is not None else rec.seen_task_id,
+                task.dataset if task.dataset is not None else rec.seen_dataset,
+            ),
+            "kind": task.kind.name,
             "task_key": task.key,
             "seq": rec.seq,
             "event_id": f"{task.key}:{rec.seq}",

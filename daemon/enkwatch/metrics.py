@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from enkwatch import events as ev
 from enkwatch.clock import Clock
-from enkwatch.kinds import KNOWN_STATUSES
+from enkwatch.kinds import KINDS
 from enkwatch.limits import RequestGate
 from enkwatch.output import Lines
 from enkwatch.watch import TaskWatch
@@ -41,8 +41,8 @@ class Metrics:
         r = self.registry
         self.polls = Counter(
             "enkwatch_polls",
-            "Polls (requests) by outcome: ok or the error kind.",
-            ["outcome"],
+            "Polls (requests) by kind of job and outcome: ok or the error kind.",
+            ["kind", "outcome"],
             registry=r,
         )
         self.poll_latency = Histogram(
@@ -53,8 +53,8 @@ class Metrics:
         )
         self.transitions = Counter(
             "enkwatch_transitions",
-            "Status transitions emitted, by previous and new status.",
-            ["from_status", "to_status"],
+            "Status transitions emitted, by kind of job, previous and new status.",
+            ["kind", "from_status", "to_status"],
             registry=r,
         )
         self.events = Counter("enkwatch_events", "Events emitted, by name.", ["event"], registry=r)
@@ -85,17 +85,17 @@ class Metrics:
         )
         # replicas only: a single daemon shows no replica metric
         self.takeover = _takeover_histogram(r) if replicas else None
-        self._poll_children: dict[str, Any] = {}
+        self._poll_children: dict[tuple[str, str], Any] = {}
 
     def observe_takeover(self, seconds: float) -> None:
         if self.takeover is not None:
             self.takeover.observe(seconds)
 
-    def observe_poll(self, outcome: str, seconds: float) -> None:
+    def observe_poll(self, kind: str, outcome: str, seconds: float) -> None:
         # a poll's hot path: the labelled child is looked up once per outcome, then cached
-        child = self._poll_children.get(outcome)
+        child = self._poll_children.get((kind, outcome))
         if child is None:
-            child = self._poll_children[outcome] = self.polls.labels(outcome)
+            child = self._poll_children[kind, outcome] = self.polls.labels(kind, outcome)
         child.inc()
         self.poll_latency.observe(seconds)
 
@@ -108,7 +108,7 @@ class Metrics:
             return
         previous = body.get("previous_status") or "none"
         status = body.get("status") or "none"
-        self.transitions.labels(previous, status).inc()
+        self.transitions.labels(body.get("kind") or "dataset", previous, status).inc()
         if body.get("terminal"):
             created = _parse_time(body.get("created_at"))
             seen = _parse_time(body.get("timestamp"))
@@ -202,14 +202,14 @@ class StateGauges(Collector):
         )
 
     def _task_gauges(self) -> Iterator[Metric]:
-        by_status: Tally[str] = Tally()
+        by_status: Tally[tuple[str, str]] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
         now = self._clock.now().timestamp()
         for task in self.tasks():
             label = _status_label(task)
-            by_status[label] += 1
+            by_status[task.kind.name, label] += 1
             if not task.done:
                 since = task.status_since or task.record.watch_started_at
                 age_by_status[label] = max(age_by_status.get(label, 0.0), now - since)
@@ -217,10 +217,13 @@ class StateGauges(Collector):
                 failing += 1
                 worst = max(worst, task.failures)
         tasks = GaugeMetricFamily(
-            "enkwatch_tasks", "Watched tasks by current status.", labels=["status"]
+            "enkwatch_tasks",
+            "Watched tasks by kind of job and current status.",
+            labels=["kind", "status"],
         )
-        for status in (*sorted(KNOWN_STATUSES), "unknown", "none", "gave_up"):
-            tasks.add_metric([status], by_status.get(status, 0))
+        for kind in KINDS.values():
+            for status in (*sorted(kind.statuses), "unknown", "none", "gave_up"):
+                tasks.add_metric([kind.name, status], by_status.get((kind.name, status), 0))
         yield tasks
         age = GaugeMetricFamily(
             "enkwatch_task_status_age_seconds_max",

@@ -69,10 +69,11 @@ def clean_text(text: str, limit: int = MAX_STATUS_CHARS) -> str:
 class Observation:
     """One successful answer about one task, parsed by its kind."""
 
+    # the job's id (a run's run_id) and its name (a dataset's name, a test's test_name)
     task_id: str
-    dataset_name: str
+    dataset_name: str | None
     status: str
-    created_at: str
+    created_at: str | None
     started_at: str | None
     data: dict[str, Any]
     # in the kind's vocabulary (else a task.unknown_status), and one of its terminal statuses
@@ -92,6 +93,7 @@ class TaskKind(Protocol):
     # terminal statuses that count as Failed (exit code 1, a warning transition)
     failed: frozenset[str]
 
+    # `task_id` is the job's id (a run's run_id), `dataset` its name (a test's test_name)
     def path(self, task_id: str | None, dataset: str | None) -> str:
         """The request's path below the API's base URL."""
         ...
@@ -100,7 +102,11 @@ class TaskKind(Protocol):
         """The request's identifying headers (a new dict: the client adds the key)."""
         ...
 
+    def identity(self, task_id: str | None, name: str | None) -> dict[str, Any]:
+        """The identifying fields of a task event (`task_id`, `dataset`, the kind's own)."""
+        ...
+
     def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
         """An Observation from a decoded 200 answer to the request for `task_id` (else
-        `dataset`); ValueError naming what is wrong, also when it is about another task."""
+        `dataset`); ValueError naming what is wrong, also when it is about another job."""
         ...

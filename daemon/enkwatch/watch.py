@@ -24,7 +24,7 @@ from enkwatch.errors import (
     UnauthorizedAnswer,
 )
 from enkwatch.events import EventWriter
-from enkwatch.kinds import DEFAULT_KIND
+from enkwatch.kinds import DEFAULT_KIND, KINDS
 from enkwatch.models import Observation, TaskKind
 from enkwatch.state.base import TaskRecord
 
@@ -84,6 +84,7 @@ class TaskWatch:
     """A watched task: its config, its durable record, and what lives only in memory."""
 
     key: str
+    # the job's id (a run's run_id) and name (a dataset's name, a red-team test's test_name)
     task_id: str | None
     dataset: str | None
     labels: dict[str, str]
@@ -111,13 +112,14 @@ class TaskWatch:
     ) -> TaskWatch:
         return cls(
             key=task.key,
-            task_id=task.task_id,
-            dataset=task.dataset,
+            task_id=task.ident,
+            dataset=task.name,
             # most tasks have none: share one empty mapping instead of a dict each
             labels=dict(task.labels) if task.labels else NO_LABELS,
             interval_s=task.interval_seconds or polling.interval_seconds,
             deadline_s=task.deadline_seconds,
             record=record,
+            kind=KINDS[task.kind],
             source=source,
         )
 
@@ -169,7 +171,7 @@ class Poller:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         may_poll: Callable[[str], bool] | None = None,
-        observe_poll: Callable[[str, float], None] | None = None,
+        observe_poll: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._client = client
         self._writer = writer
@@ -179,7 +181,7 @@ class Poller:
         self._sleep = sleep
         # with leases: may this replica poll the task now (does it hold a fresh lease)?
         self._may_poll = may_poll
-        # after each request: "ok" or the error kind, and the seconds it took
+        # after each request: the job's kind, "ok" or the error kind, and the seconds it took
         self._observe_poll = observe_poll
         # the durable fields of each task being polled (by watch: a task dropped and adopted
         # again is another watch) as last committed, rolled back to when the local state
@@ -204,15 +206,15 @@ class Poller:
             try:
                 obs = await self._request(task)
             except NotFound as err:
-                self._observe(OUTCOME_NOT_FOUND, started)
+                self._observe(task, OUTCOME_NOT_FOUND, started)
                 return await self._not_found(task, err)
             except PollError as err:
-                self._observe(err.kind, started)
+                self._observe(task, err.kind, started)
                 return await self._failed(task, err)
-            self._observe(OUTCOME_OK, started)
+            self._observe(task, OUTCOME_OK, started)
             return await self._observed(task, obs)
         except AuthError as err:
-            self._observe(OUTCOME_UNAUTHORIZED, started)
+            self._observe(task, OUTCOME_UNAUTHORIZED, started)
             return AuthRejected(err.http_status)
         except DeadlineReached:
             return await self.expire(task)
@@ -240,9 +242,9 @@ class Poller:
         except (LeaseLost, StateUnavailable):
             return LOST
 
-    def _observe(self, outcome: str, started: float) -> None:
+    def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:
-            self._observe_poll(outcome, self._clock.monotonic() - started)
+            self._observe_poll(task.kind.name, outcome, self._clock.monotonic() - started)
 
     async def _send(self, task: TaskWatch) -> Observation:
         """One request for `task`, counted in its polls if it was sent."""

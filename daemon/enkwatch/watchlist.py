@@ -20,6 +20,7 @@ from enkwatch.clock import Clock
 from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
 from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
+from enkwatch.kinds import KINDS
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
@@ -88,7 +89,7 @@ class WatchList:
         for cfg in self.config.tasks:
             record = records.get(cfg.key)
             if record is None:
-                record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+                record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now)
                 new.append(record)
             self.tasks[cfg.key] = self._watch(cfg, record, SOURCE_CONFIG)
         await self._store.add_tasks(new)
@@ -102,7 +103,7 @@ class WatchList:
         """Make sure every task of our config has its row (idempotent)."""
         now = self._clock.now().timestamp()
         await self._store.add_tasks(
-            [TaskRecord(c.key, c.task_id, c.dataset, now) for c in self._config_tasks.values()]
+            [TaskRecord(c.key, c.ident, c.name, now) for c in self._config_tasks.values()]
         )
 
     def _settle_config(self) -> None:
@@ -133,7 +134,7 @@ class WatchList:
     ) -> TaskWatch:
         if record is None:
             now = self._clock.now().timestamp()
-            record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+            record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now)
             await self._store.add_task(record)
         return self._watch(cfg, record, source)
 
@@ -259,10 +260,12 @@ class WatchList:
             since = ev.rfc3339(datetime.fromtimestamp(task.status_since, UTC))
         elif rec.last_status is not None and self._status_times is not None:
             since = self._status_times.get(task.key)
+        ident = task.task_id if task.task_id is not None else rec.seen_task_id
+        name = task.dataset if task.dataset is not None else rec.seen_dataset
         return {
             "task_key": task.key,
-            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
-            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "kind": task.kind.name,
+            **task.kind.identity(ident, name),
             "labels": task.labels,
             "source": task.source,
             "status": rec.last_status,
@@ -350,8 +353,9 @@ class WatchList:
 
 def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
     return (
-        task.task_id != cfg.task_id
-        or task.dataset != cfg.dataset
+        task.kind.name != cfg.kind
+        or task.task_id != cfg.ident
+        or task.dataset != cfg.name
         or task.labels != cfg.labels
         or task.interval_s != (cfg.interval_seconds or config.polling.interval_seconds)
         or task.deadline_s != cfg.deadline_seconds
@@ -359,8 +363,9 @@ def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
 
 
 def _update(task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
-    task.task_id = cfg.task_id
-    task.dataset = cfg.dataset
+    task.kind = KINDS[cfg.kind]
+    task.task_id = cfg.ident
+    task.dataset = cfg.name
     task.labels = dict(cfg.labels) if cfg.labels else NO_LABELS
     task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
     task.deadline_s = cfg.deadline_seconds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from enkwatch.models import Observation, clean_text
 
@@ -51,6 +51,9 @@ class DatasetKind:
         if dataset is not None:
             headers[DATASET_HEADER] = dataset
         return headers
+
+    def identity(self, task_id: str | None, name: str | None) -> dict[str, Any]:
+        return {"task_id": task_id, "dataset": name}
 
     def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
         obs = parse_observation(payload)
