@@ -301,6 +301,56 @@ class TaskConfig(_Model):
         return task_key(self.kind, self.ident, self.name)
 
 
+# the kinds with a list call, and the statuses a list call filters by
+LISTED_KINDS: Final = ("dataset", "redteam")
+LIST_STATUSES: Final = ("Queued", "Running", "Finished", "Failed")
+MATCH_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "dataset": frozenset({"dataset"}),
+    "redteam": frozenset({"task_id", "test_name", "model_name", "project_name"}),
+}
+
+
+class DiscoverConfig(_Model):
+    """One entry of `discover`: sweep a kind's list pages and watch every matching job."""
+
+    kind: TaskKindName = "dataset"
+    statuses: list[str] = Field(default_factory=lambda: ["Queued", "Running"], min_length=1)
+    every_seconds: IntervalSeconds = 60.0
+    # field -> a glob (`nightly-*`); every one must match
+    match: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    # for the jobs found (default: polling.interval_seconds, no deadline)
+    interval_seconds: IntervalSeconds | None = None
+    deadline_seconds: DeadlineSeconds | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _scalar_labels(cls, value: object) -> object:
+        return _labels_as_text(value)
+
+    @field_validator("statuses")
+    @classmethod
+    def _known_statuses(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in LIST_STATUSES]
+        if unknown:
+            raise ValueError(
+                f"unknown status(es) {', '.join(unknown)}; choose from {', '.join(LIST_STATUSES)}"
+            )
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _listed_kind(self) -> DiscoverConfig:
+        if self.kind not in LISTED_KINDS:
+            raise ValueError(f"kind {self.kind} has no list call to discover from")
+        unknown = sorted(set(self.match) - MATCH_FIELDS[self.kind])
+        if unknown:
+            raise ValueError(
+                f"match: {', '.join(unknown)} cannot be matched for kind {self.kind}; "
+                f"use {', '.join(sorted(MATCH_FIELDS[self.kind]))}"
+            )
+        return self
+
+
 class Config(_Model):
     """The whole config file."""
 
@@ -310,6 +360,7 @@ class Config(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     tasks: list[TaskConfig] = Field(default_factory=list)
+    discover: list[DiscoverConfig] = Field(default_factory=list)
 
 
 def key_path(loc: Sequence[int | str]) -> str:

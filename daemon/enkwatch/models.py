@@ -26,6 +26,8 @@ DAEMON_STOPPED: Final = "daemon.stopped"
 SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
 STATE_UNAVAILABLE: Final = "state.unavailable"
 STATE_RECOVERED: Final = "state.recovered"
+TASK_DISCOVERED: Final = "task.discovered"
+DISCOVERY_FAILED: Final = "discovery.failed"
 
 # the `hint` of api.auth_failed
 AUTH_HINT: Final = (
@@ -47,6 +49,8 @@ WEBHOOK_EVENTS: Final = frozenset(
         DAEMON_STOPPING,
         DAEMON_STOPPED,
         SINK_DELIVERY_FAILED,
+        TASK_DISCOVERED,
+        DISCOVERY_FAILED,
     }
 )
 
@@ -109,4 +113,38 @@ class TaskKind(Protocol):
     def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
         """An Observation from a decoded 200 answer to the request for `task_id` (else
         `dataset`); ValueError naming what is wrong, also when it is about another job."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListedJob:
+    """One job named by a list page: its id and/or name, its status, its fields for `match`."""
+
+    task_id: str | None
+    name: str | None
+    status: str
+    fields: dict[str, str]
+    # the item as the API gave it (a redteam item is also an Observation of the job)
+    observation: Observation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a list call; `has_next` False also for an answer without pagination."""
+
+    items: list[ListedJob]
+    has_next: bool
+    total_count: int | None
+
+
+class Lister(Protocol):
+    """A kind with a list call (`dataset`, `redteam`; a run has none)."""
+
+    name: str
+    list_path: str
+    # the keys `discover[].match` may name
+    match_fields: frozenset[str]
+
+    def parse_list(self, payload: object, status: str) -> ListPage:
+        """The page of a decoded 200 list answer for the status filter `status`."""
         ...

@@ -20,6 +20,7 @@ from enkwatch.admin import AdminView, serve_admin
 from enkwatch.client import ApiClient
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
+from enkwatch.discovery import Discoverer
 from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
 from enkwatch.health import Health, Outcome, StopReason, tune_gc
@@ -35,12 +36,9 @@ from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
 from enkwatch.watchlist import WatchList
 
-# Docker gives 10 s between SIGTERM and SIGKILL: drain in-flight polls for at most this long
-MAX_DRAIN_S: Final = 5.0
-# with --exit-when-done, wait this long at most for the webhook outbox to empty
-OUTBOX_FLUSH_S: Final = 10.0
-# poll counts (statistics; every event stores them too) are checkpointed this often
-CHECKPOINT_EVERY_S: Final = 60.0
+MAX_DRAIN_S: Final = 5.0  # Docker gives 10 s between SIGTERM and SIGKILL: drain polls in 5
+OUTBOX_FLUSH_S: Final = 10.0  # --exit-when-done: the longest wait for the outbox to empty
+CHECKPOINT_EVERY_S: Final = 60.0  # poll counts (statistics: every event stores them too)
 CONFIG_CHECK_EVERY_S: Final = 2.0
 WATCHDOG_EVERY_S: Final = 1.0
 # at the end, lines still queued for a stalled stdout reader are waited for this long
@@ -221,6 +219,11 @@ class Service:
         stack.push_async_callback(outbox.close)
         self.running = Running(store, owner, writer, sched, watchlist, gate, outbox, timers)
         await self._start_jobs(stack, timers, owner, watchlist)
+        if self.config.discover:  # sweeps start now; their first request comes after this
+            finder = Discoverer(self.config, client, watchlist, writer, owner.may_poll, self._rng)
+            finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
+            stack.push_async_callback(finder.stop)
+            finder.start(timers)
         return self.running
 
     async def _start_jobs(
@@ -275,9 +278,9 @@ class Service:
             self.request_stop(StopReason.ALL_DONE)
 
     def _poll_ended(
-        self, owner: Owner, writer: EventWriter, task: TaskWatch, result: PollResult
+        self, owner: Owner, writer: EventWriter, task: TaskWatch | None, result: PollResult
     ) -> None:
-        if result is LOST:
+        if result is LOST and task is not None:
             owner.lost(task.key)
         elif isinstance(result, AuthRejected):
             if not self.health.auth_failed:

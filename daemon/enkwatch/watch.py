@@ -35,6 +35,8 @@ DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
 # a write the local state refused (disk full) is tried again at the earliest this much later
 STATE_RETRY_MIN_S: Final = 1.0
+# a task found by a `discover:` sweep (its first event is task.discovered)
+SOURCE_DISCOVERED: Final = "discovered"
 # the outcome of a request, besides the error kinds (the `outcome` label of enkwatch_polls)
 OUTCOME_OK: Final = "ok"
 OUTCOME_NOT_FOUND: Final = "not_found"
@@ -203,6 +205,8 @@ class Poller:
         started = self._clock.monotonic()
         self._committed[task] = _durable(task.record)
         try:
+            if task.source == SOURCE_DISCOVERED and task.record.seq == 0:
+                await self._emit(task, ev.TASK_DISCOVERED, ev.INFO, source=SOURCE_DISCOVERED)
             try:
                 obs = await self._request(task)
             except NotFound as err:

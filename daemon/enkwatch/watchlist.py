@@ -24,7 +24,7 @@ from enkwatch.kinds import KINDS
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
-from enkwatch.watch import NO_LABELS, TaskWatch
+from enkwatch.watch import NO_LABELS, SOURCE_DISCOVERED, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
 RESTART_SECTIONS: Final = ("api", "state", "admin", "sinks")
@@ -123,11 +123,13 @@ class WatchList:
             return self._watch(cfg, record, SOURCE_CONFIG)
         if record.spec is None:
             return None
+        spec = dict(record.spec)
+        source = SOURCE_DISCOVERED if spec.pop("source", None) == SOURCE_DISCOVERED else SOURCE_API
         try:
-            cfg = validate_task_entry(record.spec)
+            cfg = validate_task_entry(spec)
         except ConfigError:
             return None
-        return self._watch(cfg, record, SOURCE_API)
+        return self._watch(cfg, record, source)
 
     async def _watch_for(
         self, cfg: TaskConfig, source: str, record: TaskRecord | None
@@ -237,6 +239,29 @@ class WatchList:
         task.record.spec = spec
         self._owner.admit(task)
         return self.describe(task)
+
+    async def known_keys(self) -> set[str]:
+        """Every task key stored or watched here, also ended and removed ones (discovery)."""
+        return set(await self._store.load_tasks()) | set(self.tasks)
+
+    async def discover(self, entry: dict[str, Any], job: object = None) -> bool:
+        """Watch a job found by discovery, as if added through the API; False if not new.
+
+        Stored once (an insert if absent: with replicas, whichever sweeps adds it once);
+        `task.discovered` is its first event, written by whoever polls it first.
+        """
+        try:
+            cfg = validate_task_entry(entry)
+        except ConfigError:
+            return False  # a name from the API that cannot travel in a header
+        if cfg.key in self.tasks or self.stopped:
+            return False
+        spec = {**cfg.model_dump(mode="json", exclude_none=True), "source": SOURCE_DISCOVERED}
+        now = self._clock.now().timestamp()
+        record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now, spec=spec)
+        await self._store.add_task(record)
+        self._owner.admit(self._watch(cfg, record, SOURCE_DISCOVERED))
+        return True
 
     async def remove_task(self, task_key: str) -> bool:
         if not await self._owner.watches(task_key):

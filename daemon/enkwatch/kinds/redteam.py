@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from enkwatch.kinds.dataset import FAILED, FINISHED, QUEUED, RUNNING, normalize_timestamp
-from enkwatch.models import Observation, clean_text
+from enkwatch.kinds.dataset import (
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    normalize_timestamp,
+    parse_pagination,
+)
+from enkwatch.models import ListedJob, ListPage, Observation, clean_text
 
 PATH: Final = "/redteam/get-task"
 LIST_PATH: Final = "/redteam/list-tasks"
 TASK_ID_HEADER: Final = "X-Enkrypt-Task-ID"
 TEST_NAME_HEADER: Final = "X-Enkrypt-Test-Name"
 REQUIRED_FIELDS: Final = ("task_id", "test_name", "status")
+MATCH_FIELDS: Final = frozenset({"task_id", "test_name", "model_name", "project_name"})
 
 _CANONICAL: Final[dict[str, str]] = {s: s for s in (QUEUED, RUNNING, FINISHED, FAILED)}
 
@@ -20,6 +28,8 @@ class RedteamKind:
     """A red-team test of the task API: a task id and/or a test name."""
 
     name = "redteam"
+    list_path = LIST_PATH
+    match_fields: frozenset[str] = MATCH_FIELDS
     statuses: frozenset[str] = frozenset({QUEUED, RUNNING, FINISHED, FAILED})
     terminal: frozenset[str] = frozenset({FINISHED, FAILED})
     failed: frozenset[str] = frozenset({FAILED})
@@ -49,11 +59,24 @@ class RedteamKind:
         check_identity(obs, task_id, dataset)
         return obs
 
-    def parse_item(self, item: object) -> Observation:
-        """One item of a `list-tasks` answer (each carries its own status)."""
-        if not isinstance(item, dict):
-            raise ValueError("a list item is not an object")
-        return observe_item(item, "item")
+    def parse_list(self, payload: object, status: str) -> ListPage:
+        """A `list-tasks` page: each item carries its own status (an item not usable is skipped)."""
+        if not isinstance(payload, dict):
+            raise ValueError(f"body is a JSON {type(payload).__name__}, not an object")
+        raw = payload.get("tasks")
+        if not isinstance(raw, list):
+            raise ValueError("'tasks' is missing or not a list")
+        items = []
+        for item in raw:
+            try:
+                obs = observe_item(item, "item") if isinstance(item, dict) else None
+            except ValueError:
+                obs = None
+            if obs is not None:
+                fields = {k: v for k in MATCH_FIELDS if isinstance(v := item.get(k), str)}
+                items.append(ListedJob(obs.task_id, obs.dataset_name, obs.status, fields, obs))
+        has_next, total = parse_pagination(payload)
+        return ListPage(items, has_next, total)
 
 
 def observe_item(data: dict[str, Any], where: str) -> Observation:
