@@ -127,11 +127,13 @@ class Discoverer:
 
     # -- scheduling ------------------------------------------------------------------------
 
-    def start(self, timers: Periodic) -> None:
-        """Sweep every entry now, then every `every_seconds` (through the daemon's timers)."""
+    def start(self, timers: Periodic) -> Callable[[], Awaitable[None]]:
+        """Sweep every entry now, then every `every_seconds` (through the daemon's timers);
+        returns `stop`, for the caller's cleanup."""
         for i, entry in enumerate(self.entries):
             self.tick(i)
             timers.every(entry.every_seconds, functools.partial(self._tick, i), f"discover-{i}")
+        return self.stop
 
     async def _tick(self, i: int) -> None:
         self.tick(i)

@@ -23,7 +23,7 @@ from enkwatch.config import Config
 from enkwatch.discovery import Discoverer
 from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
-from enkwatch.health import Health, Outcome, StopReason, tune_gc
+from enkwatch.health import WATCHDOG_EVERY_S, Health, Outcome, StopReason, tune_gc
 from enkwatch.limits import RequestGate
 from enkwatch.livefeed import EventFeed
 from enkwatch.metrics import Metrics, StateGauges
@@ -40,9 +40,7 @@ MAX_DRAIN_S: Final = 5.0  # Docker gives 10 s between SIGTERM and SIGKILL: drain
 OUTBOX_FLUSH_S: Final = 10.0  # --exit-when-done: the longest wait for the outbox to empty
 CHECKPOINT_EVERY_S: Final = 60.0  # poll counts (statistics: every event stores them too)
 CONFIG_CHECK_EVERY_S: Final = 2.0
-WATCHDOG_EVERY_S: Final = 1.0
-# at the end, lines still queued for a stalled stdout reader are waited for this long
-STDOUT_FLUSH_S: Final = 1.5
+STDOUT_FLUSH_S: Final = 1.5  # at the end, the longest wait for lines of a stalled reader
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +220,7 @@ class Service:
         if self.config.discover:  # sweeps start now; their first request comes after this
             finder = Discoverer(self.config, client, watchlist, writer, owner.may_poll, self._rng)
             finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
-            stack.push_async_callback(finder.stop)
-            finder.start(timers)
+            stack.push_async_callback(finder.start(timers))
         return self.running
 
     async def _start_jobs(
