@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from enkwatch.client import parse_body
@@ -111,3 +112,29 @@ def test_redteam_answers() -> None:
     )
     with pytest.raises(InvalidResponse, match="test_name"):
         parse_body(REDTEAM, b'{"data": {"task_id": "t", "status": "Running"}}')
+
+
+def test_an_answer_about_another_job_is_invalid() -> None:
+    run = b'{"id": "rt-2", "status": "running"}'
+    assert parse_body(REDTEAM_RUN, run, 200, "rt-2", None).status == "Running"
+    with pytest.raises(InvalidResponse, match="not the run asked for"):
+        parse_body(REDTEAM_RUN, run, 200, "rt-1", None)
+    test = b'{"data": {"task_id": "t2", "test_name": "n2", "status": "Running"}}'
+    assert parse_body(REDTEAM, test, 200, "t2", "anything").task_id == "t2"
+    with pytest.raises(InvalidResponse, match="not the task asked for"):
+        parse_body(REDTEAM, test, 200, "t1", None)
+    with pytest.raises(InvalidResponse, match="not the test asked for"):
+        parse_body(REDTEAM, test, 200, None, "n1")
+
+
+def test_odd_statuses_are_cleaned_and_cut() -> None:
+    long = "x" * 100 + "\x1b[31m"
+    run = parse_body(REDTEAM_RUN, orjson.dumps({"id": "r", "status": long}))
+    assert len(run.status) == 64 and run.status.endswith("\u2026") and "\x1b" not in run.status
+    body = b'{"data": {"task_id": "t", "test_name": "n", "status": "Paused\\r\\nX"}}'
+    assert parse_body(REDTEAM, body).status == "PausedX"
+    page = REDTEAM.parse_list({"tasks": [{"task_id": "t", "test_name": "n", "status": long}]}, "")
+    assert len(page.items[0].status) == 64
+    for bad in (b'{"id": "r", "status": "\\u0007"}',):
+        with pytest.raises(InvalidResponse, match="printable"):
+            parse_body(REDTEAM_RUN, bad)

@@ -72,7 +72,7 @@ def check_identity(obs: Observation, task_id: str | None, dataset: str | None) -
         if obs.task_id != task_id:
             raise ValueError(f"data.task_id is {_shown(obs.task_id)}, not the task asked for")
     elif dataset is not None and obs.dataset_name != dataset:
-        shown = _shown(obs.dataset_name)
+        shown = _shown(obs.dataset_name or "")
         raise ValueError(f"data.dataset_name is {shown}, not the dataset asked for")
 
 
