@@ -123,3 +123,36 @@ async def test_discovered_once_watched_to_the_end_and_not_again(
     assert stats.by_endpoint.get("/redteam/get-task", 0) == sum(
         stats.by_task.get(f"rt-task-{n:04d}", 0) for n in (1, 2)
     )
+
+
+async def test_exit_when_done_waits_for_the_first_sweep(
+    tmp_path: Path,
+    serve: Serve,
+    enkwatch: Spawn,  # noqa: F811
+) -> None:
+    # only `discover:` and a first sweep that fails twice: the empty watch list before it is
+    # not "all done"; the daemon exits once the job that sweep finds has ended
+    url, _ = await serve(
+        tasks=[rt(1, "nightly-1", timeline("Running", 4, "Finished"))],
+        list_faults={"redteam": [{"kind": "http_500", "requests": 2}]},
+    )
+    cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "state.db"))
+    proc = await enkwatch("run", "--exit-when-done", "--config", cfg)
+    assert await proc.wait_exit() == 0
+    assert len(proc.named("discovery.failed")) == 2
+    assert [e["task_key"] for e in proc.named("task.discovered")] == ["redteam:rt-task-0001"]
+    (done,) = proc.named("daemon.all_done")
+    assert (done["finished"], done["failed"], done["gave_up"]) == (1, 0, 0)
+
+
+async def test_exit_when_done_with_nothing_to_discover(
+    tmp_path: Path,
+    serve: Serve,
+    enkwatch: Spawn,  # noqa: F811
+) -> None:
+    url, stats = await serve(tasks=[rt(1, "weekly-1", timeline("Running"))])
+    cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "state.db"))
+    proc = await enkwatch("run", "--exit-when-done", "--config", cfg)
+    assert await proc.wait_exit() == 0
+    assert stats.by_endpoint.get(LIST, 0) >= 2  # both statuses read before "all done"
+    assert proc.named("daemon.all_done")[0]["finished"] == 0

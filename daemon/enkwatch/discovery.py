@@ -49,6 +49,8 @@ class FoundJobs(Protocol):
 
     async def discover(self, entry: dict[str, Any], job: object = None) -> bool: ...
 
+    def swept(self, entry: int) -> None: ...
+
 
 class Periodic(Protocol):
     """The daemon's timers (schedule.Timers)."""
@@ -149,11 +151,13 @@ class Discoverer:
     async def run(self, i: int) -> None:
         """One sweep of entry `i`, retried with backoff until it succeeds or the daemon stops."""
         if self._may_sweep is not None and not self._may_sweep(f"discover:{i}"):
+            self._jobs.swept(i)  # another replica's
             return
         attempt = 0
         while not self.stopped:
             try:
                 await self.sweep(self.entries[i])
+                self._jobs.swept(i)
                 return
             except _Rejected as err:
                 self.on_auth_failed(err.http_status)

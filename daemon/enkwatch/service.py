@@ -268,7 +268,7 @@ class Service:
     def _check_all_done(self, watchlist: WatchList) -> None:
         if not self.exit_when_done or self._stop.is_set():
             return
-        if all(t.done for t in watchlist.tasks.values()):
+        if watchlist.all_done():
             assert self.running is not None
             outcomes: dict[str, Any] = watchlist.outcomes()
             self.running.writer.daemon_event(ev.DAEMON_ALL_DONE, **outcomes)

@@ -79,6 +79,8 @@ class WatchList:
         # since when each task has its status, from the journal: read once, when first asked
         # (a transition seen by this process is in the task itself)
         self._status_times: dict[str, str] | None = None
+        # `discover:` entries whose first sweep has not ended: the list is not complete yet
+        self.sweeps_pending: set[int] = set(range(len(config.discover)))
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -152,6 +154,17 @@ class WatchList:
         """Stop watching a task here."""
         self.tasks.pop(task.key, None)
         self._scheduler.remove(task)
+
+    def all_done(self) -> bool:
+        """Every task ended, and every `discover:` entry swept once (`--exit-when-done`: with
+        only `discover:`, an empty list before the first sweep is not "all done")."""
+        return not self.sweeps_pending and all(t.done for t in self.tasks.values())
+
+    def swept(self, entry: int) -> None:
+        """Discovery's first sweep of `discover:` entry `entry` ended."""
+        if entry in self.sweeps_pending:
+            self.sweeps_pending.discard(entry)
+            self._on_change()
 
     def outcomes(self) -> dict[str, int]:
         """How many tasks finished, failed, and were given up."""
