@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -20,6 +21,7 @@ from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app
 from tests.test_e2e import (  # noqa: F401  (enkwatch: the fixture)
     Spawn,
     enkwatch,
+    free_port,
     is_transition,
     timeline,
     until,
@@ -61,8 +63,23 @@ async def serve() -> AsyncIterator[Serve]:
         await runner.cleanup()
 
 
-def config(path: Path, url: str, state: str, **discover: Any) -> str:
-    doc = {
+async def discovery_counts(port: int) -> dict[str, float]:
+    """The discovery counters of /metrics for kind redteam, by what they count."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition('_total{kind="redteam"} ')
+        if name.startswith("enkwatch_discovery_") and value:
+            out[name.removeprefix("enkwatch_discovery_")] = float(value)
+    return out
+
+
+def config(path: Path, url: str, state: str, admin_port: int | None = None, **discover: Any) -> str:
+    doc: dict[str, Any] = {
         "api": {"base_url": url, "timeout_seconds": 2},
         "polling": {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0,
                     "max_backoff_seconds": 0.5},
@@ -72,6 +89,8 @@ def config(path: Path, url: str, state: str, **discover: Any) -> str:
              "match": {"test_name": "nightly-*"}, "labels": {"found": "yes"}} | discover
         ],
     }  # fmt: skip
+    if admin_port is not None:
+        doc["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return str(path)
 
@@ -96,7 +115,8 @@ async def test_discovered_once_watched_to_the_end_and_not_again(
                                  {"kind": "http_429", "requests": 1, "retry_after": 1}]},
     )  # fmt: skip
     state = str(tmp_path / "state.db")
-    cfg = config(tmp_path / "c.yaml", url, state)
+    port = free_port()
+    cfg = config(tmp_path / "c.yaml", url, state, port)
     first = await enkwatch("run", "--config", cfg)
     await first.wait_for(is_transition("redteam:rt-task-0001", "Finished"), "nightly-1 Finished")
     await first.wait_for(is_transition("redteam:rt-task-0002", "Failed"), "nightly-2 Failed")
@@ -109,6 +129,10 @@ async def test_discovered_once_watched_to_the_end_and_not_again(
     failed = first.named("discovery.failed")
     assert failed and failed[0]["http_status"] == 429
     assert failed[0]["retry_in_seconds"] >= 1
+    counts = await discovery_counts(port)
+    assert counts["failed_sweeps"] >= 1 and counts["sweeps"] >= 1
+    assert counts["pages"] >= 6  # 3 pages of Running (230 fillers), 1 of Queued, the 429's
+    assert counts["jobs_added"] == 2 and counts["jobs_found"] >= 2
     first.send(signal.SIGTERM)
     assert await first.wait_exit() == 0
 

@@ -126,6 +126,8 @@ class Discoverer:
         self._running: dict[int, asyncio.Task[None]] = {}
         self.stopped = False
         self.stats = SweepStats()
+        # the metrics' counters by kind of job: (kind, what, count), what as in metrics.py
+        self.observe: Callable[[str, str, int], None] = lambda kind, what, count: None
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class Discoverer:
             except PollError as err:
                 attempt += 1
                 self.stats.failed += 1
+                self.observe(self.entries[i].kind, "failed_sweeps", 1)
                 await self._sleep(self._failed(i, err, attempt))
 
     def _failed(self, i: int, err: PollError, attempt: int) -> float:
@@ -201,6 +204,8 @@ class Discoverer:
                     found.setdefault(job_key(entry, job), job)
         self.stats.sweeps += 1
         self.stats.found += len(found)
+        self.observe(entry.kind, "sweeps", 1)
+        self.observe(entry.kind, "jobs_found", len(found))
         known = await self._jobs.known_keys()
         for key, job in found.items():
             if (
@@ -209,6 +214,7 @@ class Discoverer:
                 and await self._jobs.discover(job_entry(entry, job), job)
             ):
                 self.stats.added += 1
+                self.observe(entry.kind, "jobs_added", 1)
 
     async def _read_status(self, lister: Lister, status: str) -> Iterable[ListedJob]:
         """Every job of one status list; read again (up to 3 passes) while it moves."""
@@ -232,11 +238,13 @@ class Discoverer:
 
     async def _page(self, lister: Lister, status: str, page: int) -> ListPage:
         self.stats.pages += 1
+        self.observe(lister.name, "pages", 1)
         try:
             return await self._client.list_page(lister, status, page, PER_PAGE)
         except UnauthorizedAnswer:
             await self._sleep(AUTH_CONFIRM_DELAY_S)
             self.stats.pages += 1
+            self.observe(lister.name, "pages", 1)
             try:
                 return await self._client.list_page(lister, status, page, PER_PAGE)
             except UnauthorizedAnswer as second:

@@ -33,6 +33,22 @@ _LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
 
+DISCOVERY_COUNTERS: Final[dict[str, str]] = {
+    "sweeps": "Discovery sweeps that read every page of their entry, by kind of job.",
+    "failed_sweeps": "Discovery sweeps that failed (then retried with backoff), by kind.",
+    "pages": "List pages requested by discovery, by kind of job.",
+    "jobs_found": "Matching jobs named by the list pages of successful sweeps, by kind.",
+    "jobs_added": "Jobs discovery added to the watch list (new ones), by kind of job.",
+}
+
+
+def _discovery_counters(registry: CollectorRegistry) -> dict[str, Counter]:
+    return {
+        what: Counter(f"enkwatch_discovery_{what}", doc, ["kind"], registry=registry)
+        for what, doc in DISCOVERY_COUNTERS.items()
+    }
+
+
 class Metrics:
     """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
 
@@ -86,6 +102,8 @@ class Metrics:
         # replicas only: a single daemon shows no replica metric
         self.takeover = _takeover_histogram(r) if replicas else None
         self._poll_children: dict[tuple[str, str], Any] = {}
+        # discovery (`discover:` entries), by kind of job: what `observe_discovery` counts
+        self.discovery = _discovery_counters(r)
 
     def observe_takeover(self, seconds: float) -> None:
         if self.takeover is not None:
@@ -98,6 +116,10 @@ class Metrics:
             child = self._poll_children[kind, outcome] = self.polls.labels(kind, outcome)
         child.inc()
         self.poll_latency.observe(seconds)
+
+    def observe_discovery(self, kind: str, what: str, count: int = 1) -> None:
+        """A discovery count: `what` is one of DISCOVERY_COUNTERS."""
+        self.discovery[what].labels(kind).inc(count)
 
     def observe_event(self, body: Mapping[str, Any]) -> None:
         name = body.get("event", "")

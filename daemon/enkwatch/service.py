@@ -27,7 +27,7 @@ from enkwatch.health import WATCHDOG_EVERY_S, Health, Outcome, StopReason, tune_
 from enkwatch.limits import RequestGate
 from enkwatch.livefeed import EventFeed
 from enkwatch.metrics import Metrics, StateGauges
-from enkwatch.output import Lines, StdoutUnusable
+from enkwatch.output import Lines
 from enkwatch.ownership import Owner, choose_owner
 from enkwatch.schedule import PollScheduler, Timers, follow_polling
 from enkwatch.sinks import Outbox, Sink, dead_letter_fields, sink_secrets
@@ -157,7 +157,8 @@ class Service:
 
     def _open_stdout(self, stack: AsyncExitStack) -> Lines:
         # after the store, so closed before it: the last confirmations are committed
-        out = ev.open_lines(self.clock, self._stdout_unusable)
+        unusable = StopReason.STDOUT_UNUSABLE
+        out = ev.open_lines(self.clock, lambda err: self.request_stop(unusable, str(err)))
         stack.push_async_callback(out.close, STDOUT_FLUSH_S)
         self.health.stdout_stalled_s = out.stalled_s
         self.metrics.watch_stdout(out)
@@ -220,6 +221,7 @@ class Service:
         if self.config.discover:  # sweeps start now; their first request comes after this
             finder = Discoverer(self.config, client, watchlist, writer, owner.may_poll, self._rng)
             finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
+            finder.observe = self.metrics.observe_discovery
             stack.push_async_callback(finder.start(timers))
         return self.running
 
@@ -287,9 +289,6 @@ class Service:
                     http_status=result.http_status, hint=ev.AUTH_HINT,
                 )  # fmt: skip
             self.request_stop(StopReason.AUTH_FAILED)
-
-    def _stdout_unusable(self, err: StdoutUnusable) -> None:
-        self.request_stop(StopReason.STDOUT_UNUSABLE, str(err))
 
     def _crashed(self, exc: BaseException) -> None:
         if self._crash is None:
