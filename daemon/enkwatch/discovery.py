@@ -51,6 +51,12 @@ class FoundJobs(Protocol):
 
     def swept(self, entry: int) -> None: ...
 
+    def monotonic(self) -> float: ...
+
+    def unlisted(self, kind: str, since: float) -> None: ...
+
+    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int: ...
+
 
 class Periodic(Protocol):
     """The daemon's timers (schedule.Timers)."""
@@ -69,6 +75,8 @@ class SweepStats:
     added: int = 0
     # passes read again because the list moved while it was read
     repeated_passes: int = 0
+    # watched jobs named by a list (observed without a request of their own)
+    listed: int = 0
 
 
 def matches(entry: DiscoverConfig, job: ListedJob) -> bool:
@@ -198,10 +206,12 @@ class Discoverer:
         """Read every page of every status of `entry`; add the matching jobs not known."""
         lister = LISTERS[entry.kind]
         found: dict[str, ListedJob] = {}
+        started = self._jobs.monotonic()
         for status in entry.statuses:
             for job in await self._read_status(lister, status):
                 if matches(entry, job):
                     found.setdefault(job_key(entry, job), job)
+        self._jobs.unlisted(entry.kind, started)
         self.stats.sweeps += 1
         self.stats.found += len(found)
         self.observe(entry.kind, "sweeps", 1)
@@ -220,6 +230,7 @@ class Discoverer:
         """Every job of one status list; read again (up to 3 passes) while it moves."""
         jobs: list[ListedJob] = []
         passes = 0
+        requested = self._jobs.monotonic()
         while passes < MAX_PASSES:
             passes += 1
             totals: set[int | None] = set()
@@ -234,6 +245,8 @@ class Discoverer:
             if len(totals) <= 1:
                 break
         self.stats.repeated_passes += passes - 1
+        # the list is an observation of every watched job it names (status from list pages)
+        self.stats.listed += self._jobs.listed(lister.name, jobs, requested)
         return jobs
 
     async def _page(self, lister: Lister, status: str, page: int) -> ListPage:

@@ -107,6 +107,12 @@ class TaskWatch:
     # when watching began on this process's monotonic clock (see `anchor`): deadlines and
     # watched_seconds are measured from it, so a step of the wall clock moves neither
     started_mono: float | None = None
+    # status from list pages (issue 10): the last list answer naming this task, and when
+    # that list was requested; used by the next poll instead of a request only if newer
+    # than the task's last own answer (`answered_mono`, monotonic)
+    listed: Observation | None = None
+    listed_mono: float = 0.0
+    answered_mono: float = float("-inf")
 
     @classmethod
     def from_config(
@@ -207,6 +213,9 @@ class Poller:
         try:
             if task.source == SOURCE_DISCOVERED and task.record.seq == 0:
                 await self._emit(task, ev.TASK_DISCOVERED, ev.INFO, source=SOURCE_DISCOVERED)
+            if (listed := self._take_listed(task)) is not None:
+                task.record.polls += 1  # an observation without a request: still a poll
+                return await self._observed(task, listed)
             try:
                 obs = await self._request(task)
             except NotFound as err:
@@ -246,6 +255,12 @@ class Poller:
         except (LeaseLost, StateUnavailable):
             return LOST
 
+    @staticmethod
+    def _take_listed(task: TaskWatch) -> Observation | None:
+        """The list answer about `task` read after its last own answer, if any (once)."""
+        obs, task.listed = task.listed, None
+        return obs if obs is not None and task.listed_mono > task.answered_mono else None
+
     def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:
             self._observe_poll(task.kind.name, outcome, self._clock.monotonic() - started)
@@ -256,7 +271,9 @@ class Poller:
         give_up_at = None if remaining is None else self._clock.monotonic() + remaining
         task.record.polls += 1
         try:
-            return await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
+            obs = await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
+            task.answered_mono = self._clock.monotonic()
+            return obs
         except DeadlineReached:
             task.record.polls -= 1  # nothing was sent
             raise

@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from enkwatch import events as ev
 from enkwatch.admin import TaskExists, TaskNotEnded
 from enkwatch.clock import Clock
-from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
+from enkwatch.config import Config, TaskConfig, load_config, task_key, validate_task_entry
 from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
 from enkwatch.kinds import KINDS
+from enkwatch.models import ListedJob, Observation
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
@@ -276,6 +277,36 @@ class WatchList:
         self._owner.admit(self._watch(cfg, record, SOURCE_DISCOVERED))
         return True
 
+    def monotonic(self) -> float:
+        """The clock of poll answers: a list read is ordered against them on it."""
+        return self._clock.monotonic()
+
+    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int:
+        """A list answer (one status list, every page, first requested at `requested_mono`)
+        as an observation of every watched job it names; the next poll of such a job uses
+        it instead of a request (watch.Poller), so every rule of a poll holds. A job the
+        list does not name is polled on its own (a dataset that left the lists: confirmed
+        with one get-task). A dataset list names datasets: it says nothing of a dataset
+        task watched by its task_id (its name may be another task's now). Returns how many
+        watched jobs it named."""
+        named = 0
+        for job in jobs:
+            task = self.tasks.get(task_key(kind, job.task_id, job.name))
+            if task is None and job.task_id is not None:
+                task = self.tasks.get(task_key(kind, None, job.name))
+            obs = job.observation or (task and listed_observation(task, job))
+            if task is not None and obs and not task.done:
+                task.listed, task.listed_mono = obs, requested_mono
+                named += 1
+        return named
+
+    def unlisted(self, kind: str, since: float) -> None:
+        """A sweep that began at `since` read every list of its entry: a job it did not name
+        is no longer observed through an older list (its next poll asks the API)."""
+        for task in self.tasks.values():
+            if task.listed is not None and task.listed_mono < since and task.kind.name == kind:
+                task.listed = None
+
     async def remove_task(self, task_key: str) -> bool:
         if not await self._owner.watches(task_key):
             return False
@@ -407,3 +438,17 @@ def _update(task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
     task.labels = dict(cfg.labels) if cfg.labels else NO_LABELS
     task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
     task.deadline_s = cfg.deadline_seconds
+
+
+def listed_observation(task: TaskWatch, job: ListedJob) -> Observation | None:
+    """A dataset list names a job and its list's status only: an Observation of a task
+    answered before (its task id known), else None (its own poll comes first)."""
+    ident = task.task_id or task.record.seen_task_id
+    if ident is None:
+        return None
+    kind = task.kind
+    return Observation(
+        task_id=ident, dataset_name=job.name, status=job.status, created_at=None,
+        started_at=None, data={}, known=job.status in kind.statuses,
+        terminal=job.status in kind.terminal,
+    )  # fmt: skip
