@@ -32,7 +32,10 @@ def test_keys_of_every_kind_and_datasets_unchanged() -> None:
         ({"kind": "redteam_run", "run_id": "r", "task_id": "t"}, "task_id does not apply"),
         ({"kind": "redteam", "dataset": "D", "task_id": "t"}, "dataset does not apply"),
         ({"task_id": "t", "run_id": "r"}, "run_id does not apply to kind dataset"),
-        ({"kind": "nightly", "task_id": "t"}, "kind: Input should be 'dataset', 'redteam'"),
+        (
+            {"kind": "nightly", "task_id": "t"},
+            "kind: must be 'dataset', 'redteam' or 'redteam_run'",
+        ),
         ({"kind": "redteam_run", "run_id": "r\n1"}, "run_id: contains control characters"),
     ],
 )

@@ -125,4 +125,4 @@ async def test_watch_and_status_of_every_kind(
         enkwatch, "status", "--run", RUN_ID, "--dataset", "X", json_lines=False, **env
     )
     assert mixed.rc == 2
-    assert "status takes one task" in mixed.stderr
+    assert "status asks for one task" in mixed.stderr

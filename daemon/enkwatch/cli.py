@@ -376,9 +376,12 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
     helps = {
         "task_id": ("ID", "a dataset task's id (repeatable; no default: name at least one task)"),
         "dataset": ("NAME", "a dataset task's dataset (repeatable; next to a --task-id: one task)"),
-        "redteam_task": ("ID", "a red-team task's id (kind redteam; repeatable)"),
-        "test_name": ("NAME", "a red-team test name (next to a --redteam-task: one task)"),
-        "run": ("RUN_ID", "a red-team run's id (kind redteam_run; repeatable)"),
+        "redteam_task": ("ID", "a red-team task's id (kind redteam; repeatable; no default)"),
+        "test_name": (
+            "NAME",
+            "a red-team test name (next to a --redteam-task: one task; no default)",
+        ),
+        "run": ("RUN_ID", "a red-team run's id (kind redteam_run; repeatable; no default)"),
     }
     for dest, (option, _, _) in TASK_OPTIONS.items():
         metavar, text = helps[dest]

@@ -83,8 +83,7 @@ class Service:
         self._rng = rng or random.Random()
         self._tune_gc = gc_tuning
         self.metrics = Metrics(self.clock, replicas=config.state.shared)
-        # the admin app's live event stream (GET /events), fed by the event writer
-        self.feed = EventFeed()
+        self.feed = EventFeed()  # the admin app's live event stream (GET /events)
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.health = Health(self.clock)
         self.ready = self.health.ready
@@ -219,11 +218,15 @@ class Service:
         self.running = Running(store, owner, writer, sched, watchlist, gate, outbox, timers)
         await self._start_jobs(stack, timers, owner, watchlist)
         if self.config.discover:  # sweeps start now; their first request comes after this
-            finder = Discoverer(self.config, client, watchlist, writer, owner.may_poll, self._rng)
-            finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
-            finder.observe = self.metrics.observe_discovery
-            stack.push_async_callback(finder.start(timers))
+            self._discover(stack, client, self.running)
         return self.running
+
+    def _discover(self, stack: AsyncExitStack, client: ApiClient, parts: Running) -> None:
+        owner, writer = parts.owner, parts.writer
+        finder = Discoverer(self.config, client, parts.watchlist, writer, owner.may_poll, self._rng)
+        finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
+        finder.observe = self.metrics.observe_discovery
+        stack.push_async_callback(finder.start(parts.timers))
 
     async def _start_jobs(
         self, stack: AsyncExitStack, timers: Timers, owner: Owner, watchlist: WatchList
