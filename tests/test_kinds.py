@@ -141,3 +141,18 @@ def test_odd_statuses_are_cleaned_and_cut() -> None:
     for bad in (b'{"id": "r", "status": "\\u0007"}',):
         with pytest.raises(InvalidResponse, match="printable"):
             parse_body(REDTEAM_RUN, bad)
+
+
+def test_task_flags_pair_per_kind() -> None:
+    from enkwatch.cli import pair_tasks
+
+    flags = [("redteam_task", "T"), ("test_name", "N"), ("run", "R1"), ("run", "R2"),
+             ("task_id", "A"), ("test_name", "M"), ("dataset", "X")]  # fmt: skip
+    assert pair_tasks(flags) == [
+        {"kind": "redteam", "task_id": "T", "test_name": "N"},
+        {"kind": "redteam_run", "run_id": "R1"},
+        {"kind": "redteam_run", "run_id": "R2"},
+        {"task_id": "A"},  # a --test-name is not a dataset task's field: its own task
+        {"kind": "redteam", "test_name": "M"},
+        {"dataset": "X"},
+    ]
