@@ -505,9 +505,13 @@ def test_load_scenario_never_crashes(text: str) -> None:
 def test_default_scenario() -> None:
     sc = default_scenario()
     assert sc.api_key is None
-    by_dataset = {t.dataset: t for t in sc.tasks}
+    datasets = [t for t in sc.tasks if t.kind == "dataset"]
+    by_dataset = {t.dataset: t for t in datasets}
     assert list(by_dataset) == ["Election2", "FinanceQA", "SupportBot", "MedicalAdvice"]
-    assert [t.task_id[-4:] for t in sc.tasks] == ["0001", "0002", "0003", "0004"]
+    assert [t.ident[-4:] for t in sc.tasks] == ["0001", "0002", "0003", "0004", "0005", "0006",
+                                                "0007"]  # fmt: skip
+    # then a red-team test, a run, and a red-team test the demo discovers
+    assert [t.kind for t in sc.tasks[4:]] == ["redteam", "redteam_run", "redteam"]
     assert [(p.status, p.seconds) for p in by_dataset["Election2"].timeline] == [
         ("Queued", 2),
         ("Running", 4),
