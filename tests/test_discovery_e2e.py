@@ -18,14 +18,8 @@ import yaml
 from aiohttp import web
 
 from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app
-from tests.test_e2e import (  # noqa: F401  (enkwatch: the fixture)
-    Spawn,
-    enkwatch,
-    free_port,
-    is_transition,
-    timeline,
-    until,
-)
+from tests.kit import Spawn, free_port, timeline, until
+from tests.test_e2e import is_transition
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -98,7 +92,7 @@ def config(path: Path, url: str, state: str, admin_port: int | None = None, **di
 async def test_discovered_once_watched_to_the_end_and_not_again(
     tmp_path: Path,
     serve: Serve,
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     jobs = [
         # they outlast the Retry-After pause of the 429 (1 s)
@@ -152,7 +146,7 @@ async def test_discovered_once_watched_to_the_end_and_not_again(
 async def test_exit_when_done_waits_for_the_first_sweep(
     tmp_path: Path,
     serve: Serve,
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     # only `discover:` and a first sweep that fails twice: the empty watch list before it is
     # not "all done"; the daemon exits once the job that sweep finds has ended
@@ -172,7 +166,7 @@ async def test_exit_when_done_waits_for_the_first_sweep(
 async def test_exit_when_done_with_nothing_to_discover(
     tmp_path: Path,
     serve: Serve,
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     url, stats = await serve(tasks=[rt(1, "weekly-1", timeline("Running"))])
     cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "state.db"))

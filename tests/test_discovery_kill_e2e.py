@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit import Spawn, timeline, until
 from tests.test_discovery_e2e import LIST, Serve, config, rt, serve  # noqa: F401
-from tests.test_e2e import (  # noqa: F401  (enkwatch: the fixture)
-    Spawn,
-    enkwatch,
-    is_transition,
-    merge_runs,
-    timeline,
-    until,
-)
+from tests.test_e2e import is_transition, merge_runs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -29,7 +23,7 @@ NIGHTLY = ("redteam:rt-task-0001", "redteam:rt-task-0002")
 async def test_sigkill_in_a_sweep_and_while_watching(
     tmp_path: Path,
     serve: Serve,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     jobs = [
         rt(1, "nightly-1", timeline("Running", 9, "Finished")),

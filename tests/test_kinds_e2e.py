@@ -14,19 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_e2e import (  # noqa: F401 - fixtures
-    Spawn,
-    StartSim,
-    enkwatch,
-    finish,
-    is_transition,
-    merge_runs,
-    seqs,
-    simulate,
-    statuses,
-    timeline,
-    write_config,
-)
+from tests.kit import Spawn, StartSim, finish, timeline, write_config
+from tests.test_e2e import is_transition, merge_runs, seqs, statuses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -44,8 +33,8 @@ def run_job(run_id: str, phases: list[dict[str, Any]], id_field: str = "id") -> 
 
 async def test_every_kind_through_run_with_a_restart(
     tmp_path: Path,
-    simulate: StartSim,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    simulate: StartSim,
+    enkwatch: Spawn,
 ) -> None:
     sim = await simulate(
         rt_task(RT_ID, "nightly-1", timeline("Queued", 0.3, "Running", 1.2, "Finished")),
@@ -98,8 +87,8 @@ async def test_every_kind_through_run_with_a_restart(
 
 async def test_watch_and_status_of_every_kind(
     tmp_path: Path,
-    simulate: StartSim,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    simulate: StartSim,
+    enkwatch: Spawn,
 ) -> None:
     sim = await simulate(
         rt_task(RT_ID, "nightly-1", timeline("Queued", 0.2, "Finished")),

@@ -13,12 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.kit import Spawn, timeline
 from tests.test_discovery_e2e import Serve, rt, serve  # noqa: F401  (serve: the fixture)
-from tests.test_e2e import (  # noqa: F401  (enkwatch: the fixture)
-    Spawn,
-    enkwatch,
-    timeline,
-)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -40,7 +36,7 @@ def statuses(events: list[dict[str, Any]], key: str) -> list[Any]:
 async def test_redteam_statuses_come_from_the_list_pages(
     tmp_path: Path,
     serve: Serve,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     jobs = [rt(1, "nightly-1", timeline("Queued", 3, "Running", 3, "Finished"))]
     jobs += [rt(100 + n, f"filler-{n}", timeline("Running")) for n in range(150)]
@@ -63,7 +59,7 @@ async def test_redteam_statuses_come_from_the_list_pages(
 async def test_a_dataset_in_the_running_list_is_observed_running(
     tmp_path: Path,
     serve: Serve,  # noqa: F811
-    enkwatch: Spawn,  # noqa: F811
+    enkwatch: Spawn,
 ) -> None:
     job = {"task_id": "data-generation-1", "dataset": "ds-1", "starts": "at_start",
            "timeline": timeline("Running", 4, "Finished")}  # fmt: skip
