@@ -410,7 +410,7 @@ def test_an_unknown_env_override_is_named_by_its_variable() -> None:
     problems = problems_of({}, {"ENKWATCH_POLLING__INTERVL": "5", "ENKWATCH_NOPE__X": "1"})
     assert sorted(problems) == [
         "nope (from ENKWATCH_NOPE__X): unknown key; "
-        "the keys here are api, polling, state, admin, sinks, tasks",
+        "the keys here are api, polling, state, admin, sinks, tasks, discover",
         "polling.intervl (from ENKWATCH_POLLING__INTERVL): unknown key; "
         "did you mean ENKWATCH_POLLING__INTERVAL_SECONDS?",
     ]
@@ -854,7 +854,8 @@ def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
         ),
         (
             {"zzz": 1},
-            "zzz: unknown key; the keys here are api, polling, state, admin, sinks, tasks",
+            "zzz: unknown key; the keys here are api, polling, state, admin, sinks, tasks, "
+            "discover",
         ),
         ({"polling": {"interval_seconds": 0}}, "polling.interval_seconds: must be greater than 0"),
         ({"polling": {"jitter": 2}}, "polling.jitter: must be at most 1"),
