@@ -55,10 +55,10 @@ async def test_health_ready_and_metrics(tmp_path: Path, simulate: StartSim) -> N
                 assert resp.status == 503
                 assert "scheduler" in (await resp.json())["reason"]
     for name in (
-        'enkwatch_polls_total{outcome="ok"}',
+        'enkwatch_polls_total{kind="dataset",outcome="ok"}',
         "enkwatch_poll_duration_seconds_bucket",
-        'enkwatch_transitions_total{from_status="none",to_status="Queued"}',
-        'enkwatch_tasks{status="Queued"} 1.0',
+        'enkwatch_transitions_total{from_status="none",kind="dataset",to_status="Queued"}',
+        'enkwatch_tasks{kind="dataset",status="Queued"} 1.0',
         "enkwatch_rate_limit_waits_total",
         "enkwatch_retry_after_pauses_total",
         "enkwatch_consecutive_failures_max",

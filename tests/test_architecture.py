@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"service", "taskcmds"},
     {"watchlist"},
     {"ownership"},
-    {"schedule", "metrics", "sinks", "admin", "demo", "health"},
+    {"schedule", "metrics", "sinks", "admin", "demo", "health", "discovery"},
     {"watch", "formats"},
     {"events", "client", "simulator", "statuspage"},
     {"limits", "output", "kinds", "state", "console", "preflight", "livefeed"},

@@ -111,6 +111,7 @@ def test_normalized_watch_list_applies_defaults() -> None:
     assert normalized_watch_list(config) == [
         {
             "task_key": TASK_ID,
+            "kind": "dataset",
             "task_id": TASK_ID,
             "dataset": None,
             "interval_seconds": 7,
@@ -119,6 +120,7 @@ def test_normalized_watch_list_applies_defaults() -> None:
         },
         {
             "task_key": "dataset:FinanceQA",
+            "kind": "dataset",
             "task_id": None,
             "dataset": "FinanceQA",
             "interval_seconds": 2,
@@ -408,7 +410,7 @@ def test_an_unknown_env_override_is_named_by_its_variable() -> None:
     problems = problems_of({}, {"ENKWATCH_POLLING__INTERVL": "5", "ENKWATCH_NOPE__X": "1"})
     assert sorted(problems) == [
         "nope (from ENKWATCH_NOPE__X): unknown key; "
-        "the keys here are api, polling, state, admin, sinks, tasks",
+        "the keys here are api, polling, state, admin, sinks, tasks, discover",
         "polling.intervl (from ENKWATCH_POLLING__INTERVL): unknown key; "
         "did you mean ENKWATCH_POLLING__INTERVAL_SECONDS?",
     ]
@@ -852,7 +854,8 @@ def test_a_huge_duration_from_the_environment_names_its_variable() -> None:
         ),
         (
             {"zzz": 1},
-            "zzz: unknown key; the keys here are api, polling, state, admin, sinks, tasks",
+            "zzz: unknown key; the keys here are api, polling, state, admin, sinks, tasks, "
+            "discover",
         ),
         ({"polling": {"interval_seconds": 0}}, "polling.interval_seconds: must be greater than 0"),
         ({"polling": {"jitter": 2}}, "polling.jitter: must be at most 1"),

@@ -74,6 +74,16 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "dropped_deliveries": 3,
         "hint": "the receiver answered 410 Gone; change this sink's config to enable it again",
     },
+    ev.TASK_DISCOVERED: task_fields(kind="redteam", source="discovered", labels={"team": "a"}),
+    ev.DISCOVERY_FAILED: {
+        "discover": 0,
+        "kind": "redteam",
+        "error": "rate_limited",
+        "http_status": 429,
+        "detail": "HTTP 429",
+        "attempt": 1,
+        "retry_in_seconds": 1.0,
+    },
     ev.API_AUTH_FAILED: {"http_status": 401, "hint": ev.AUTH_HINT},
     ev.CONFIG_RELOADED: {
         "added": ["a", "b"],

@@ -558,10 +558,11 @@ def test_demo_tells_the_readme_story() -> None:
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     story: dict[str, list[tuple[str, ...]]] = defaultdict(list)
     for e in events:
+        name = e.get("dataset") or e.get("test_name") or e.get("run_id")
         if e["event"] == "task.transition":
-            story[e["dataset"]].append(("transition", e["previous_status"], e["status"]))
+            story[name].append(("transition", e["previous_status"], e["status"]))
         elif e["event"].startswith("task."):
-            story[e["dataset"]].append((e["event"], e.get("error", ""), str(e.get("http_status"))))
+            story[name].append((e["event"], e.get("error", ""), str(e.get("http_status"))))
     walk = [("transition", None, "Queued"), ("transition", "Queued", "Running")]
     failures = [
         ("task.poll_failed", "http_status", "500"),
@@ -573,6 +574,14 @@ def test_demo_tells_the_readme_story() -> None:
         "FinanceQA": [*walk, ("transition", "Running", "Failed")],
         FLAKY: [*failures, *walk, ("transition", "Running", "Finished")],
         "MedicalAdvice": [*walk, ("transition", "Running", "Finished")],
+        # then a red-team test and a run, and a red-team test found through the list pages
+        "nightly-safety": [*walk, ("transition", "Running", "Finished")],
+        "rt-0f1c2d3e-0006-4a5b-9c8d-000000000006": [*walk, ("transition", "Running", "Finished")],
+        "nightly-found-jailbreak": [
+            ("task.discovered", "", "None"),
+            *walk,
+            ("transition", "Running", "Finished"),
+        ],
     }
     rate_limited = [e for e in events if e.get("error") == "rate_limited"]
     assert [e["retry_in_seconds"] for e in rate_limited] == [1.0], "Retry-After: 1 honoured"
@@ -581,7 +590,8 @@ def test_demo_tells_the_readme_story() -> None:
         "daemon.stopping",
         "daemon.stopped",
     ]
-    assert (events[-3]["finished"], events[-3]["failed"], events[-3]["gave_up"]) == (3, 1, 0)
+    assert (events[-3]["finished"], events[-3]["failed"], events[-3]["gave_up"]) == (6, 1, 0)
     readme = " ".join(README.read_text(encoding="utf-8").split())
-    assert "Four tasks each go Queued -> Running -> Finished, except FinanceQA" in readme
+    assert "Four dataset tasks each go Queued -> Running -> Finished, except FinanceQA" in readme
+    assert "So do a red-team test and a red-team run, and a third red-team test" in readme
     assert f"the flaky {FLAKY} is first answered with two server errors and a rate limit" in readme

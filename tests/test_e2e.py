@@ -671,6 +671,7 @@ async def test_check_config(tmp_path: Path, enkwatch: Spawn) -> None:
     assert out["tasks"] == [
         {
             "task_key": tid(1),
+            "kind": "dataset",
             "task_id": tid(1),
             "dataset": None,
             "interval_seconds": 5.0,
@@ -679,6 +680,7 @@ async def test_check_config(tmp_path: Path, enkwatch: Spawn) -> None:
         },
         {
             "task_key": "dataset:Election2",
+            "kind": "dataset",
             "task_id": None,
             "dataset": "Election2",
             "interval_seconds": 0.05,

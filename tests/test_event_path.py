@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
+from enkwatch.kinds import DATASET
 from enkwatch.sinks import Outbox, Sink, dead_letter_fields
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
@@ -29,6 +30,7 @@ class Task:
         self.dataset: str | None = None
         self.labels: dict[str, str] = {}
         self.record = TaskRecord(key, key, None, 0.0)
+        self.kind = DATASET
 
 
 # -- group commit ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.clock import FakeClock
 from enkwatch.events import EventWriter
+from enkwatch.kinds import DATASET
 from enkwatch.state.base import TaskRecord
 
 
@@ -45,6 +46,7 @@ class Task:
         self.dataset: str | None = None
         self.labels = {"team": "safety"}
         self.record = TaskRecord("t1", "t1", None, 0.0, seen_dataset="Election2")
+        self.kind = DATASET
 
 
 async def test_a_task_event_is_journaled_rendered_counted_and_queued_in_order() -> None:

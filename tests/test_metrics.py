@@ -43,11 +43,11 @@ def transition(previous: str | None, status: str, **extra: object) -> dict[str, 
 
 def test_polls_are_counted_by_outcome_with_their_latency() -> None:
     metrics = Metrics(FakeClock())
-    metrics.observe_poll("ok", 0.02)
-    metrics.observe_poll("ok", 0.03)
-    metrics.observe_poll("http_status", 0.5)
-    assert value(metrics, "enkwatch_polls_total", outcome="ok") == 2
-    assert value(metrics, "enkwatch_polls_total", outcome="http_status") == 1
+    metrics.observe_poll("dataset", "ok", 0.02)
+    metrics.observe_poll("dataset", "ok", 0.03)
+    metrics.observe_poll("dataset", "http_status", 0.5)
+    assert value(metrics, "enkwatch_polls_total", kind="dataset", outcome="ok") == 2
+    assert value(metrics, "enkwatch_polls_total", kind="dataset", outcome="http_status") == 1
     assert value(metrics, "enkwatch_poll_duration_seconds_count") == 3
     assert value(metrics, "enkwatch_poll_duration_seconds_bucket", le="0.025") == 1
 
@@ -69,9 +69,24 @@ def test_events_transitions_reloads_and_time_to_terminal() -> None:
     metrics.observe_event({"event": ev.TASK_POLL_FAILED, "task_id": TASK_ID})
     assert value(metrics, "enkwatch_events_total", event=ev.TASK_TRANSITION) == 2
     assert value(metrics, "enkwatch_events_total", event=ev.TASK_POLL_FAILED) == 1
-    assert value(metrics, "enkwatch_transitions_total", from_status="none", to_status="Queued") == 1
     assert (
-        value(metrics, "enkwatch_transitions_total", from_status="Queued", to_status="Finished")
+        value(
+            metrics,
+            "enkwatch_transitions_total",
+            kind="dataset",
+            from_status="none",
+            to_status="Queued",
+        )
+        == 1
+    )
+    assert (
+        value(
+            metrics,
+            "enkwatch_transitions_total",
+            kind="dataset",
+            from_status="Queued",
+            to_status="Finished",
+        )
         == 1
     )
     assert value(metrics, "enkwatch_config_reloads_total", result="ok") == 1
@@ -102,10 +117,12 @@ def test_the_gauges_are_read_from_the_live_state_at_scrape_time() -> None:
             lambda: replication,
         )
     )
-    assert value(metrics, "enkwatch_tasks", status="Running") == 2
-    assert value(metrics, "enkwatch_tasks", status="none") == 1
-    assert value(metrics, "enkwatch_tasks", status="Finished") == 1
-    assert value(metrics, "enkwatch_tasks", status="Failed") == 0  # every known status shown
+    assert value(metrics, "enkwatch_tasks", kind="dataset", status="Running") == 2
+    assert value(metrics, "enkwatch_tasks", kind="dataset", status="none") == 1
+    assert value(metrics, "enkwatch_tasks", kind="dataset", status="Finished") == 1
+    assert (
+        value(metrics, "enkwatch_tasks", kind="dataset", status="Failed") == 0
+    )  # every known status shown
     assert value(metrics, "enkwatch_task_status_age_seconds_max", status="Running") is not None
     assert value(metrics, "enkwatch_task_status_age_seconds_max", status="Finished") is None
     assert value(metrics, "enkwatch_tasks_failing") == 2
@@ -119,7 +136,7 @@ def test_the_gauges_are_read_from_the_live_state_at_scrape_time() -> None:
     assert value(metrics, "enkwatch_partitions_owned") is None  # a sole owner: no replica metrics
 
     tasks.append(task("e", "Queued"))  # read at the next scrape, not copied at registration
-    assert value(metrics, "enkwatch_tasks", status="Queued") == 1
+    assert value(metrics, "enkwatch_tasks", kind="dataset", status="Queued") == 1
     replication = {
         "partitions_owned": 32,
         "leases_lost": 1,
@@ -144,7 +161,7 @@ def test_no_task_id_dataset_or_url_in_any_label() -> None:
             lambda: None,
         )
     )
-    metrics.observe_poll("connection", 0.1)
+    metrics.observe_poll("dataset", "connection", 0.1)
     metrics.observe_event(transition(None, "Queued"))
     metrics.observe_event(transition("Queued", "Finished", terminal=True))
     metrics.deliveries.labels("pager", "delivered").inc()
@@ -158,3 +175,15 @@ def test_no_task_id_dataset_or_url_in_any_label() -> None:
     }
     assert values  # there are labels, and none of them is a task's or a peer's
     assert not any("://" in v or v.startswith("data-generation-") for v in values)
+
+
+def test_discovery_is_counted_by_kind() -> None:
+    metrics = Metrics(FakeClock())
+    metrics.observe_discovery("redteam", "pages", 1)
+    metrics.observe_discovery("redteam", "pages", 1)
+    metrics.observe_discovery("redteam", "jobs_found", 230)
+    metrics.observe_discovery("dataset", "sweeps")
+    assert value(metrics, "enkwatch_discovery_pages_total", kind="redteam") == 2
+    assert value(metrics, "enkwatch_discovery_jobs_found_total", kind="redteam") == 230
+    assert value(metrics, "enkwatch_discovery_sweeps_total", kind="dataset") == 1
+    assert value(metrics, "enkwatch_discovery_sweeps_total", kind="redteam") is None

@@ -108,7 +108,8 @@ async def test_lifecycle(aiohttp_client: MakeClient, clock: FakeClock, by: str) 
     ident = {"task_id": TASK_ID} if by == "task_id" else {"dataset": "Election2"}
 
     first = await get_data(client, **ident)
-    assert (first["status"], first["started_at"]) == ("Queued", "")
+    assert first["status"] == "Queued"
+    assert "started_at" not in first  # a Queued task has not started (the spec: no empty string)
     assert first["created_at"] == "2026-01-01T00:00:00.000000+00:00"
     assert first["task_id"] == TASK_ID
     assert first["dataset_name"] == "Election2"
@@ -169,9 +170,10 @@ async def test_task_id_header_wins_over_dataset(
 async def test_every_spec_field_is_filled(aiohttp_client: MakeClient, clock: FakeClock) -> None:
     tools = [{"name": "web_search", "description": "searches the web"}]
     client = await aiohttp_client(build_app(scenario(task(tools=tools)), clock))
-    clock.advance(0)
     data = await get_data(client, task_id=TASK_ID)
-    assert set(SPEC_FIELDS) <= set(data)
+    assert set(SPEC_FIELDS) - set(data) == {"started_at"}  # Queued: not started
+    clock.advance(5)
+    assert set(SPEC_FIELDS) <= set(await get_data(client, task_id=TASK_ID))
     for name in ("scenarios", "categories", "depth", "max_prompts"):
         assert isinstance(data[name], int)
     assert data["tools"] == tools
@@ -460,7 +462,25 @@ def test_load_scenario_missing_file(tmp_path: Path) -> None:
     assert problems == ["cannot read the scenario: No such file or directory"]
 
 
-_keys = st.sampled_from(["api_key", "tasks", "task_id", "dataset", "timeline", "status", "kind"])
+_keys = st.sampled_from(
+    [
+        "api_key",
+        "tasks",
+        "task_id",
+        "dataset",
+        "timeline",
+        "status",
+        "kind",
+        "test_name",
+        "run_id",
+        "starts",
+        "fields",
+        "model_config",
+        "list_faults",
+        "redteam",
+        "max_per_page",
+    ]
+)
 _yamlish = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
@@ -485,9 +505,13 @@ def test_load_scenario_never_crashes(text: str) -> None:
 def test_default_scenario() -> None:
     sc = default_scenario()
     assert sc.api_key is None
-    by_dataset = {t.dataset: t for t in sc.tasks}
+    datasets = [t for t in sc.tasks if t.kind == "dataset"]
+    by_dataset = {t.dataset: t for t in datasets}
     assert list(by_dataset) == ["Election2", "FinanceQA", "SupportBot", "MedicalAdvice"]
-    assert [t.task_id[-4:] for t in sc.tasks] == ["0001", "0002", "0003", "0004"]
+    assert [t.ident[-4:] for t in sc.tasks] == ["0001", "0002", "0003", "0004", "0005", "0006",
+                                                "0007"]  # fmt: skip
+    # then a red-team test, a run, and a red-team test the demo discovers
+    assert [t.kind for t in sc.tasks[4:]] == ["redteam", "redteam_run", "redteam"]
     assert [(p.status, p.seconds) for p in by_dataset["Election2"].timeline] == [
         ("Queued", 2),
         ("Running", 4),

@@ -224,7 +224,8 @@ async def test_add_list_remove(store: SqliteStore) -> None:
     assert (added["dataset"], added["labels"], added["seq"]) == ("Election2", {"team": "x"}, 0)
     assert scheduled(watchlist.tasks["dataset:Election2"])
     stored = (await store.load_tasks())["dataset:Election2"]
-    assert stored.spec == {"dataset": "Election2", "labels": {"team": "x"}}  # survives restarts
+    # survives restarts (with its kind: issue 10)
+    assert stored.spec == {"kind": "dataset", "dataset": "Election2", "labels": {"team": "x"}}
 
     with pytest.raises(TaskExists):
         await watchlist.add_task({"dataset": "Election2"})

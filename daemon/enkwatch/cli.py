@@ -40,9 +40,9 @@ from enkwatch.errors import (
 )
 from enkwatch.events import EventWriter
 from enkwatch.health import Outcome, StopReason
-from enkwatch.kinds import DEFAULT_KIND
+from enkwatch.kinds import DEFAULT_KIND, KINDS
 from enkwatch.limits import RequestGate
-from enkwatch.models import Observation
+from enkwatch.models import Observation, TaskKind
 from enkwatch.output import StdoutUnusable
 from enkwatch.preflight import preflight_problems
 from enkwatch.redact import redact_url
@@ -101,12 +101,26 @@ def status_exit_code(err: EnkwatchError) -> int:
 
 
 async def fetch_status(
-    config: Config, api_key: str, task_id: str | None, dataset: str | None
+    config: Config,
+    api_key: str,
+    task_id: str | None,
+    dataset: str | None,
+    kind: TaskKind = DEFAULT_KIND,
 ) -> Observation:
     """One request for `status`: an Observation or a typed error."""
     api = config.api
     async with ApiClient(api.base_url, api_key, api.timeout_seconds, RequestGate(0), 1) as client:
-        return await client.get_task(DEFAULT_KIND, task_id, dataset)
+        return await client.get_task(kind, task_id, dataset)
+
+
+# the task options of `watch` and `status`: option dest -> (kind, the task entry's field)
+TASK_OPTIONS: Final[dict[str, tuple[str, str, str]]] = {
+    "task_id": ("--task-id", "dataset", "task_id"),
+    "dataset": ("--dataset", "dataset", "dataset"),
+    "redteam_task": ("--redteam-task", "redteam", "task_id"),
+    "test_name": ("--test-name", "redteam", "test_name"),
+    "run": ("--run", "redteam_run", "run_id"),
+}
 
 
 class _UsageError(Exception):
@@ -182,7 +196,10 @@ class _TaskArg(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of CONTRACT §2."""
-    parser = _Parser(prog="enkwatch", description="Watch Enkrypt AI dataset-generation tasks.")
+    parser = _Parser(
+        prog="enkwatch",
+        description="Watch Enkrypt AI jobs: dataset tasks, red-team tasks and runs.",
+    )
     parser.add_argument("--version", action="version", version=f"enkwatch {__version__}")
     _common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -350,38 +367,40 @@ def _port(text: str) -> int:
 PAIRING_RULE: Final = (
     "Each --task-id and each --dataset is one task, except that a --task-id and a --dataset "
     "given next to each other (in either order) are one task with both, as a task entry of "
-    "the config file: `--task-id A --dataset X --dataset Y` watches (A, X) and Y."
+    "the config file: `--task-id A --dataset X --dataset Y` watches (A, X) and Y. Likewise "
+    "--redteam-task and --test-name (a red-team task); each --run is one run."
 )
 
 
 def _task_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--task-id",
-        dest="task_id",
-        action=_TaskArg,
-        metavar="ID",
-        help="a task's id (repeatable; no default: name at least one task)",
-    )
-    parser.add_argument(
-        "--dataset",
-        dest="dataset",
-        action=_TaskArg,
-        metavar="NAME",
-        help="a task's dataset (repeatable; next to a --task-id: the same task)",
-    )
+    helps = {
+        "task_id": ("ID", "a dataset task's id (repeatable; no default: name at least one task)"),
+        "dataset": ("NAME", "a dataset task's dataset (repeatable; next to a --task-id: one task)"),
+        "redteam_task": ("ID", "a red-team task's id (kind redteam; repeatable; no default)"),
+        "test_name": (
+            "NAME",
+            "a red-team test name (next to a --redteam-task: one task; no default)",
+        ),
+        "run": ("RUN_ID", "a red-team run's id (kind redteam_run; repeatable; no default)"),
+    }
+    for dest, (option, _, _) in TASK_OPTIONS.items():
+        metavar, text = helps[dest]
+        parser.add_argument(option, dest=dest, action=_TaskArg, metavar=metavar, help=text)
 
 
 def pair_tasks(targets: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """The tasks named by --task-id/--dataset flags in order (see PAIRING_RULE)."""
-    tasks: list[dict[str, str]] = []
-    for kind, value in targets:
-        last = tasks[-1] if tasks else None
-        # the previous flag made a task of one field, of the other kind: this one completes it
-        if last is not None and len(last) == 1 and kind not in last:
-            last[kind] = value
+    """The tasks named by the task flags in order (see PAIRING_RULE), as config entries."""
+    pairs: list[tuple[str, dict[str, str]]] = []
+    for dest, value in targets:
+        _, kind, field = TASK_OPTIONS[dest]
+        last = pairs[-1] if pairs else None
+        # the previous flag made a task of one field, the other one of the same kind: this
+        # one completes it
+        if last is not None and last[0] == kind and len(last[1]) == 1 and field not in last[1]:
+            last[1][field] = value
         else:
-            tasks.append({kind: value})
-    return tasks
+            pairs.append((kind, {field: value}))
+    return [fields if kind == "dataset" else {"kind": kind, **fields} for kind, fields in pairs]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -555,7 +574,7 @@ def _tasks_of_daemon(base: str, fall_back: bool) -> tuple[list[dict[str, Any]] |
 def _add(args: argparse.Namespace) -> int:
     entries: list[dict[str, Any]] = pair_tasks(getattr(args, "targets", None) or [])
     if not entries:
-        raise _usage_error("add", ["name a task: --task-id ID and/or --dataset NAME"])
+        raise _usage_error("add", [NAME_A_TASK])
     labels = parse_labels(args.label)
     for entry in entries:
         entry.update({k: v for k, v in (("interval_seconds", args.interval),
@@ -642,19 +661,27 @@ def _config_path(args: argparse.Namespace) -> str:
     return path
 
 
-# the command line's names of task settings (problems are reported in the user's words)
-_OPTION_OF: Final = {
-    "task_id": "--task-id",
-    "dataset": "--dataset",
-    "deadline_seconds": "--deadline",
+# the command line's names of task settings by kind (problems are said in the user's words)
+_OPTION_OF: Final[dict[str, dict[str, str]]] = {
+    "dataset": {"task_id": "--task-id", "dataset": "--dataset", "": "--task-id/--dataset"},
+    "redteam": {
+        "task_id": "--redteam-task",
+        "test_name": "--test-name",
+        "": "--redteam-task/--test-name",
+    },
+    "redteam_run": {"run_id": "--run", "": "--run"},
 }
+NAME_A_TASK: Final = (
+    "name a task: --task-id ID and/or --dataset NAME, --redteam-task ID and/or "
+    "--test-name NAME, or --run RUN_ID"
+)
 
 
 def _adhoc_config(args: argparse.Namespace) -> Config:
     """The config of `watch`/`status`: the tasks of the command line, :memory: state."""
     tasks: list[dict[str, Any]] = pair_tasks(getattr(args, "targets", None) or [])
     if not tasks:
-        raise _usage_error(args.command, ["name a task: --task-id ID and/or --dataset NAME"])
+        raise _usage_error(args.command, [NAME_A_TASK])
     overrides: dict[str, Any] = {}
     if getattr(args, "interval", None) is not None:
         overrides["polling"] = {"interval_seconds": args.interval}
@@ -666,14 +693,17 @@ def _adhoc_config(args: argparse.Namespace) -> Config:
     try:
         return parse_config(raw, os.environ, source="the environment", overrides=overrides)
     except ConfigError as err:
-        usage, other = _command_line_problems(err.problems, len(tasks))
+        usage, other = _command_line_problems(err.problems, tasks)
         if usage:
             raise _usage_error(args.command, usage + other) from None
         raise
 
 
-def _command_line_problems(problems: Sequence[str], count: int) -> tuple[list[str], list[str]]:
+def _command_line_problems(
+    problems: Sequence[str], tasks: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[str]]:
     """(problems of the command line's options, in their names; problems of the environment)."""
+    count = len(tasks)
     usage: list[str] = []
     other: list[str] = []
     for problem in problems:
@@ -685,7 +715,8 @@ def _command_line_problems(problems: Sequence[str], count: int) -> tuple[list[st
         if head.startswith("tasks[") and head.endswith("]") and "(from " not in where:
             number = int(head[6:-1]) + 1
             task = f"task {number} of {count}" if count > 1 else "the task"
-            option = _OPTION_OF.get(field, "--task-id/--dataset")
+            names = _OPTION_OF[tasks[number - 1].get("kind", "dataset")]
+            option = "--deadline" if field == "deadline_seconds" else names.get(field, names[""])
             usage.append(f"{option} ({task}):{message}")
             continue
         other.append(problem)
@@ -781,14 +812,15 @@ async def _status(args: argparse.Namespace) -> int:
             "status",
             [
                 f"status asks for one task; these flags name {len(tasks)} "
-                "(a --task-id and a --dataset next to each other are one task)"
+                "(a --task-id and a --dataset, or a --redteam-task and a --test-name, "
+                "next to each other are one task)"
             ],
         )
     config = _adhoc_config(args)
     api_key = load_api_key(config)
     task = config.tasks[0]
     try:
-        obs = await fetch_status(config, api_key, task.task_id, task.dataset)
+        obs = await fetch_status(config, api_key, task.ident, task.name, KINDS[task.kind])
     except PollError as err:
         print(f"enkwatch: {task.key}: {err.kind}: {err.detail}", file=sys.stderr)
         return status_exit_code(err)

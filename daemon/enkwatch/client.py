@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 import orjson
@@ -26,7 +27,7 @@ from enkwatch.errors import (
     UnauthorizedAnswer,
 )
 from enkwatch.limits import RequestGate
-from enkwatch.models import Observation, TaskKind
+from enkwatch.models import Lister, ListPage, Observation, TaskKind
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = f"enkwatch/{__version__}"
@@ -34,6 +35,7 @@ USER_AGENT: Final = f"enkwatch/{__version__}"
 MAX_RETRY_AFTER_S: Final = 3600.0
 # the answers whose Retry-After pauses every request (any 5xx's still delays its own task)
 PAUSING_STATUSES: Final = (429, 503)
+_T = TypeVar("_T")
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -110,24 +112,50 @@ class ApiClient:
         `give_up_at` (monotonic): the task's deadline; DeadlineReached, and nothing sent, when
         the request's turn in the gate (rate limit, Retry-After pause) would come after it.
         """
+        headers = kind.headers(task_id, dataset)
+        path = kind.path(task_id, dataset)
+        status, body, retry = await self._get(path, headers, None, give_up_at)
+        clock = self._clock
+        return self._classified(
+            status, lambda: classify(kind, status, body, retry, clock, task_id, dataset)
+        )
+
+    async def list_page(self, lister: Lister, status: str, page: int, per_page: int) -> ListPage:
+        """One page of a kind's list call (`?status=S&page=P&per_page=N`), or a PollError."""
+        params = {"status": status, "page": str(page), "per_page": str(per_page)}
+        code, body, retry = await self._get(lister.list_path, {}, params)
+        clock = self._clock
+        return self._classified(
+            code, lambda: classify_list(lister, status, code, body, retry, clock)
+        )
+
+    async def _get(
+        self,
+        path: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None,
+        give_up_at: float | None = None,
+    ) -> tuple[int, bytes | None, str | None]:
+        """One GET through the gate: the status, the body (None when too large), Retry-After."""
         if self._session is None:
             raise RuntimeError("ApiClient used outside `async with`")
-        url = self._base_url + kind.path(task_id, dataset)
-        headers = kind.headers(task_id, dataset)
         headers["apikey"] = self._api_key
         if not await self._gate.acquire(give_up_at):
             raise DeadlineReached
         try:
-            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+            async with self._session.get(
+                self._base_url + path, headers=headers, params=params, allow_redirects=False
+            ) as resp:
                 body = await _read_limited(resp)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
+                return resp.status, body, resp.headers.get("Retry-After")
         except TimeoutError:
             raise TransientPollError(ERR_TIMEOUT, "the request timed out") from None
         except aiohttp.ClientError as err:
             raise TransientPollError(ERR_CONNECTION, _describe(err)) from None
+
+    def _classified(self, status: int, parse: Callable[[], _T]) -> _T:
         try:
-            return classify(kind, status, body, retry_after, self._clock, task_id, dataset)
+            return parse()
         except PollError as err:
             wait = err.retry_after_s if isinstance(err, TransientPollError) else None
             if wait is not None and status in PAUSING_STATUSES:
@@ -152,6 +180,32 @@ def classify(
 
     `task_id` and `dataset` are what was asked: an answer about another task is invalid.
     """
+    check_status(status, body, retry_after, clock)
+    assert body is not None
+    return parse_body(kind, body, status, task_id, dataset)
+
+
+def classify_list(
+    lister: Lister,
+    wanted: str,
+    status: int,
+    body: bytes | None,
+    retry_after: str | None,
+    clock: Clock,
+) -> ListPage:
+    """A list answer: a ListPage, or the typed error of a poll (a 200 `error` is invalid)."""
+    check_status(status, body, retry_after, clock)
+    assert body is not None
+    try:
+        return lister.parse_list(orjson.loads(body), wanted)
+    except orjson.JSONDecodeError:
+        raise InvalidResponse("the body is not JSON", status) from None
+    except ValueError as err:
+        raise InvalidResponse(str(err), status) from None
+
+
+def check_status(status: int, body: bytes | None, retry_after: str | None, clock: Clock) -> None:
+    """Raise the typed error of an answer that is not a 200 with a body of at most 1 MiB."""
     if status in (401, 403):
         raise UnauthorizedAnswer(f"HTTP {status}", status)
     if status == 404:
@@ -166,7 +220,6 @@ def classify(
         raise InvalidResponse(f"HTTP {status}", status)
     if body is None:
         raise InvalidResponse(f"the body is larger than {MAX_BODY_BYTES} bytes", status)
-    return parse_body(kind, body, status, task_id, dataset)
 
 
 def parse_body(
@@ -216,4 +269,11 @@ def _describe(err: aiohttp.ClientError) -> str:
     return type(err).__name__
 
 
-__all__ = ["ApiClient", "PollError", "classify", "parse_body", "parse_retry_after"]
+__all__ = [
+    "ApiClient",
+    "PollError",
+    "classify",
+    "classify_list",
+    "parse_body",
+    "parse_retry_after",
+]

@@ -300,11 +300,34 @@ class SinksConfig(_Model):
     webhooks: list[WebhookConfig] = Field(default_factory=list)
 
 
-class TaskConfig(_Model):
-    """One entry of `tasks`: a dataset-generation task to watch."""
+TaskKindName = Literal["dataset", "redteam", "redteam_run"]
+# a kind's identifying fields: (id field, name field); at least one of them is needed
+KIND_FIELDS: Final[dict[str, tuple[str, str | None]]] = {
+    "dataset": ("task_id", "dataset"),
+    "redteam": ("task_id", "test_name"),
+    "redteam_run": ("run_id", None),
+}
+_IDENTITY_FIELDS: Final = ("task_id", "dataset", "test_name", "run_id")
 
+
+def task_key(kind: str, ident: str | None, name: str | None) -> str:
+    """The task key (CONTRACT §5, §11): a dataset's task_id, else `dataset:<name>`;
+    `redteam:<task_id>` (else `redteam:test_name:<name>`); `redteam_run:<run_id>`."""
+    if kind == "dataset":
+        return ident if ident is not None else f"dataset:{name}"
+    if ident is not None:
+        return f"{kind}:{ident}"
+    return f"{kind}:test_name:{name}"
+
+
+class TaskConfig(_Model):
+    """One entry of `tasks`: an Enkrypt job to watch (a dataset task by default)."""
+
+    kind: TaskKindName = "dataset"
     task_id: str | None = None
     dataset: str | None = None
+    test_name: str | None = None
+    run_id: str | None = None
     interval_seconds: IntervalSeconds | None = None
     deadline_seconds: DeadlineSeconds | None = None
     # this task's own stall threshold (else polling.stall_after_seconds)
@@ -316,7 +339,7 @@ class TaskConfig(_Model):
     def _scalar_labels(cls, value: object) -> object:
         return _stringify_labels(value)
 
-    @field_validator("task_id", "dataset")
+    @field_validator("task_id", "dataset", "test_name", "run_id")
     @classmethod
     def _check_header_safe(cls, value: str | None) -> str | None:
         if value is not None and (problem := header_problem(value)):
@@ -325,14 +348,82 @@ class TaskConfig(_Model):
 
     @model_validator(mode="after")
     def _needs_an_identity(self) -> TaskConfig:
-        if self.task_id is None and self.dataset is None:
-            raise ValueError("a task needs at least one of task_id, dataset")
+        id_field, name_field = KIND_FIELDS[self.kind]
+        own = {id_field} | ({name_field} if name_field else set())
+        foreign = [f for f in _IDENTITY_FIELDS if f not in own and getattr(self, f) is not None]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} does not apply to kind {self.kind}")
+        if self.ident is None and self.name is None:
+            if name_field is None:
+                raise ValueError(f"a task of kind {self.kind} needs {id_field}")
+            of_kind = "" if self.kind == "dataset" else f" of kind {self.kind}"
+            raise ValueError(f"a task{of_kind} needs at least one of {id_field}, {name_field}")
         return self
 
     @property
+    def ident(self) -> str | None:
+        """The job's id: a task_id, or a run's run_id."""
+        return self.run_id if self.kind == "redteam_run" else self.task_id
+
+    @property
+    def name(self) -> str | None:
+        """The job's name: a dataset's name, or a red-team test's test_name."""
+        return self.test_name if self.kind == "redteam" else self.dataset
+
+    @property
     def key(self) -> str:
-        """The configured task_id, else `dataset:<name>`."""
-        return self.task_id if self.task_id is not None else f"dataset:{self.dataset}"
+        """The task key: see `task_key`."""
+        return task_key(self.kind, self.ident, self.name)
+
+
+# the kinds with a list call, and the statuses a list call filters by
+LISTED_KINDS: Final = ("dataset", "redteam")
+LIST_STATUSES: Final = ("Queued", "Running", "Finished", "Failed")
+MATCH_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "dataset": frozenset({"dataset"}),
+    "redteam": frozenset({"task_id", "test_name", "model_name", "project_name"}),
+}
+
+
+class DiscoverConfig(_Model):
+    """One entry of `discover`: sweep a kind's list pages and watch every matching job."""
+
+    kind: TaskKindName = "dataset"
+    statuses: list[str] = Field(default_factory=lambda: ["Queued", "Running"], min_length=1)
+    every_seconds: IntervalSeconds = 60.0
+    # field -> a glob (`nightly-*`); every one must match
+    match: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    # for the jobs found (default: polling.interval_seconds, no deadline)
+    interval_seconds: IntervalSeconds | None = None
+    deadline_seconds: DeadlineSeconds | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _scalar_labels(cls, value: object) -> object:
+        return _stringify_labels(value)
+
+    @field_validator("statuses")
+    @classmethod
+    def _known_statuses(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in LIST_STATUSES]
+        if unknown:
+            raise ValueError(
+                f"unknown status(es) {', '.join(unknown)}; choose from {', '.join(LIST_STATUSES)}"
+            )
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _listed_kind(self) -> DiscoverConfig:
+        if self.kind not in LISTED_KINDS:
+            raise ValueError(f"kind {self.kind} has no list call to discover from")
+        unknown = sorted(set(self.match) - MATCH_FIELDS[self.kind])
+        if unknown:
+            raise ValueError(
+                f"match: {', '.join(unknown)} cannot be matched for kind {self.kind}; "
+                f"use {', '.join(sorted(MATCH_FIELDS[self.kind]))}"
+            )
+        return self
 
 
 class Config(_Model):
@@ -344,6 +435,7 @@ class Config(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     tasks: list[TaskConfig] = Field(default_factory=list)
+    discover: list[DiscoverConfig] = Field(default_factory=list)
 
 
 def key_path(loc: Sequence[int | str]) -> str:
@@ -528,11 +620,16 @@ def plain_message(
 def _raw_task_key(task: object) -> str | None:
     if not isinstance(task, Mapping):
         return None
-    task_id, dataset = task.get("task_id"), task.get("dataset")
-    if isinstance(task_id, str):
-        return task_id
-    if task_id is None and isinstance(dataset, str):
-        return f"dataset:{dataset}"
+    kind = task.get("kind", "dataset")
+    if kind not in KIND_FIELDS:
+        return None
+    id_field, name_field = KIND_FIELDS[kind]
+    ident = task.get(id_field)
+    name = task.get(name_field) if name_field else None
+    if isinstance(ident, str):
+        return task_key(kind, ident, None)
+    if ident is None and isinstance(name, str):
+        return task_key(kind, None, name)
     return None
 
 
@@ -797,14 +894,16 @@ def load_api_key(config: Config, environ: Mapping[str, str] | None = None) -> st
 
 def normalized_watch_list(config: Config) -> list[dict[str, Any]]:
     """The watch list with defaults applied, as `check-config` prints it."""
-    return [
-        {
-            "task_key": t.key,
-            "task_id": t.task_id,
-            "dataset": t.dataset,
-            "interval_seconds": t.interval_seconds or config.polling.interval_seconds,
-            "deadline_seconds": t.deadline_seconds,
-            "labels": dict(t.labels),
-        }
-        for t in config.tasks
-    ]
+    return [_normalized_task(t, config.polling) for t in config.tasks]
+
+
+def _normalized_task(t: TaskConfig, polling: PollingConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"task_key": t.key, "kind": t.kind}
+    id_field, name_field = KIND_FIELDS[t.kind]
+    for field in ("task_id", "dataset") if t.kind == "dataset" else (id_field, name_field):
+        if field is not None:
+            out[field] = getattr(t, field)
+    out["interval_seconds"] = t.interval_seconds or polling.interval_seconds
+    out["deadline_seconds"] = t.deadline_seconds
+    out["labels"] = dict(t.labels)
+    return out

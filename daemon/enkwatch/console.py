@@ -28,10 +28,12 @@ from enkwatch.models import (
     DAEMON_STARTED,
     DAEMON_STOPPED,
     DAEMON_STOPPING,
+    DISCOVERY_FAILED,
     SINK_DELIVERY_FAILED,
     SINK_DISABLED,
     STATE_RECOVERED,
     STATE_UNAVAILABLE,
+    TASK_DISCOVERED,
     TASK_GAVE_UP,
     TASK_POLL_FAILED,
     TASK_STALLED,
@@ -200,6 +202,19 @@ def _unknown_status(f: dict[str, Any]) -> tuple[str, str, str]:
     return "UNKNOWN", "magenta", f"status {status!s} is not one enkwatch knows; still polling"
 
 
+def _discovered(f: dict[str, Any]) -> tuple[str, str, str]:
+    kind = plain(f.pop("kind", None))
+    f.pop("source", None)
+    return "FOUND", "cyan", f"a {kind} job found by discovery; watching it"
+
+
+def _discovery_failed(f: dict[str, Any]) -> tuple[str, str, str]:
+    entry = plain(f.pop("discover", None))
+    kind = plain(f.pop("kind", None))
+    _, style, text = _poll_failed(f)
+    return "DISCOVER", style, f"a sweep of discover[{entry}] ({kind}) failed: {text}"
+
+
 def _gave_up(f: dict[str, Any]) -> tuple[str, str, str]:
     reason = _reason(f.pop("reason", None))
     last = f.pop("last_status", None)
@@ -314,6 +329,8 @@ DESCRIBE: Final[Mapping[str, Describe]] = {
     TASK_GAVE_UP: _gave_up,
     TASK_STALLED: _stalled,
     SINK_DISABLED: _sink_disabled,
+    TASK_DISCOVERED: _discovered,
+    DISCOVERY_FAILED: _discovery_failed,
     API_AUTH_FAILED: _auth_failed,
     DAEMON_STARTED: _started,
     DAEMON_ALL_DONE: _all_done,

@@ -33,15 +33,18 @@ from enkwatch.models import (
     DAEMON_STARTED,
     DAEMON_STOPPED,
     DAEMON_STOPPING,
+    DISCOVERY_FAILED,
     SINK_DELIVERY_FAILED,
     SINK_DISABLED,
     STATE_RECOVERED,
     STATE_UNAVAILABLE,
+    TASK_DISCOVERED,
     TASK_GAVE_UP,
     TASK_POLL_FAILED,
     TASK_STALLED,
     TASK_TRANSITION,
     TASK_UNKNOWN_STATUS,
+    TaskKind,
 )
 from enkwatch.output import DirectLines, Lines, LineWriter, StdoutUnusable
 from enkwatch.state.base import EventJournal, JournaledEvent, TaskRecord
@@ -225,6 +228,7 @@ class WatchedTask(Protocol):
     dataset: str | None
     labels: dict[str, str]
     record: TaskRecord
+    kind: TaskKind
 
 
 class EventWriter:
@@ -283,8 +287,11 @@ class EventWriter:
             "timestamp": rfc3339(self._clock.now()),
             "level": level,
             "event": name,
-            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
-            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            **task.kind.identity(
+                task.task_id if task.task_id is not None else rec.seen_task_id,
+                task.dataset if task.dataset is not None else rec.seen_dataset,
+            ),
+            "kind": task.kind.name,
             "task_key": task.key,
             "seq": rec.seq,
             "event_id": f"{task.key}:{rec.seq}",
@@ -402,6 +409,7 @@ __all__ = [
     "DAEMON_STARTED",
     "DAEMON_STOPPED",
     "DAEMON_STOPPING",
+    "DISCOVERY_FAILED",
     "ERROR",
     "ERR_CONNECTION",
     "ERR_HTTP_STATUS",
@@ -413,6 +421,7 @@ __all__ = [
     "SINK_DISABLED",
     "STATE_RECOVERED",
     "STATE_UNAVAILABLE",
+    "TASK_DISCOVERED",
     "TASK_GAVE_UP",
     "TASK_POLL_FAILED",
     "TASK_STALLED",

@@ -13,6 +13,7 @@ from typing import Final
 from enkwatch.clock import Clock
 
 # /healthz fails when the scheduler's watchdog job has not run for this long
+WATCHDOG_EVERY_S: Final = 1.0  # how often the service's timers run Health.watchdog
 STALL_LIMIT_S: Final = 15.0
 # /healthz fails when lines have waited this long for the stdout reader (env var to change)
 STDOUT_STALL_LIMIT_S: Final = 30.0

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from enkwatch import events as ev
 from enkwatch.clock import Clock
-from enkwatch.kinds import KINDS, KNOWN_STATUSES
+from enkwatch.kinds import KINDS
 from enkwatch.limits import RequestGate
 from enkwatch.output import Lines
 from enkwatch.watch import TaskWatch
@@ -33,6 +33,22 @@ _LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TERMINAL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
 
+DISCOVERY_COUNTERS: Final[dict[str, str]] = {
+    "sweeps": "Discovery sweeps that read every page of their entry, by kind of job.",
+    "failed_sweeps": "Discovery sweeps that failed (then retried with backoff), by kind.",
+    "pages": "List pages requested by discovery, by kind of job.",
+    "jobs_found": "Matching jobs named by the list pages of successful sweeps, by kind.",
+    "jobs_added": "Jobs discovery added to the watch list (new ones), by kind of job.",
+}
+
+
+def _discovery_counters(registry: CollectorRegistry) -> dict[str, Counter]:
+    return {
+        what: Counter(f"enkwatch_discovery_{what}", doc, ["kind"], registry=registry)
+        for what, doc in DISCOVERY_COUNTERS.items()
+    }
+
+
 class Metrics:
     """Every metric of the daemon; the service feeds it, `/metrics` renders it."""
 
@@ -41,8 +57,8 @@ class Metrics:
         r = self.registry
         self.polls = Counter(
             "enkwatch_polls",
-            "Polls (requests) by outcome: ok or the error kind.",
-            ["outcome"],
+            "Polls (requests) by kind of job and outcome: ok or the error kind.",
+            ["kind", "outcome"],
             registry=r,
         )
         self.poll_latency = Histogram(
@@ -53,8 +69,8 @@ class Metrics:
         )
         self.transitions = Counter(
             "enkwatch_transitions",
-            "Status transitions emitted, by previous and new status.",
-            ["from_status", "to_status"],
+            "Status transitions emitted, by kind of job, previous and new status.",
+            ["kind", "from_status", "to_status"],
             registry=r,
         )
         self.events = Counter("enkwatch_events", "Events emitted, by name.", ["event"], registry=r)
@@ -86,19 +102,25 @@ class Metrics:
         )
         # replicas only: a single daemon shows no replica metric
         self.takeover = _takeover_histogram(r) if replicas else None
-        self._poll_children: dict[str, Any] = {}
+        self._poll_children: dict[tuple[str, str], Any] = {}
+        # discovery (`discover:` entries), by kind of job: what `observe_discovery` counts
+        self.discovery = _discovery_counters(r)
 
     def observe_takeover(self, seconds: float) -> None:
         if self.takeover is not None:
             self.takeover.observe(seconds)
 
-    def observe_poll(self, outcome: str, seconds: float) -> None:
+    def observe_poll(self, kind: str, outcome: str, seconds: float) -> None:
         # a poll's hot path: the labelled child is looked up once per outcome, then cached
-        child = self._poll_children.get(outcome)
+        child = self._poll_children.get((kind, outcome))
         if child is None:
-            child = self._poll_children[outcome] = self.polls.labels(outcome)
+            child = self._poll_children[kind, outcome] = self.polls.labels(kind, outcome)
         child.inc()
         self.poll_latency.observe(seconds)
+
+    def observe_discovery(self, kind: str, what: str, count: int = 1) -> None:
+        """A discovery count: `what` is one of DISCOVERY_COUNTERS."""
+        self.discovery[what].labels(kind).inc(count)
 
     def observe_event(self, body: Mapping[str, Any]) -> None:
         name = body.get("event", "")
@@ -109,7 +131,7 @@ class Metrics:
             return
         previous = body.get("previous_status") or "none"
         status = body.get("status") or "none"
-        self.transitions.labels(previous, status).inc()
+        self.transitions.labels(body.get("kind") or "dataset", previous, status).inc()
         if body.get("terminal"):
             created = _parse_time(body.get("created_at"))
             seen = _parse_time(body.get("timestamp"))
@@ -209,7 +231,7 @@ class StateGauges(Collector):
         )
 
     def _task_gauges(self) -> Iterator[Metric]:
-        by_status: Tally[str] = Tally()
+        by_status: Tally[tuple[str, str]] = Tally()
         stalled: Tally[str] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
@@ -217,7 +239,7 @@ class StateGauges(Collector):
         now = self._clock.now().timestamp()
         for task in self.tasks():
             label = _status_label(task)
-            by_status[label] += 1
+            by_status[task.kind.name, label] += 1
             if not task.done:
                 since = task.record.status_since or task.record.watch_started_at
                 age_by_status[label] = max(age_by_status.get(label, 0.0), now - since)
@@ -227,10 +249,13 @@ class StateGauges(Collector):
                 failing += 1
                 worst = max(worst, task.failures)
         tasks = GaugeMetricFamily(
-            "enkwatch_tasks", "Watched tasks by current status.", labels=["status"]
+            "enkwatch_tasks",
+            "Watched tasks by kind of job and current status.",
+            labels=["kind", "status"],
         )
-        for status in (*sorted(KNOWN_STATUSES), "unknown", "none", "gave_up"):
-            tasks.add_metric([status], by_status.get(status, 0))
+        for kind in KINDS.values():
+            for status in (*sorted(kind.statuses), "unknown", "none", "gave_up"):
+                tasks.add_metric([kind.name, status], by_status.get((kind.name, status), 0))
         yield tasks
         age = GaugeMetricFamily(
             "enkwatch_task_status_age_seconds_max",
@@ -248,8 +273,8 @@ class StateGauges(Collector):
             "Tasks stalled now (task.stalled was emitted for their current status), by kind.",
             labels=["kind"],
         )
-        for kind in sorted(KINDS.keys() | stalled.keys()):
-            stalls.add_metric([kind], stalled.get(kind, 0))
+        for kind_name in sorted(KINDS.keys() | stalled.keys()):
+            stalls.add_metric([kind_name], stalled.get(kind_name, 0))
         yield stalls
         yield GaugeMetricFamily(
             "enkwatch_consecutive_failures_max",

@@ -28,6 +28,8 @@ SINK_DELIVERY_FAILED: Final = "sink.delivery_failed"
 SINK_DISABLED: Final = "sink.disabled"
 STATE_UNAVAILABLE: Final = "state.unavailable"
 STATE_RECOVERED: Final = "state.recovered"
+TASK_DISCOVERED: Final = "task.discovered"
+DISCOVERY_FAILED: Final = "discovery.failed"
 
 # the `hint` of api.auth_failed
 AUTH_HINT: Final = (
@@ -51,6 +53,8 @@ WEBHOOK_EVENTS: Final = frozenset(
         DAEMON_STOPPED,
         SINK_DELIVERY_FAILED,
         SINK_DISABLED,
+        TASK_DISCOVERED,
+        DISCOVERY_FAILED,
     }
 )
 
@@ -73,10 +77,11 @@ def clean_text(text: str, limit: int = MAX_STATUS_CHARS) -> str:
 class Observation:
     """One successful answer about one task, parsed by its kind."""
 
+    # the job's id (a run's run_id) and its name (a dataset's name, a test's test_name)
     task_id: str
-    dataset_name: str
+    dataset_name: str | None
     status: str
-    created_at: str
+    created_at: str | None
     started_at: str | None
     data: dict[str, Any]
     # in the kind's vocabulary (else a task.unknown_status), and one of its terminal statuses
@@ -96,6 +101,7 @@ class TaskKind(Protocol):
     # terminal statuses that count as Failed (exit code 1, a warning transition)
     failed: frozenset[str]
 
+    # `task_id` is the job's id (a run's run_id), `dataset` its name (a test's test_name)
     def path(self, task_id: str | None, dataset: str | None) -> str:
         """The request's path below the API's base URL."""
         ...
@@ -104,7 +110,45 @@ class TaskKind(Protocol):
         """The request's identifying headers (a new dict: the client adds the key)."""
         ...
 
+    def identity(self, task_id: str | None, name: str | None) -> dict[str, Any]:
+        """The identifying fields of a task event (`task_id`, `dataset`, the kind's own)."""
+        ...
+
     def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
         """An Observation from a decoded 200 answer to the request for `task_id` (else
-        `dataset`); ValueError naming what is wrong, also when it is about another task."""
+        `dataset`); ValueError naming what is wrong, also when it is about another job."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListedJob:
+    """One job named by a list page: its id and/or name, its status, its fields for `match`."""
+
+    task_id: str | None
+    name: str | None
+    status: str
+    fields: dict[str, str]
+    # the item as the API gave it (a redteam item is also an Observation of the job)
+    observation: Observation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a list call; `has_next` False also for an answer without pagination."""
+
+    items: list[ListedJob]
+    has_next: bool
+    total_count: int | None
+
+
+class Lister(Protocol):
+    """A kind with a list call (`dataset`, `redteam`; a run has none)."""
+
+    name: str
+    list_path: str
+    # the keys `discover[].match` may name
+    match_fields: frozenset[str]
+
+    def parse_list(self, payload: object, status: str) -> ListPage:
+        """The page of a decoded 200 list answer for the status filter `status`."""
         ...

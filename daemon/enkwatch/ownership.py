@@ -23,7 +23,7 @@ from enkwatch.state.base import Store, TaskRecord
 from enkwatch.state.leases import DB_ERRORS
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
-from enkwatch.watch import STATE_RETRY_MIN_S, TaskWatch
+from enkwatch.watch import SOURCE_DISCOVERED, STATE_RETRY_MIN_S, TaskWatch
 
 RECONCILE_EVERY_S: Final = 30.0
 SOURCE_API: Final = "api"
@@ -144,7 +144,7 @@ class SoleOwner:
         return self._local is not None and task_key in self._local.tasks
 
     async def forget(self, task_key: str, task: TaskWatch | None) -> None:
-        if task is not None and task.source == SOURCE_API:
+        if task is not None and task.source in (SOURCE_API, SOURCE_DISCOVERED):
             await self._store.set_task_spec(task_key, None)
 
     async def listing(self) -> Sequence[tuple[TaskWatch, bool | None]]:

@@ -68,8 +68,8 @@ def state_path_problems(state: StateConfig) -> list[str]:
 
 def idle_problems(config: Config) -> list[str]:
     """An empty watch list that nothing could fill: `run` would idle forever."""
-    if config.tasks or config.admin.listen is not None:
-        return []
+    if config.tasks or config.discover or config.admin.listen is not None:
+        return []  # `discover:` entries fill the watch list from the API's lists
     path = config.state.path
     if config.state.shared:
         return []  # other replicas, or migrate-state, fill a shared watch list
@@ -77,5 +77,6 @@ def idle_problems(config: Config) -> list[str]:
         return []  # tasks added through the admin API in earlier runs are kept in the state
     return [
         "tasks: the watch list is empty and nothing can add to it: list tasks under "
-        "`tasks:`, or set admin.listen to add them at run time (POST /tasks)"
+        "`tasks:`, find them with `discover:`, or set admin.listen to add them at run time "
+        "(POST /tasks)"
     ]

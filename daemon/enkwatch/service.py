@@ -20,13 +20,14 @@ from enkwatch.admin import AdminView, serve_admin
 from enkwatch.client import ApiClient
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
+from enkwatch.discovery import Discoverer
 from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
-from enkwatch.health import Health, Outcome, StopReason, tune_gc
+from enkwatch.health import WATCHDOG_EVERY_S, Health, Outcome, StopReason, tune_gc
 from enkwatch.limits import RequestGate
 from enkwatch.livefeed import EventFeed
 from enkwatch.metrics import Metrics, StateGauges
-from enkwatch.output import Lines, StdoutUnusable
+from enkwatch.output import Lines
 from enkwatch.ownership import Owner, choose_owner
 from enkwatch.schedule import PollScheduler, StallTimer, Timers, follow_polling
 from enkwatch.sinks import Outbox, Sink, dead_letter_fields, disabled_fields, sink_secrets
@@ -35,16 +36,11 @@ from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
 from enkwatch.watchlist import WatchList
 
-# Docker gives 10 s between SIGTERM and SIGKILL: drain in-flight polls for at most this long
-MAX_DRAIN_S: Final = 5.0
-# with --exit-when-done, wait this long at most for the webhook outbox to empty
-OUTBOX_FLUSH_S: Final = 10.0
-# poll counts (statistics; every event stores them too) are checkpointed this often
-CHECKPOINT_EVERY_S: Final = 60.0
+MAX_DRAIN_S: Final = 5.0  # Docker gives 10 s between SIGTERM and SIGKILL: drain polls in 5
+OUTBOX_FLUSH_S: Final = 10.0  # --exit-when-done: the longest wait for the outbox to empty
+CHECKPOINT_EVERY_S: Final = 60.0  # poll counts (statistics: every event stores them too)
 CONFIG_CHECK_EVERY_S: Final = 2.0
-WATCHDOG_EVERY_S: Final = 1.0
-# at the end, lines still queued for a stalled stdout reader are waited for this long
-STDOUT_FLUSH_S: Final = 1.5
+STDOUT_FLUSH_S: Final = 1.5  # at the end, the longest wait for lines of a stalled reader
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +83,7 @@ class Service:
         self._rng = rng or random.Random()
         self._tune_gc = gc_tuning
         self.metrics = Metrics(self.clock, replicas=config.state.shared)
-        # the admin app's live event stream (GET /events), fed by the event writer
-        self.feed = EventFeed()
+        self.feed = EventFeed()  # the admin app's live event stream (GET /events)
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.health = Health(self.clock)
         self.ready = self.health.ready
@@ -161,7 +156,8 @@ class Service:
 
     def _open_stdout(self, stack: AsyncExitStack) -> Lines:
         # after the store, so closed before it: the last confirmations are committed
-        out = ev.open_lines(self.clock, self._stdout_unusable)
+        unusable = StopReason.STDOUT_UNUSABLE
+        out = ev.open_lines(self.clock, lambda err: self.request_stop(unusable, str(err)))
         stack.push_async_callback(out.close, STDOUT_FLUSH_S)
         self.health.stdout_stalled_s = out.stalled_s
         self.metrics.watch_stdout(out)
@@ -221,7 +217,16 @@ class Service:
         stack.push_async_callback(outbox.close)
         self.running = Running(store, owner, writer, sched, watchlist, gate, outbox, timers)
         await self._start_jobs(stack, timers, owner, watchlist)
+        if self.config.discover:  # sweeps start now; their first request comes after this
+            self._discover(stack, client, self.running)
         return self.running
+
+    def _discover(self, stack: AsyncExitStack, client: ApiClient, parts: Running) -> None:
+        owner, writer = parts.owner, parts.writer
+        finder = Discoverer(self.config, client, parts.watchlist, writer, owner.may_poll, self._rng)
+        finder.on_auth_failed = lambda s: self._poll_ended(owner, writer, None, AuthRejected(s))
+        finder.observe = self.metrics.observe_discovery
+        stack.push_async_callback(finder.start(parts.timers))
 
     async def _start_jobs(
         self, stack: AsyncExitStack, timers: Timers, owner: Owner, watchlist: WatchList
@@ -268,16 +273,16 @@ class Service:
     def _check_all_done(self, watchlist: WatchList) -> None:
         if not self.exit_when_done or self._stop.is_set():
             return
-        if all(t.done for t in watchlist.tasks.values()):
+        if watchlist.all_done():
             assert self.running is not None
             outcomes: dict[str, Any] = watchlist.outcomes()
             self.running.writer.daemon_event(ev.DAEMON_ALL_DONE, **outcomes)
             self.request_stop(StopReason.ALL_DONE)
 
     def _poll_ended(
-        self, owner: Owner, writer: EventWriter, task: TaskWatch, result: PollResult
+        self, owner: Owner, writer: EventWriter, task: TaskWatch | None, result: PollResult
     ) -> None:
-        if result is LOST:
+        if result is LOST and task is not None:
             owner.lost(task.key)
         elif isinstance(result, AuthRejected):
             if not self.health.auth_failed:
@@ -287,9 +292,6 @@ class Service:
                     http_status=result.http_status, hint=ev.AUTH_HINT,
                 )  # fmt: skip
             self.request_stop(StopReason.AUTH_FAILED)
-
-    def _stdout_unusable(self, err: StdoutUnusable) -> None:
-        self.request_stop(StopReason.STDOUT_UNUSABLE, str(err))
 
     def _crashed(self, exc: BaseException) -> None:
         if self._crash is None:

@@ -24,7 +24,7 @@ from enkwatch.errors import (
     UnauthorizedAnswer,
 )
 from enkwatch.events import EventWriter
-from enkwatch.kinds import DEFAULT_KIND
+from enkwatch.kinds import DEFAULT_KIND, KINDS
 from enkwatch.models import Observation, TaskKind
 from enkwatch.state.base import TaskRecord
 
@@ -35,6 +35,8 @@ DEADLINE_SLACK_S: Final = 0.05
 GAVE_UP_PREFIX: Final = "gave_up:"
 # a write the local state refused (disk full) is tried again at the earliest this much later
 STATE_RETRY_MIN_S: Final = 1.0
+# a task found by a `discover:` sweep (its first event is task.discovered)
+SOURCE_DISCOVERED: Final = "discovered"
 # the outcome of a request, besides the error kinds (the `outcome` label of enkwatch_polls)
 OUTCOME_OK: Final = "ok"
 OUTCOME_NOT_FOUND: Final = "not_found"
@@ -87,6 +89,7 @@ class TaskWatch:
     """A watched task: its config, its durable record, and what lives only in memory."""
 
     key: str
+    # the job's id (a run's run_id) and name (a dataset's name, a red-team test's test_name)
     task_id: str | None
     dataset: str | None
     labels: dict[str, str]
@@ -110,6 +113,12 @@ class TaskWatch:
     started_mono: float | None = None
     stall_gen: int = 0
     stall_due: float | None = None
+    # status from list pages (issue 10): the last list answer naming this task, and when
+    # that list was requested; used by the next poll instead of a request only if newer
+    # than the task's last own answer (`answered_mono`, monotonic)
+    listed: Observation | None = None
+    listed_mono: float = 0.0
+    answered_mono: float = float("-inf")
 
     @classmethod
     def from_config(
@@ -117,14 +126,15 @@ class TaskWatch:
     ) -> TaskWatch:
         return cls(
             key=task.key,
-            task_id=task.task_id,
-            dataset=task.dataset,
+            task_id=task.ident,
+            dataset=task.name,
             # most tasks have none: share one empty mapping instead of a dict each
             labels=dict(task.labels) if task.labels else NO_LABELS,
             interval_s=task.interval_seconds or polling.interval_seconds,
             deadline_s=task.deadline_seconds,
             stall_after_s=task.stall_after_seconds,
             record=record,
+            kind=KINDS[task.kind],
             source=source,
         )
 
@@ -186,7 +196,7 @@ class Poller:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         may_poll: Callable[[str], bool] | None = None,
-        observe_poll: Callable[[str, float], None] | None = None,
+        observe_poll: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._client = client
         self._writer = writer
@@ -196,7 +206,7 @@ class Poller:
         self._sleep = sleep
         # with leases: may this replica poll the task now (does it hold a fresh lease)?
         self._may_poll = may_poll
-        # after each request: "ok" or the error kind, and the seconds it took
+        # after each request: the job's kind, "ok" or the error kind, and the seconds it took
         self._observe_poll = observe_poll
         # the durable fields of each task being polled (by watch: a task dropped and adopted
         # again is another watch) as last committed, rolled back to when the local state
@@ -230,18 +240,23 @@ class Poller:
         started = self._clock.monotonic()
         self._committed[task] = _durable(task.record)
         try:
+            if task.source == SOURCE_DISCOVERED and task.record.seq == 0:
+                await self._emit(task, ev.TASK_DISCOVERED, ev.INFO, source=SOURCE_DISCOVERED)
+            if (listed := self._take_listed(task)) is not None:
+                task.record.polls += 1  # an observation without a request: still a poll
+                return await self._observed(task, listed)
             try:
                 obs = await self._request(task)
             except NotFound as err:
-                self._observe(OUTCOME_NOT_FOUND, started)
+                self._observe(task, OUTCOME_NOT_FOUND, started)
                 return await self._not_found(task, err)
             except PollError as err:
-                self._observe(err.kind, started)
+                self._observe(task, err.kind, started)
                 return await self._failed(task, err)
-            self._observe(OUTCOME_OK, started)
+            self._observe(task, OUTCOME_OK, started)
             return await self._observed(task, obs)
         except AuthError as err:
-            self._observe(OUTCOME_UNAUTHORIZED, started)
+            self._observe(task, OUTCOME_UNAUTHORIZED, started)
             return AuthRejected(err.http_status)
         except DeadlineReached:
             return await self.expire(task)
@@ -269,9 +284,15 @@ class Poller:
         except (LeaseLost, StateUnavailable):
             return LOST
 
-    def _observe(self, outcome: str, started: float) -> None:
+    @staticmethod
+    def _take_listed(task: TaskWatch) -> Observation | None:
+        """The list answer about `task` read after its last own answer, if any (once)."""
+        obs, task.listed = task.listed, None
+        return obs if obs is not None and task.listed_mono > task.answered_mono else None
+
+    def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:
-            self._observe_poll(outcome, self._clock.monotonic() - started)
+            self._observe_poll(task.kind.name, outcome, self._clock.monotonic() - started)
 
     async def _send(self, task: TaskWatch) -> Observation:
         """One request for `task`, counted in its polls if it was sent."""
@@ -279,7 +300,9 @@ class Poller:
         give_up_at = None if remaining is None else self._clock.monotonic() + remaining
         task.record.polls += 1
         try:
-            return await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
+            obs = await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
+            task.answered_mono = self._clock.monotonic()
+            return obs
         except DeadlineReached:
             task.record.polls -= 1  # nothing was sent
             raise

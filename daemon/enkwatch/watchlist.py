@@ -10,21 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from enkwatch import events as ev
 from enkwatch.admin import TaskExists, TaskNotEnded
 from enkwatch.clock import Clock
-from enkwatch.config import Config, TaskConfig, load_config, validate_task_entry
+from enkwatch.config import Config, TaskConfig, load_config, task_key, validate_task_entry
 from enkwatch.errors import ConfigError, StateUnavailable
 from enkwatch.events import EventWriter
+from enkwatch.kinds import KINDS
+from enkwatch.models import ListedJob, Observation
 from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.sinks import Sink, build_sinks, sink_secrets
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
-from enkwatch.watch import NO_LABELS, TaskWatch
+from enkwatch.watch import NO_LABELS, SOURCE_DISCOVERED, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
 RESTART_SECTIONS: Final = ("api", "state", "admin")
@@ -82,6 +84,8 @@ class WatchList:
         # since when each task has its status, from the journal: read once, when first asked
         # (a transition seen by this process is in the task itself)
         self._status_times: dict[str, str] | None = None
+        # `discover:` entries whose first sweep has not ended: the list is not complete yet
+        self.sweeps_pending: set[int] = set(range(len(config.discover)))
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -92,7 +96,7 @@ class WatchList:
         for cfg in self.config.tasks:
             record = records.get(cfg.key)
             if record is None:
-                record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+                record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now)
                 new.append(record)
             self.tasks[cfg.key] = self._watch(cfg, record, SOURCE_CONFIG)
         await self._store.add_tasks(new)
@@ -106,7 +110,7 @@ class WatchList:
         """Make sure every task of our config has its row (idempotent)."""
         now = self._clock.now().timestamp()
         await self._store.add_tasks(
-            [TaskRecord(c.key, c.task_id, c.dataset, now) for c in self._config_tasks.values()]
+            [TaskRecord(c.key, c.ident, c.name, now) for c in self._config_tasks.values()]
         )
 
     def _settle_config(self) -> None:
@@ -126,18 +130,20 @@ class WatchList:
             return self._watch(cfg, record, SOURCE_CONFIG)
         if record.spec is None:
             return None
+        spec = dict(record.spec)
+        source = SOURCE_DISCOVERED if spec.pop("source", None) == SOURCE_DISCOVERED else SOURCE_API
         try:
-            cfg = validate_task_entry(record.spec)
+            cfg = validate_task_entry(spec)
         except ConfigError:
             return None
-        return self._watch(cfg, record, SOURCE_API)
+        return self._watch(cfg, record, source)
 
     async def _watch_for(
         self, cfg: TaskConfig, source: str, record: TaskRecord | None
     ) -> TaskWatch:
         if record is None:
             now = self._clock.now().timestamp()
-            record = TaskRecord(cfg.key, cfg.task_id, cfg.dataset, watch_started_at=now)
+            record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now)
             await self._store.add_task(record)
         return self._watch(cfg, record, source)
 
@@ -153,6 +159,17 @@ class WatchList:
         """Stop watching a task here."""
         self.tasks.pop(task.key, None)
         self._scheduler.remove(task)
+
+    def all_done(self) -> bool:
+        """Every task ended, and every `discover:` entry swept once (`--exit-when-done`: with
+        only `discover:`, an empty list before the first sweep is not "all done")."""
+        return not self.sweeps_pending and all(t.done for t in self.tasks.values())
+
+    def swept(self, entry: int) -> None:
+        """Discovery's first sweep of `discover:` entry `entry` ended."""
+        if entry in self.sweeps_pending:
+            self.sweeps_pending.discard(entry)
+            self._on_change()
 
     def outcomes(self) -> dict[str, int]:
         """How many tasks finished, failed, and were given up."""
@@ -241,6 +258,59 @@ class WatchList:
         self._owner.admit(task)
         return self.describe(task)
 
+    async def known_keys(self) -> set[str]:
+        """Every task key stored or watched here, also ended and removed ones (discovery)."""
+        return set(await self._store.load_tasks()) | set(self.tasks)
+
+    async def discover(self, entry: dict[str, Any], job: object = None) -> bool:
+        """Watch a job found by discovery, as if added through the API; False if not new.
+
+        Stored once (an insert if absent: with replicas, whichever sweeps adds it once);
+        `task.discovered` is its first event, written by whoever polls it first.
+        """
+        try:
+            cfg = validate_task_entry(entry)
+        except ConfigError:
+            return False  # a name from the API that cannot travel in a header
+        if cfg.key in self.tasks or self.stopped:
+            return False
+        spec = {**cfg.model_dump(mode="json", exclude_none=True), "source": SOURCE_DISCOVERED}
+        now = self._clock.now().timestamp()
+        record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now, spec=spec)
+        await self._store.add_task(record)
+        self._owner.admit(self._watch(cfg, record, SOURCE_DISCOVERED))
+        return True
+
+    def monotonic(self) -> float:
+        """The clock of poll answers: a list read is ordered against them on it."""
+        return self._clock.monotonic()
+
+    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int:
+        """A list answer (one status list, every page, first requested at `requested_mono`)
+        as an observation of every watched job it names; the next poll of such a job uses
+        it instead of a request (watch.Poller), so every rule of a poll holds. A job the
+        list does not name is polled on its own (a dataset that left the lists: confirmed
+        with one get-task). A dataset list names datasets: it says nothing of a dataset
+        task watched by its task_id (its name may be another task's now). Returns how many
+        watched jobs it named."""
+        named = 0
+        for job in jobs:
+            task = self.tasks.get(task_key(kind, job.task_id, job.name))
+            if task is None and job.task_id is not None:
+                task = self.tasks.get(task_key(kind, None, job.name))
+            obs = job.observation or (task and listed_observation(task, job))
+            if task is not None and obs and not task.done:
+                task.listed, task.listed_mono = obs, requested_mono
+                named += 1
+        return named
+
+    def unlisted(self, kind: str, since: float) -> None:
+        """A sweep that began at `since` read every list of its entry: a job it did not name
+        is no longer observed through an older list (its next poll asks the API)."""
+        for task in self.tasks.values():
+            if task.listed is not None and task.listed_mono < since and task.kind.name == kind:
+                task.listed = None
+
     async def remove_task(self, task_key: str) -> bool:
         if not await self._owner.watches(task_key):
             return False
@@ -263,10 +333,12 @@ class WatchList:
             since = ev.rfc3339(datetime.fromtimestamp(task.status_since, UTC))
         elif rec.last_status is not None and self._status_times is not None:
             since = self._status_times.get(task.key)
+        ident = task.task_id if task.task_id is not None else rec.seen_task_id
+        name = task.dataset if task.dataset is not None else rec.seen_dataset
         return {
             "task_key": task.key,
-            "task_id": task.task_id if task.task_id is not None else rec.seen_task_id,
-            "dataset": task.dataset if task.dataset is not None else rec.seen_dataset,
+            "kind": task.kind.name,
+            **task.kind.identity(ident, name),
             "labels": task.labels,
             "source": task.source,
             "status": rec.last_status,
@@ -360,8 +432,9 @@ class WatchList:
 
 def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
     return (
-        task.task_id != cfg.task_id
-        or task.dataset != cfg.dataset
+        task.kind.name != cfg.kind
+        or task.task_id != cfg.ident
+        or task.dataset != cfg.name
         or task.labels != cfg.labels
         or task.interval_s != (cfg.interval_seconds or config.polling.interval_seconds)
         or task.deadline_s != cfg.deadline_seconds
@@ -370,9 +443,24 @@ def _differs(task: TaskWatch, cfg: TaskConfig, config: Config) -> bool:
 
 
 def _update(task: TaskWatch, cfg: TaskConfig, config: Config) -> None:
-    task.task_id = cfg.task_id
-    task.dataset = cfg.dataset
+    task.kind = KINDS[cfg.kind]
+    task.task_id = cfg.ident
+    task.dataset = cfg.name
     task.labels = dict(cfg.labels) if cfg.labels else NO_LABELS
     task.interval_s = cfg.interval_seconds or config.polling.interval_seconds
     task.deadline_s = cfg.deadline_seconds
     task.stall_after_s = cfg.stall_after_seconds
+
+
+def listed_observation(task: TaskWatch, job: ListedJob) -> Observation | None:
+    """A dataset list names a job and its list's status only: an Observation of a task
+    answered before (its task id known), else None (its own poll comes first)."""
+    ident = task.task_id or task.record.seen_task_id
+    if ident is None:
+        return None
+    kind = task.kind
+    return Observation(
+        task_id=ident, dataset_name=job.name, status=job.status, created_at=None,
+        started_at=None, data={}, known=job.status in kind.statuses,
+        terminal=job.status in kind.terminal,
+    )  # fmt: skip

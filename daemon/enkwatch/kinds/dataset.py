@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
-from enkwatch.models import Observation, clean_text
+from enkwatch.models import ListedJob, ListPage, Observation, clean_text
 
 QUEUED: Final = "Queued"
 RUNNING: Final = "Running"
@@ -13,6 +13,7 @@ FINISHED: Final = "Finished"
 FAILED: Final = "Failed"
 
 PATH: Final = "/datasets/get-task"
+LIST_PATH: Final = "/datasets/list-tasks"
 TASK_ID_HEADER: Final = "X-Enkrypt-Task-ID"
 DATASET_HEADER: Final = "X-Enkrypt-Dataset"
 REQUIRED_FIELDS: Final = ("dataset_name", "created_at", "status", "task_id")
@@ -52,6 +53,9 @@ class DatasetKind:
             headers[DATASET_HEADER] = dataset
         return headers
 
+    def identity(self, task_id: str | None, name: str | None) -> dict[str, Any]:
+        return {"task_id": task_id, "dataset": name}
+
     def parse(self, payload: object, task_id: str | None, dataset: str | None) -> Observation:
         obs = parse_observation(payload)
         check_identity(obs, task_id, dataset)
@@ -68,7 +72,7 @@ def check_identity(obs: Observation, task_id: str | None, dataset: str | None) -
         if obs.task_id != task_id:
             raise ValueError(f"data.task_id is {_shown(obs.task_id)}, not the task asked for")
     elif dataset is not None and obs.dataset_name != dataset:
-        shown = _shown(obs.dataset_name)
+        shown = _shown(obs.dataset_name or "")
         raise ValueError(f"data.dataset_name is {shown}, not the dataset asked for")
 
 
@@ -108,3 +112,42 @@ def parse_observation(payload: object) -> Observation:
         known=status in DatasetKind.statuses,
         terminal=status in DatasetKind.terminal,
     )
+
+
+def parse_pagination(payload: dict[str, Any]) -> tuple[bool, int | None]:
+    """(has_next, total_count) of a list answer; an answer without pagination is one page."""
+    pages = payload.get("pagination")
+    if pages is None:
+        return False, None
+    if not isinstance(pages, dict):
+        raise ValueError("'pagination' is not an object")
+    has_next = pages.get("has_next", False)
+    if not isinstance(has_next, bool):
+        raise ValueError("pagination.has_next is not a boolean")
+    total = pages.get("total_count")
+    return has_next, total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+class DatasetLister:
+    """`GET /datasets/list-tasks`: dataset names only; the status is the filter."""
+
+    name = "dataset"
+    list_path = LIST_PATH
+    match_fields: frozenset[str] = frozenset({"dataset"})
+
+    def parse_list(self, payload: object, status: str) -> ListPage:
+        if not isinstance(payload, dict):
+            raise ValueError(f"body is a JSON {type(payload).__name__}, not an object")
+        names = payload.get("datasets")
+        if not isinstance(names, list):
+            raise ValueError("'datasets' is missing or not a list")
+        items = [
+            ListedJob(None, n, _CANONICAL.get(status, status), {"dataset": n})
+            for n in names
+            if isinstance(n, str) and n
+        ]
+        has_next, total = parse_pagination(payload)
+        return ListPage(items, has_next, total)
+
+
+DATASET_LISTER: Final = DatasetLister()

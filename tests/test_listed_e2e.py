@@ -1,0 +1,78 @@
+"""Status from list pages (issue 10, item 3): the real command against the simulator.
+
+A sweep's list answer is an observation of every watched job it names; the job's next
+poll uses it instead of a request, so every rule of a poll holds (in order, exactly once,
+`polls` counted). A job that left the lists is confirmed with one get-task of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kit import Spawn, timeline
+from tests.test_discovery_e2e import Serve, rt, serve  # noqa: F401  (serve: the fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+
+def config(path: Path, url: str, state: str, **doc: Any) -> str:
+    base = {
+        "api": {"base_url": url, "timeout_seconds": 2},
+        "polling": {"interval_seconds": 0.8, "jitter": 0, "max_requests_per_second": 0},
+        "state": {"path": state},
+    }
+    path.write_text(yaml.safe_dump(base | doc), encoding="utf-8")
+    return str(path)
+
+
+def statuses(events: list[dict[str, Any]], key: str) -> list[Any]:
+    return [e["status"] for e in events if e["task_key"] == key]
+
+
+async def test_redteam_statuses_come_from_the_list_pages(
+    tmp_path: Path,
+    serve: Serve,  # noqa: F811
+    enkwatch: Spawn,
+) -> None:
+    jobs = [rt(1, "nightly-1", timeline("Queued", 3, "Running", 3, "Finished"))]
+    jobs += [rt(100 + n, f"filler-{n}", timeline("Running")) for n in range(150)]
+    url, stats = await serve(tasks=jobs)
+    discover = {"kind": "redteam", "statuses": ["Queued", "Running"], "every_seconds": 0.2,
+                "match": {"test_name": "nightly-*"}}  # fmt: skip
+    cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "s.db"), discover=[discover])
+    proc = await enkwatch("run", "--exit-when-done", "--config", cfg)
+    assert await proc.wait_exit() == 0
+    moves = proc.named("task.transition")
+    assert statuses(moves, "redteam:rt-task-0001") == ["Queued", "Running", "Finished"]
+    polls = [e["polls"] for e in moves]
+    assert polls == sorted(polls) and len(set(polls)) == 3  # counted, in order
+    # its own requests: the first poll (found after the sweep's lists were read), and the
+    # Finished confirmed once it left the lists; every other poll came from a list page
+    own = stats.by_task.get("rt-task-0001", 0)
+    assert 2 <= own <= 3 < polls[-1], (own, polls)
+
+
+async def test_a_dataset_in_the_running_list_is_observed_running(
+    tmp_path: Path,
+    serve: Serve,  # noqa: F811
+    enkwatch: Spawn,
+) -> None:
+    job = {"task_id": "data-generation-1", "dataset": "ds-1", "starts": "at_start",
+           "timeline": timeline("Running", 4, "Finished")}  # fmt: skip
+    url, stats = await serve(tasks=[job])
+    discover = {"kind": "dataset", "statuses": ["Running"], "every_seconds": 0.2}
+    cfg = config(
+        tmp_path / "c.yaml", url, str(tmp_path / "s.db"),
+        tasks=[{"dataset": "ds-1"}], discover=[discover],
+    )  # fmt: skip
+    proc = await enkwatch("run", "--exit-when-done", "--config", cfg)
+    assert await proc.wait_exit() == 0
+    moves = proc.named("task.transition")
+    assert statuses(moves, "dataset:ds-1") == ["Running", "Finished"]
+    assert proc.named("task.discovered") == []  # already watched: not added again
+    own = stats.by_task.get("data-generation-1", 0)
+    assert 2 <= own <= 3 < moves[-1]["polls"], (own, moves[-1]["polls"])
