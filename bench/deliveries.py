@@ -57,7 +57,7 @@ PHASES: dict[str, tuple[tuple[str, str], ...]] = {
         ("formats.py", "message_id"),
         ("~", "<built-in method orjson.loads>"),
     ),
-    "sign + headers": (("sinks.py", "_headers"),),
+    "sign + headers": (("sinks.py", "_headers"), ("sinks.py", "headers")),
     "aiohttp POST + answer": (
         ("aiohttp/client.py", "_request"),
         ("aiohttp/client.py", "__aexit__"),

@@ -17,7 +17,7 @@ that body and nowhere else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -58,7 +58,14 @@ class Payload:
 
 
 class Format(Protocol):
-    """How one sink writes an event."""
+    """How one sink writes an event.
+
+    `cache_key`: equal for formats that render every event alike (sinks sharing it render an
+    event once); None when rendering costs nothing worth remembering.
+    """
+
+    @property
+    def cache_key(self) -> Hashable | None: ...
 
     def accepts(self, event: Mapping[str, Any]) -> bool:
         """False when this format sends nothing for the event."""
@@ -117,6 +124,8 @@ def _details(event: Mapping[str, Any]) -> list[tuple[str, str]]:
 class JsonFormat:
     """The journaled event, byte for byte."""
 
+    cache_key = None
+
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return True
 
@@ -129,6 +138,7 @@ class CloudEventsFormat:
 
     def __init__(self, source: str) -> None:
         self._source = source
+        self.cache_key = ("cloudevents", source)
 
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return True
@@ -160,6 +170,8 @@ def _slack_escape(text: str) -> str:
 class SlackFormat:
     """An incoming-webhook message: `text` (notifications, fallback) and blocks."""
 
+    cache_key = ("slack",)
+
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return True
 
@@ -181,6 +193,8 @@ class SlackFormat:
 
 class TeamsFormat:
     """A message for a Teams Workflows webhook, holding one Adaptive Card."""
+
+    cache_key = ("teams",)
 
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return True
@@ -238,6 +252,7 @@ class PagerDutyFormat:
     def __init__(self, routing_key: str, source: str) -> None:
         self._routing_key = routing_key
         self._source = source
+        self.cache_key = ("pagerduty", routing_key, source)
 
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return pagerduty_action(event) is not None and bool(event.get("task_key"))
@@ -270,6 +285,7 @@ class TemplateFormat:
 
     def __init__(self, template: BodyTemplate) -> None:
         self._template = template
+        self.cache_key: Hashable = self  # its own template: shared by no other sink
 
     def accepts(self, event: Mapping[str, Any]) -> bool:
         return True

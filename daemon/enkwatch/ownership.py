@@ -157,8 +157,17 @@ class PartitionOwner:
 
     keeps_config = True
 
-    def __init__(self, store: PgStore, writer: EventWriter, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: PgStore,
+        writer: EventWriter,
+        clock: Clock,
+        wake_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
+        # the outbox waits to be woken when idle: rows of a partition gained from another
+        # replica (or left while the database was down) are found by the lease loop
+        self._wake_outbox = wake_outbox
         self.leases = store.leases
         self.may_poll = self.leases.usable
         self._writer = writer
@@ -247,6 +256,8 @@ class PartitionOwner:
                 if self._pending_keys:
                     await self._refresh(self._pending_keys)
                 await self.store.refresh_outbox_stats()
+                if self.store.outbox_stats()[0]:
+                    self._wake_outbox()
             except (StateUnavailable, *DB_ERRORS) as err:
                 self._state_trouble(err)
                 return
@@ -326,8 +337,10 @@ class PartitionOwner:
                 local.adopt(task)
 
 
-def choose_owner(store: Store, writer: EventWriter, clock: Clock) -> Owner:
+def choose_owner(
+    store: Store, writer: EventWriter, clock: Clock, wake_outbox: Callable[[], None] = lambda: None
+) -> Owner:
     """The role for this state: partitions on a shared PostgreSQL, else the sole owner."""
     if isinstance(store, PgStore):
-        return PartitionOwner(store, writer, clock)
+        return PartitionOwner(store, writer, clock, wake_outbox)
     return SoleOwner(store, writer)

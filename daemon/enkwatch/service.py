@@ -177,7 +177,7 @@ class Service:
             outbox.sinks_for, outbox.notify,
             out=out, secrets=[self._api_key, self._admin_token, *sink_secrets(self._sinks)],
         )  # fmt: skip
-        owner = choose_owner(store, writer, self.clock)
+        owner = choose_owner(store, writer, self.clock, outbox.notify)
         polling = self.config.polling
         gate = RequestGate(polling.max_requests_per_second, self.clock)
         client = await stack.enter_async_context(

@@ -2,10 +2,17 @@
 
 The outbox lives in the state database and is written in the same transaction as the event
 (see `Store.record_event`), so an event that was emitted is delivered even if the process is
-killed right after. Each sink is drained by one loop: the oldest pending delivery of every
-task is sent (several tasks at once), a failure is retried with exponential backoff and
-blocks only the later deliveries of the same task, and a delivery older than the sink's
-`max_age_seconds` is dead-lettered with a `sink.delivery_failed` event.
+killed right after. Each sink is drained by one loop, in rounds: the head of each task's
+queue (its oldest pending delivery; the rows behind it are not read) is sent, several tasks
+at once, and the rows delivered in the round are deleted by one statement before the next
+round reads the heads again. A failure is retried with exponential backoff and blocks only
+the later deliveries of the same task, and a delivery older than the sink's
+`max_age_seconds` is dead-lettered with a `sink.delivery_failed` event. An idle loop waits
+to be woken (a new row, a reload; on PostgreSQL also the lease loop while rows wait, such
+as those of a partition taken over), never on a timer.
+
+An event's rows for several sinks hold the same bytes: it is parsed once, and rendered
+once per format for the sinks that share one (a bounded cache, by body and format).
 
 Every POST carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
 `webhook-signature` with one `v1,<base64>` per active secret) and, for `secret_env`, the
@@ -25,7 +32,7 @@ import contextlib
 import hashlib
 import hmac
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,7 +45,7 @@ from enkwatch.client import parse_retry_after
 from enkwatch.clock import Clock
 from enkwatch.config import SecretSource, SinksConfig, WebhookConfig, read_key_file
 from enkwatch.errors import ConfigError, StateUnavailable
-from enkwatch.formats import Format, FormatError, JsonFormat, build_format, message_id
+from enkwatch.formats import Format, FormatError, JsonFormat, Payload, build_format, message_id
 from enkwatch.state.base import OutboxRow, OutboxStore
 
 SIGNATURE_HEADER: Final = "X-Enkwatch-Signature"  # deprecated: Standard Webhooks replace it
@@ -51,9 +58,16 @@ SECRET_PREFIX: Final = "whsec_"
 SECRET_MIN_BYTES: Final = 24
 SECRET_MAX_BYTES: Final = 64
 MAX_PARALLEL_PER_SINK: Final = 8
+# the most queue heads (tasks) one round of a sink reads and sends
+HEADS_PER_ROUND: Final = 1000
 RETRY_BASE_S: Final = 1.0
 RETRY_MAX_S: Final = 300.0
-IDLE_RECHECK_S: Final = 5.0
+# the longest a sink waits before it looks again while it has pending rows (a retry not yet
+# due, a pause) or while the state is down; an idle sink waits to be woken, never on a timer
+RECHECK_S: Final = 5.0
+# events parsed and payloads rendered, remembered for the other sinks of the same event
+RENDER_CACHE_MAX: Final = 4096
+USER_AGENT: Final = f"enkwatch/{__version__}"
 # the most of a receiver's answer ever read (decoded); more closes the connection instead
 MAX_ANSWER_READ_BYTES: Final = 1024
 GONE: Final = 410
@@ -226,6 +240,49 @@ def standard_signature(keys: Sequence[bytes], msg_id: str, timestamp: int, body:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Lane:
+    """What every delivery of one sink reuses, built once per config of the sink."""
+
+    sink: Sink
+    timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def of(cls, sink: Sink) -> _Lane:
+        return cls(sink, aiohttp.ClientTimeout(total=sink.timeout_s))
+
+    def headers(
+        self, content_type: str, body: bytes, msg_id: str, timestamp: int
+    ) -> dict[str, str]:
+        """The headers of one POST: Standard Webhooks (and the deprecated signature)."""
+        stamp = str(timestamp)
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Content-Type": content_type,
+            IDEMPOTENCY_HEADER: msg_id,
+            WEBHOOK_ID: msg_id,
+            WEBHOOK_TIMESTAMP: stamp,
+        }
+        sink = self.sink
+        if sink.signing_keys:
+            # hmac.digest: OpenSSL's one-shot HMAC, several times cheaper than hmac.new
+            signed = f"{msg_id}.{stamp}.".encode() + body
+            headers[WEBHOOK_SIGNATURE] = " ".join(
+                "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode()
+                for key in sink.signing_keys
+            )
+        if sink.secret is not None:
+            mac = hmac.digest(sink.secret, f"{stamp}.".encode() + body, "sha256").hex()
+            headers[SIGNATURE_HEADER] = f"t={stamp},v1={mac}"
+        return headers
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= RENDER_CACHE_MAX:
+        del cache[next(iter(cache))]  # the oldest: its event went to every sink long ago
+    cache[key] = value
+
+
 def encode_event(body: Mapping[str, Any]) -> bytes:
     """The exact bytes journaled for an event (the `json` format's body)."""
     return orjson.dumps(dict(body))
@@ -271,6 +328,11 @@ class Outbox:
         self.disabled: set[str] = set()
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
         self._paused_until: dict[str, float] = {}
+        self._lanes: dict[str, _Lane] = {}
+        # an event's rows of several sinks hold the same bytes: parsed (and rendered per
+        # format) once for all of them
+        self._parsed: dict[bytes, tuple[dict[str, Any], str] | None] = {}
+        self._rendered: dict[tuple[bytes, Hashable], Payload | str] = {}
 
     def sinks_for(self, event: Mapping[str, Any]) -> list[str]:
         """The ids of the sinks that take this event."""
@@ -294,11 +356,14 @@ class Outbox:
         await self._load_disabled(sinks)
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": f"enkwatch/{__version__}"},
                 cookie_jar=aiohttp.DummyCookieJar(),
                 # no shared cap: each sink has its own MAX_PARALLEL_PER_SINK deliveries at
                 # once, so a hanging receiver holds its own connections, never another's
                 connector=aiohttp.TCPConnector(limit=0),
+                # the answer is never looked at (at most 1 KiB is read, for keep-alive): no
+                # Accept headers, nothing to decompress
+                skip_auto_headers=("Accept", "Accept-Encoding"),
+                auto_decompress=False,
             )
         for sink in sinks:
             self._wake.setdefault(sink.id, asyncio.Event())
@@ -379,32 +444,34 @@ class Outbox:
         while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
             wake.clear()
             try:
-                rows = await self._store.pending_deliveries(sink.id, limit=1000)
+                heads = await self._store.outbox_heads(sink.id, HEADS_PER_ROUND)
             except StateUnavailable:
                 # the shared state is down: the rows wait there; look again a little later
-                await self._sleep_or_wake(wake, IDLE_RECHECK_S)
+                await self._sleep_or_wake(wake, RECHECK_S)
                 continue
-            if not rows:
+            if not heads:
                 idle.set()
-                await self._sleep_or_wake(wake, IDLE_RECHECK_S)
+                await wake.wait()  # new rows (notify), a reload, or the lease loop
                 continue
             idle.clear()
             now = self._clock.now().timestamp()
             paused_s = self._paused_until.get(sink.id, 0.0) - now
             if paused_s > 0:
-                await self._sleep_or_wake(wake, min(IDLE_RECHECK_S, paused_s))
+                await self._sleep_or_wake(wake, min(RECHECK_S, paused_s))
                 continue
-            heads: dict[str, OutboxRow] = {}
-            for row in rows:
-                heads.setdefault(row.task_key, row)
-            due = [r for r in heads.values() if r.next_attempt_at <= now]
+            due = [r for r in heads if r.next_attempt_at <= now]
             if due:
-                sem = asyncio.Semaphore(MAX_PARALLEL_PER_SINK)
-                await asyncio.gather(*(self._deliver_one(sink, row, sem) for row in due))
+                await self._round(self._lane(sink), due)
                 continue
-            soonest = min(r.next_attempt_at for r in heads.values())
-            await self._sleep_or_wake(wake, min(IDLE_RECHECK_S, max(0.01, soonest - now)))
+            soonest = min(r.next_attempt_at for r in heads)
+            await self._sleep_or_wake(wake, min(RECHECK_S, max(0.01, soonest - now)))
         idle.set()
+
+    def _lane(self, sink: Sink) -> _Lane:
+        lane = self._lanes.get(sink.id)
+        if lane is None or lane.sink is not sink:  # new, or its config was reloaded
+            lane = self._lanes[sink.id] = _Lane.of(sink)
+        return lane
 
     async def _sleep_or_wake(self, wake: asyncio.Event, seconds: float) -> None:
         try:
@@ -413,46 +480,95 @@ class Outbox:
         except TimeoutError:
             pass
 
-    async def _deliver_one(self, sink: Sink, row: OutboxRow, sem: asyncio.Semaphore) -> None:
-        # the state is down: delivered or not, the row stays pending and goes again (at least once)
-        with contextlib.suppress(StateUnavailable):
-            await self._deliver(sink, row, sem)
+    async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> None:
+        """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
+        (or filtered out) with one statement: a task's next row is read only after that."""
+        done: list[tuple[int, str]] = []
+        rows = iter(due)
 
-    async def _deliver(self, sink: Sink, row: OutboxRow, sem: asyncio.Semaphore) -> None:
+        async def sender() -> None:
+            for row in rows:
+                # the state is down: delivered or not, the row stays pending (at least once)
+                with contextlib.suppress(StateUnavailable):
+                    outcome = await self._deliver(lane, row)
+                    if outcome is not None:
+                        done.append((row.id, outcome))
+
         try:
-            event = orjson.loads(row.body)
-        except orjson.JSONDecodeError:
-            event = {}
-        if not isinstance(event, dict) or not sink.wants(event):
-            # the sink's filters changed since the row was queued (a restart): not sent
-            await self._store.delivery_done(row.id)
-            self._on_result(sink, "filtered")
+            await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
+        finally:
+            # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
+            await self._done(lane.sink, done)
+
+    async def _done(self, sink: Sink, done: Sequence[tuple[int, str]]) -> None:
+        if not done:
             return
-        msg_id = message_id(event, row.body)
         try:
-            payload_error = None
-            payload = sink.format.render(event, row.body, msg_id)
+            await self._store.deliveries_done([row_id for row_id, _ in done])
+        except StateUnavailable:
+            return  # they stay pending and go again (at least once)
+        for _, outcome in done:
+            self._on_result(sink, outcome)
+
+    def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
+        """The journaled event and its message id (None: not an event), parsed once."""
+        if body in self._parsed:
+            return self._parsed[body]
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            event = None
+        parsed = (event, message_id(event, body)) if isinstance(event, dict) else None
+        _remember(self._parsed, body, parsed)
+        return parsed
+
+    def _payload(
+        self, fmt: Format, event: dict[str, Any], body: bytes, msg_id: str
+    ) -> Payload | str:
+        """The payload of a format (or why it cannot be made), rendered once per event."""
+        key = fmt.cache_key
+        if key is None:
+            return self._render(fmt, event, body, msg_id)
+        rendered = self._rendered.get((body, key))
+        if rendered is None:
+            rendered = self._render(fmt, event, body, msg_id)
+            _remember(self._rendered, (body, key), rendered)
+        return rendered
+
+    @staticmethod
+    def _render(fmt: Format, event: dict[str, Any], body: bytes, msg_id: str) -> Payload | str:
+        try:
+            return fmt.render(event, body, msg_id)
         except FormatError as err:
-            payload_error = str(err)
-        if payload_error is not None:
+            return str(err)
+
+    async def _deliver(self, lane: _Lane, row: OutboxRow) -> str | None:
+        """Send one row; the outcome when the row is to be deleted, None when it was settled
+        here (a retry, a dead letter, the sink disabled) or left for later (a pause)."""
+        sink = lane.sink
+        parsed = self._event_of(row.body)
+        if parsed is None or not sink.wants(parsed[0]):
+            # the sink's filters changed since the row was queued (a reload): not sent
+            return "filtered"
+        event, msg_id = parsed
+        payload = self._payload(sink.format, event, row.body, msg_id)
+        if isinstance(payload, str):
             # rendering is deterministic: retrying would fail the same way
             await self._store.delivery_dead(row.id)
             self._on_result(sink, "dead_lettered")
-            self._on_dead(sink, row, payload_error)
-            return
-        async with sem:
-            if sink.id in self.disabled or self._paused_until.get(sink.id, 0.0) > (
-                self._clock.now().timestamp()
-            ):
-                return  # another delivery of this sink was just told to stop or slow down
-            answer = await self._post(sink, payload.body, payload.content_type, msg_id)
+            self._on_dead(sink, row, payload)
+            return None
+        now = self._clock.now().timestamp()
+        if sink.id in self.disabled or self._paused_until.get(sink.id, 0.0) > now:
+            return None  # another delivery of this sink was just told to stop or slow down
+        answer = await self._post(lane, payload, msg_id, int(now))
+        if answer.error is None:
+            return "delivered"
         await self._settle(sink, row, answer)
+        return None
 
     async def _settle(self, sink: Sink, row: OutboxRow, answer: _Answer) -> None:
-        if answer.error is None:
-            await self._store.delivery_done(row.id)
-            self._on_result(sink, "delivered")
-            return
+        """A failed POST: the sink disabled (410), or the row retried later or dead-lettered."""
         if answer.status == GONE:
             if sink.id not in self.disabled:
                 self.disabled.add(sink.id)
@@ -465,7 +581,7 @@ class Outbox:
         if now - row.created_at >= sink.max_age_s:
             await self._store.delivery_dead(row.id)
             self._on_result(sink, "dead_lettered")
-            self._on_dead(sink, row, answer.error)
+            self._on_dead(sink, row, answer.error or "")
             return
         attempts = row.attempts + 1
         ceiling = min(RETRY_MAX_S, self._retry_base_s * 2.0 ** min(attempts, 20))
@@ -479,33 +595,18 @@ class Outbox:
         await self._store.delivery_retry(row.id, attempts, now + delay)
         self._on_result(sink, "failed")
 
-    def _headers(self, sink: Sink, content_type: str, body: bytes, msg_id: str) -> dict[str, str]:
-        timestamp = int(self._clock.now().timestamp())
-        headers = {
-            "Content-Type": content_type,
-            IDEMPOTENCY_HEADER: msg_id,
-            WEBHOOK_ID: msg_id,
-            WEBHOOK_TIMESTAMP: str(timestamp),
-        }
-        if sink.signing_keys:
-            headers[WEBHOOK_SIGNATURE] = standard_signature(
-                sink.signing_keys, msg_id, timestamp, body
-            )
-        if sink.secret is not None:
-            headers[SIGNATURE_HEADER] = signature(sink.secret, timestamp, body)
-        return headers
-
-    async def _post(self, sink: Sink, body: bytes, content_type: str, msg_id: str) -> _Answer:
+    async def _post(self, lane: _Lane, payload: Payload, msg_id: str, timestamp: int) -> _Answer:
         """How the receiver answered; an error is a short reason (never the URL)."""
         assert self._session is not None
-        headers = self._headers(sink, content_type, body, msg_id)
+        body = payload.body
+        headers = lane.headers(payload.content_type, body, msg_id, timestamp)
         try:
             async with self._session.post(
-                sink.url,
+                lane.sink.url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=sink.timeout_s),
+                timeout=lane.timeout,
             ) as resp:
                 # only the status matters: a short answer is read (keep-alive), never a long one
                 await read_prefix(resp, MAX_ANSWER_READ_BYTES)

@@ -591,23 +591,39 @@ class PgStore:
                 parts,
                 limit,
             )
-        return [
-            OutboxRow(
-                r["id"],
-                r["sink"],
-                r["task_key"],
-                bytes(r["body"]),
-                r["created_at"],
-                r["attempts"],
-                r["next_attempt_at"],
-            )
-            for r in rows
-        ]
+        return [_outbox_row(r) for r in rows]
 
     @guarded
-    async def delivery_done(self, row_id: int) -> None:
+    async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
+        """The oldest pending delivery of each task of the partitions we hold, oldest first
+        (one sender per task at a time, in order; the rows behind a head are not read)."""
+        parts = self.leases.fresh_partitions()
+        if not parts:
+            return []
         async with self.pool.acquire() as conn:
-            await conn.execute("DELETE FROM enkwatch_outbox WHERE id = $1", row_id)
+            rows = await conn.fetch(
+                "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
+                "FROM enkwatch_outbox WHERE id IN (SELECT min(id) FROM enkwatch_outbox "
+                "WHERE sink = $1 AND state = 'pending' AND partition = ANY($2::int[]) "
+                "GROUP BY task_key) ORDER BY id LIMIT $3",
+                sink,
+                parts,
+                limit,
+            )
+        return [_outbox_row(r) for r in rows]
+
+    async def delivery_done(self, row_id: int) -> None:
+        await self.deliveries_done([row_id])
+
+    @guarded
+    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
+        """Delete delivered rows: one statement for many."""
+        if not row_ids:
+            return
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM enkwatch_outbox WHERE id = ANY($1::bigint[])", list(row_ids)
+            )
 
     @guarded
     async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
@@ -671,6 +687,18 @@ class PgStore:
         oldest = row["oldest"]
         now = self._clock.now().timestamp()
         self._outbox_stats = (int(row["n"]), now - oldest if oldest else None)
+
+
+def _outbox_row(r: asyncpg.Record) -> OutboxRow:
+    return OutboxRow(
+        r["id"],
+        r["sink"],
+        r["task_key"],
+        bytes(r["body"]),
+        r["created_at"],
+        r["attempts"],
+        r["next_attempt_at"],
+    )
 
 
 def _is_transient(event: Mapping[str, Any]) -> bool:

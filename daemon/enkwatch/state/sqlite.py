@@ -53,6 +53,14 @@ _REFUSED_WRITE: Final = frozenset({5, 6, 8, 10, 13, 14})
 # the meta key stamped once the rows of earlier versions were pruned
 _PRUNED_KEY: Final = "journal_pruned"
 _INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
+# the oldest pending row of each task of a sink (its queue's head), oldest first
+_OUTBOX_HEADS: Final = (
+    "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
+    "WHERE id IN (SELECT MIN(id) FROM outbox WHERE sink = ?1 AND state = 'pending' "
+    "GROUP BY task_key) ORDER BY id LIMIT ?2"
+)
+# delivered rows deleted by one statement each (under SQLite's oldest bound on parameters)
+_DELETE_CHUNK: Final = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -323,9 +331,26 @@ class SqliteStore:
             ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
+    async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
+        """The oldest pending delivery of each task (the only one that may go now), oldest
+        first: the rows behind a head are not read."""
+        with self._reading():
+            rows = self._db.execute(_OUTBOX_HEADS, (sink, limit)).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
+
     async def delivery_done(self, row_id: int) -> None:
-        with self._writing():
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+        await self.deliveries_done([row_id])
+
+    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
+        """Delete delivered rows: one statement (and commit) for many."""
+        if not row_ids:
+            return
+        with self._writing(), self._tx():
+            for i in range(0, len(row_ids), _DELETE_CHUNK):
+                chunk = row_ids[i : i + _DELETE_CHUNK]
+                self._db.execute(
+                    f"DELETE FROM outbox WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+                )
 
     async def delivery_retry(self, row_id: int, attempts: int, next_attempt_at: float) -> None:
         with self._writing():
