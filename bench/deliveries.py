@@ -12,7 +12,9 @@ CPU with the outbox draining minus the CPU of the same feeding without it, per d
   row, metrics, waking); shares of the profile, scaled to the CPU measured without it.
 - `--floor`: the CPU of a bare aiohttp POST of the same bodies, with the same headers and
   session settings, as many at once, to the same receiver: what no change to enkwatch's
-  own code can go below in this process.
+  own code can go below in this process while it posts with aiohttp; and the CPU of the
+  same POSTs written by a bare asyncio protocol (no HTTP library, plain HTTP only): the
+  floor of any client in an asyncio process.
 
 Measured in CPU (`time.process_time`), which load on the machine disturbs less than wall
 time; say under what load (`uptime`) a figure was taken.
@@ -247,6 +249,80 @@ async def floor(port: int, events: int) -> dict[str, Any]:
     return {"posts": n, "cpu_s": cpu, "cpu_per_post_us": cpu / n * 1e6}
 
 
+class _RawClient(asyncio.Protocol):
+    """One keep-alive connection writing pre-built POSTs, one at a time, and reading each
+    answer's status line and headers: an HTTP client with nothing but what a 204 needs."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._waiter: asyncio.Future[int] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end >= 0 and self._waiter is not None and not self._waiter.done():
+            status = int(self._buffer[9:12])
+            self._buffer = self._buffer[end + 4 :]  # a 204 has no body
+            self._waiter.set_result(status)
+
+    async def post(self, request: bytes) -> int:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
+async def raw_floor(port: int, events: int) -> dict[str, Any]:
+    """CPU per POST of the same bodies and headers through a bare asyncio protocol (no HTTP
+    library): what the event loop and the kernel cost, the floor of any in-process client."""
+    sinks = _sinks(port)
+    loop = asyncio.get_running_loop()
+    requests = []
+    for sink in sinks:
+        event = _event(task_id(1), 1)
+        raw = json.dumps(event, separators=(",", ":")).encode()
+        mid = message_id(event, raw)
+        payload = sink.format.render(event, raw, mid)
+        head = (
+            f"POST /hook/{sink.id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"User-Agent: enkwatch/{__version__}\r\nContent-Type: {payload.content_type}\r\n"
+            f"Idempotency-Key: {mid}\r\nwebhook-id: {mid}\r\n"
+            f"webhook-timestamp: {int(time.time())}\r\nwebhook-signature: v1,{'A' * 44}\r\n"
+            f"Content-Length: {len(payload.body)}\r\n\r\n"
+        )
+        requests.append(head.encode() + payload.body)
+    clients = []
+    for _ in range(MAX_PARALLEL_PER_SINK * len(sinks)):
+        _, client = await loop.create_connection(_RawClient, "127.0.0.1", port)
+        clients.append(client)
+
+    async def lane(client: _RawClient, n: int, offset: int) -> None:
+        for i in range(n):
+            status = await client.post(requests[(offset + i) % len(requests)])
+            assert status == 204, status
+
+    async def run(n: int) -> None:
+        per = n // len(clients)
+        await asyncio.gather(*(lane(c, per, i) for i, c in enumerate(clients)))
+
+    try:
+        await run(240)
+        n = events * len(sinks) // len(clients) * len(clients)
+        cpu0 = time.process_time()
+        await run(n)
+        cpu = time.process_time() - cpu0
+    finally:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+    return {"posts": n, "cpu_s": cpu, "cpu_per_post_us": cpu / n * 1e6}
+
+
 def phases(profile: cProfile.Profile, cpu_per_delivery_us: float) -> dict[str, float]:
     """The profile's time by phase, as microseconds of the measured CPU per delivery (the
     whole run's CPU, feeding included, divided by the deliveries)."""
@@ -297,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             floors = [asyncio.run(floor(receiver.port, args.events)) for _ in range(args.rounds)]
             out["floor_cpu_per_post_us"] = [round(f["cpu_per_post_us"], 1) for f in floors]
+            raws = [asyncio.run(raw_floor(receiver.port, args.events)) for _ in range(args.rounds)]
+            out["raw_protocol_cpu_per_post_us"] = [round(f["cpu_per_post_us"], 1) for f in raws]
     finally:
         receiver.close()
     print(json.dumps(out, indent=2))
