@@ -31,7 +31,7 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from enkwatch.sinks import MAX_ANSWER_READ_BYTES, MAX_PARALLEL_PER_SINK, Outbox,
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 
-TICK_S = 0.005  # the feeder journals a batch of events this often (group commit per batch)
+TICK_S = float(os.environ.get("BENCH_TICK_S", "0.005"))  # the feeder journals a batch of events this often (group commit per batch)
 
 # phase: the functions (file fragment, name) whose cumulative profile time it is
 PHASES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -199,9 +199,23 @@ async def measure(
     }
 
 
-async def floor(port: int, events: int) -> dict[str, Any]:
-    """CPU per bare aiohttp POST of the same bodies and headers, as many at once as the
-    outbox sends, on a session set up as the outbox's."""
+async def _paced(n: int, rate: float, one: Callable[[int], Awaitable[None]]) -> None:
+    """`one(i)` for i < n, started at `rate` a second in ticks of TICK_S (as the outbox is
+    fed), and waited for."""
+    loop = asyncio.get_running_loop()
+    per_tick = max(1, round(rate * TICK_S))
+    began = loop.time()
+    jobs = []
+    while len(jobs) < n:
+        for _ in range(min(per_tick, n - len(jobs))):
+            jobs.append(asyncio.ensure_future(one(len(jobs))))
+        await asyncio.sleep(max(0.0, began + len(jobs) / rate - loop.time()))
+    await asyncio.gather(*jobs)
+
+
+async def floor(port: int, events: int, rate: float) -> dict[str, Any]:
+    """CPU per bare aiohttp POST of the same bodies and headers, at the same pace (the rate
+    of events, times the sinks), on a session set up as the outbox's."""
     sinks = _sinks(port)
     bodies = []
     for sink in sinks:
@@ -235,14 +249,14 @@ async def floor(port: int, events: int) -> dict[str, Any]:
             await resp.content.read(MAX_ANSWER_READ_BYTES)
             assert 200 <= resp.status < 300, resp.status
 
-    async def run(n: int) -> None:
-        await asyncio.gather(*(post(*bodies[i % len(bodies)]) for i in range(n)))
+    async def one(i: int) -> None:
+        await post(*bodies[i % len(bodies)])
 
     try:
-        await run(100)
+        await _paced(100, rate * len(sinks), one)
         cpu0 = time.process_time()
         n = events * len(sinks)
-        await run(n)
+        await _paced(n, rate * len(sinks), one)
         cpu = time.process_time() - cpu0
     finally:
         await session.close()
@@ -277,7 +291,7 @@ class _RawClient(asyncio.Protocol):
         return await self._waiter
 
 
-async def raw_floor(port: int, events: int) -> dict[str, Any]:
+async def raw_floor(port: int, events: int, rate: float) -> dict[str, Any]:
     """CPU per POST of the same bodies and headers through a bare asyncio protocol (no HTTP
     library): what the event loop and the kernel cost, the floor of any in-process client."""
     sinks = _sinks(port)
@@ -301,20 +315,23 @@ async def raw_floor(port: int, events: int) -> dict[str, Any]:
         _, client = await loop.create_connection(_RawClient, "127.0.0.1", port)
         clients.append(client)
 
-    async def lane(client: _RawClient, n: int, offset: int) -> None:
-        for i in range(n):
-            status = await client.post(requests[(offset + i) % len(requests)])
-            assert status == 204, status
+    free: asyncio.Queue[_RawClient] = asyncio.Queue()
+    for client in clients:
+        free.put_nowait(client)
 
-    async def run(n: int) -> None:
-        per = n // len(clients)
-        await asyncio.gather(*(lane(c, per, i) for i, c in enumerate(clients)))
+    async def one(i: int) -> None:
+        client = await free.get()
+        try:
+            status = await client.post(requests[i % len(requests)])
+            assert status == 204, status
+        finally:
+            free.put_nowait(client)
 
     try:
-        await run(240)
-        n = events * len(sinks) // len(clients) * len(clients)
+        await _paced(240, rate * len(sinks), one)
+        n = events * len(sinks)
         cpu0 = time.process_time()
-        await run(n)
+        await _paced(n, rate * len(sinks), one)
         cpu = time.process_time() - cpu0
     finally:
         for client in clients:
@@ -371,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.top:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         if args.floor:
-            floors = [asyncio.run(floor(receiver.port, args.events)) for _ in range(args.rounds)]
+            floors = [
+                asyncio.run(floor(receiver.port, args.events, args.rate))
+                for _ in range(args.rounds)
+            ]
             out["floor_cpu_per_post_us"] = [round(f["cpu_per_post_us"], 1) for f in floors]
-            raws = [asyncio.run(raw_floor(receiver.port, args.events)) for _ in range(args.rounds)]
+            raws = [
+                asyncio.run(raw_floor(receiver.port, args.events, args.rate))
+                for _ in range(args.rounds)
+            ]
             out["raw_protocol_cpu_per_post_us"] = [round(f["cpu_per_post_us"], 1) for f in raws]
     finally:
         receiver.close()

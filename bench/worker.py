@@ -409,7 +409,11 @@ class EnkwatchWorker:
         )
 
     async def deliver(self, window_s: float, settle_s: float) -> dict[str, Any]:
-        """`load`, and the webhook deliveries made in its window, and the backlog after it."""
+        """`load`, and the webhook deliveries made in its window, and the backlog after it.
+
+        The deliveries of the first round's events (one per task and sink) are made first:
+        the window measures the steady state, not the catching up on a backlog."""
+        await self.service.running.outbox.wait_idle(60.0)
         delivered0 = self._delivered()
         out = await self.load(window_s, settle_s)
         out["delivered"] = self._delivered() - delivered0
