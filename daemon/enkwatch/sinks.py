@@ -65,6 +65,9 @@ RETRY_MAX_S: Final = 300.0
 # the longest a sink waits before it looks again while it has pending rows (a retry not yet
 # due, a pause) or while the state is down; an idle sink waits to be woken, never on a timer
 RECHECK_S: Final = 5.0
+# a busy sink starts a round at most this often: the rows of several polls go in one round
+# (one read of the heads, one delete), for at most this much more latency
+ROUND_EVERY_S: Final = 0.01
 # events parsed and payloads rendered, remembered for the other sinks of the same event
 RENDER_CACHE_MAX: Final = 4096
 USER_AGENT: Final = f"enkwatch/{__version__}"
@@ -441,7 +444,11 @@ class Outbox:
     async def _drain(self, sink_id: str) -> None:
         wake = self._wake[sink_id]
         idle = self.idle[sink_id]
+        loop = asyncio.get_running_loop()
+        last_round = float("-inf")
         while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
+            if (early := last_round + ROUND_EVERY_S - loop.time()) > 0:
+                await asyncio.sleep(early)
             wake.clear()
             try:
                 heads = await self._store.outbox_heads(sink.id, HEADS_PER_ROUND)
@@ -461,6 +468,7 @@ class Outbox:
                 continue
             due = [r for r in heads if r.next_attempt_at <= now]
             if due:
+                last_round = loop.time()
                 await self._round(self._lane(sink), due)
                 continue
             soonest = min(r.next_attempt_at for r in heads)
