@@ -49,7 +49,8 @@ from enkwatch.sinks import MAX_ANSWER_READ_BYTES, MAX_PARALLEL_PER_SINK, Outbox,
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 
-TICK_S = float(os.environ.get("BENCH_TICK_S", "0.005"))  # the feeder journals a batch of events this often (group commit per batch)
+# the feeder journals a batch of events this often (group commit per batch)
+TICK_S = float(os.environ.get("BENCH_TICK_S", "0.005"))
 
 # phase: the functions (file fragment, name) whose cumulative profile time it is
 PHASES: dict[str, tuple[tuple[str, str], ...]] = {
