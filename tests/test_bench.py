@@ -62,3 +62,25 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert result["sinks"]["deliveries_per_s"] > 0
     # the table went to stdout, beside the JSON
     assert "polls/s ratio to bare" in proc.stdout
+
+
+DELIVERIES_SMOKE = ("--events", "60", "--rounds", "1", "--profile", "--floor")
+
+
+@pytest.mark.timeout(120)
+def test_the_deliveries_harness_reports_each_phase_and_the_floors() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.deliveries", *DELIVERIES_SMOKE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["best"]["deliveries"] == 180
+    assert {"select rows", "render", "aiohttp POST + answer", "delete rows"} <= set(
+        result["phases_us_per_delivery"]
+    )
+    assert len(result["floor_cpu_per_post_us"]) == len(result["raw_protocol_cpu_per_post_us"]) == 1
