@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
@@ -17,7 +18,7 @@ from enkwatch.sinks import Outbox, Sink
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
-from tests.kit import StartReceiver
+from tests.kit import StartReceiver, until
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 
 needs_pg = pytest.mark.skipif(find_bin_dir() is None, reason=HOW_TO_ENABLE)
@@ -171,3 +172,39 @@ async def test_the_lease_loop_wakes_an_idle_outbox_while_rows_wait(dsn: str) -> 
     finally:
         await store.close()
         await other.close()
+
+
+async def test_a_410_does_not_count_what_the_same_round_delivered_as_dropped(
+    aiohttp_server: Any,
+) -> None:
+    """Task a's head is answered 204 and task b's 410 in the same round: the row of a that
+    went is deleted before the sink is disabled, only the rows that did not go are dropped."""
+    outbox: Outbox | None = None
+
+    async def handle(request: web.Request) -> web.Response:
+        event = json.loads(await request.read())
+        if event["task_key"] == "a":
+            return web.Response(status=204)
+        assert outbox is not None
+        await until(lambda: bool(outbox._finished.get("test")), "a's delivery to be done")
+        return web.Response(status=410)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = await aiohttp_server(app)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a", "b", "a"], ["test"])
+    dropped: list[int] = []
+    outbox = Outbox(
+        store,
+        [sink("test", str(server.make_url("/hook")))],
+        SystemClock(),
+        on_disabled=lambda s, status, n: dropped.append(n),
+    )
+    await outbox.start()
+    try:
+        assert await outbox.wait_idle(10)
+    finally:
+        await outbox.close()
+    assert dropped == [2]  # b:1 and a:2; a:1 was delivered
+    assert store.outbox_stats()[0] == 0

@@ -332,6 +332,8 @@ class Outbox:
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
         self._paused_until: dict[str, float] = {}
         self._lanes: dict[str, _Lane] = {}
+        # per sink, the rows of the round under way that went (deleted at its end)
+        self._finished: dict[str, list[tuple[int, str]]] = {}
         # an event's rows of several sinks hold the same bytes: parsed (and rendered per
         # format) once for all of them
         self._parsed: dict[bytes, tuple[dict[str, Any], str] | None] = {}
@@ -491,7 +493,7 @@ class Outbox:
     async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> None:
         """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
         (or filtered out) with one statement: a task's next row is read only after that."""
-        done: list[tuple[int, str]] = []
+        done = self._finished[lane.sink.id] = []
         rows = iter(due)
 
         async def sender() -> None:
@@ -506,16 +508,20 @@ class Outbox:
             await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
         finally:
             # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
+            self._finished.pop(lane.sink.id, None)
             await self._done(lane.sink, done)
 
-    async def _done(self, sink: Sink, done: Sequence[tuple[int, str]]) -> None:
-        if not done:
+    async def _done(self, sink: Sink, done: list[tuple[int, str]]) -> None:
+        """Delete the rows that went (and count them); `done` is emptied."""
+        batch = done[:]
+        del done[: len(batch)]
+        if not batch:
             return
         try:
-            await self._store.deliveries_done([row_id for row_id, _ in done])
+            await self._store.deliveries_done([row_id for row_id, _ in batch])
         except StateUnavailable:
             return  # they stay pending and go again (at least once)
-        for _, outcome in done:
+        for _, outcome in batch:
             self._on_result(sink, outcome)
 
     def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
@@ -580,6 +586,8 @@ class Outbox:
         if answer.status == GONE:
             if sink.id not in self.disabled:
                 self.disabled.add(sink.id)
+                # what this round delivered is deleted first: not counted as dropped
+                await self._done(sink, self._finished.get(sink.id, []))
                 dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
                 self._on_result(sink, "disabled")
                 self._on_disabled(sink, GONE, dropped)
