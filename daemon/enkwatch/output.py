@@ -121,6 +121,10 @@ class LineWriter:
         self._max = max_queued_bytes
         self._lock = threading.Condition()
         self._queue: deque[tuple[bytes, Written | None]] = deque()
+        # lines of this turn of the loop, handed to the thread together at its end (one
+        # wake-up, one write() and one report for all the events of a group commit)
+        self._pending: list[tuple[bytes, Written | None]] = []
+        self._handing_over = False
         self._queued = 0
         self._hard_max = max_queued_bytes * HARD_MAX_FACTOR
         # bytes handed over and not yet written (also those the thread is writing now)
@@ -192,13 +196,30 @@ class LineWriter:
         if self._queued >= self._hard_max:
             self.dropped += 1
             return
+        self._pending.append((line, written))
+        self._queued += len(line)
+        self._idle.clear()
+        if not self._handing_over:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                self._hand_over()  # not started: queued at once
+            else:
+                self._handing_over = True
+                loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """At the end of the turn: this turn's lines to the thread, with one wake-up."""
+        self._handing_over = False
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        size = sum(len(line) for line, _ in pending)
         with self._lock:
             if self._unwritten == 0:
                 self._waiting_since = self._clock.monotonic()
-            self._unwritten += len(line)
-            self._queue.append((line, written))
-            self._queued += len(line)
-            self._idle.clear()
+            self._unwritten += size
+            self._queue.extend(pending)
             self._lock.notify()
 
     async def flush(self, timeout_s: float) -> bool:
@@ -217,6 +238,7 @@ class LineWriter:
         the thread is a daemon thread, and the lines it holds are unconfirmed)."""
         flushed = await self.flush(timeout_s)
         self._confirming = False  # the journal closes next: later writes stay unconfirmed
+        self._hand_over()  # lines of this very turn are written too (unconfirmed)
         with self._lock:
             self._closing = True
             self._lock.notify()
