@@ -389,6 +389,13 @@ class EventWriter:
                 await self.out.wait_for_room()
             self._publish(item.body, (), (item.task_key, item.seq), count=False)
 
+    def release(self) -> None:
+        """Shutdown: writers stop waiting for room on stdout, and staged events are
+        committed at once (no commit window): the drain of the polls is quick."""
+        self.out.release()
+        if self._journal is not None:
+            self._journal.commit_now()
+
     def cancel_pending(self) -> None:
         """Shutdown: drop webhook deliveries of daemon events not yet stored."""
         for job in list(self._background):

@@ -257,7 +257,7 @@ class Service:
         writer.daemon_event(ev.DAEMON_STOPPING, reason=reason)
         sched.stop()
         parts.timers.pause()  # no housekeeping job starts during the drain
-        writer.out.release()  # polls no longer wait for a stalled reader: the drain is quick
+        writer.release()  # polls wait neither for a stalled reader nor a commit window
         watchlist.stopped = True
         parts.gate.close()  # polls still waiting for the rate limit or a pause send nothing
         cancelled = await sched.drain(min(self.config.api.timeout_seconds, MAX_DRAIN_S))

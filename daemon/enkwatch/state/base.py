@@ -157,6 +157,11 @@ class EventJournal(Protocol):
 
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None: ...
 
+    def commit_now(self) -> None:
+        """Shutdown: events staged for a group commit are committed without waiting for the
+        commit window (a backend without one has nothing to do)."""
+        ...
+
 
 class OutboxStore(Protocol):
     """What webhook delivery needs of the state."""

@@ -45,6 +45,14 @@ from enkwatch.state.base import (
 SCHEMA_VERSION = 1
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
+# group commit with a commit window (PostgreSQL's commit_delay): while events come often
+# (a batch was committed less than COMMIT_BUSY_S ago), a batch is committed this much after
+# its first event, so that one commit serves the events of many polls; at once when it
+# holds COMMIT_BATCH_MAX events, or when events are rare (one every COMMIT_BUSY_S or less:
+# then at the end of the loop's turn, as before). It delays an event by at most the window.
+COMMIT_DELAY_S = 0.01
+COMMIT_BUSY_S: Final = 0.1
+COMMIT_BATCH_MAX: Final = 256
 # confirmations that could not be committed (the disk is full) are tried again this much later
 CONFIRM_RETRY_S: Final = 1.0
 # SQLite's primary result codes of a write the file system or another program refused
@@ -123,12 +131,18 @@ class SqliteStore:
 
     shared = False
 
-    def __init__(self, path: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self, path: str, clock: Clock | None = None, commit_delay_s: float = COMMIT_DELAY_S
+    ) -> None:
         self.path = path
         self._clock = clock or SystemClock()
         self._confirmations: list[tuple[str, int]] = []
         self._confirm_timer: asyncio.TimerHandle | None = None
         self._batch: _Batch | None = None
+        # the commit window (0: every batch at the end of its turn) and when, on the loop's
+        # clock, the last batch was committed
+        self.commit_delay_s = commit_delay_s
+        self._last_commit = float("-inf")
         # journaled task.poll_failed events not yet confirmed: deleted on confirmation
         self._transient: set[tuple[str, int]] = set()
         # why writes fail now (None: they work); told to on_availability on each change
@@ -255,23 +269,25 @@ class SqliteStore:
     ) -> None:
         """Store the task's new state, its event and its webhook deliveries, committed.
 
-        Group commit: the events of every poll that ends in the same turn of the event loop
-        go in ONE transaction (flushed by `call_soon` once the turn is over); each caller
-        returns once that transaction committed (journal before write, per-task order: a
-        task's next event is built only after this one returned). StateNotWritten when the
-        file system refused it: nothing of the batch was committed.
+        Group commit: the events of every poll that ends within the commit window (or in
+        the same turn of the event loop, when events are rare) go in ONE transaction; each
+        caller returns once that transaction committed (journal before write, per-task
+        order: a task's next event is built only after this one returned). StateNotWritten
+        when the file system refused it: nothing of the batch was committed.
         """
         await self._stage(record, event, sinks)
 
     def _stage(
         self, record: TaskRecord, event: Mapping[str, Any], sinks: Sequence[str]
     ) -> asyncio.Future[None]:
-        """Add an event to the batch of this turn; the future resolves once it committed."""
+        """Add an event to the open batch; the future resolves once it committed."""
         batch = self._batch
         if batch is None:
-            loop = asyncio.get_running_loop()
-            batch = self._batch = _Batch(loop.create_future())
-            loop.call_soon(self._flush_batch)
+            batch = self._batch = self._open_batch()
+        elif len(batch.events) >= COMMIT_BATCH_MAX - 1 and batch.timer is not None:
+            batch.timer.cancel()  # full: committed at the end of this turn
+            batch.timer = None
+            asyncio.get_running_loop().call_soon(self._flush_batch)
         key = record.task_key
         batch.states.append((*state_values(record), key))
         batch.events.append((key, record.seq, orjson.dumps(dict(event)).decode()))
@@ -281,11 +297,36 @@ class SqliteStore:
             batch.transient.append((key, record.seq))
         return batch.done
 
+    def _open_batch(self) -> _Batch:
+        """A new batch, committed after the window while events come often, else this turn."""
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop.create_future())
+        delay = self.commit_delay_s
+        if delay > 0 and loop.time() - self._last_commit < COMMIT_BUSY_S:
+            batch.timer = loop.call_later(delay, self._flush_batch)
+        else:
+            loop.call_soon(self._flush_batch)
+        return batch
+
+    def commit_now(self) -> None:
+        """Shutdown: the open batch is committed at the end of this turn, and every later
+        one too (no commit window)."""
+        self.commit_delay_s = 0.0
+        batch = self._batch
+        if batch is not None and batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+
     def _flush_batch(self) -> None:
-        """Commit the batch of this turn (with pending confirmations) and wake its callers."""
+        """Commit the open batch (with pending confirmations) and wake its callers."""
         batch, self._batch = self._batch, None
         if batch is None:
             return
+        if batch.timer is not None:
+            batch.timer.cancel()  # committed earlier than its window (close)
+        with contextlib.suppress(RuntimeError):  # no running loop: close() after the loop
+            self._last_commit = asyncio.get_running_loop().time()
         confirming = self._confirmations
         try:
             # refused (disk full...): StateNotWritten for every caller, nothing committed
@@ -525,12 +566,14 @@ def _is_transient(body: Mapping[str, Any]) -> bool:
 
 
 class _Batch:
-    """The events of one turn of the event loop, committed together."""
+    """The events of one commit window (or turn of the event loop), committed together."""
 
-    __slots__ = ("done", "events", "outbox", "states", "transient")
+    __slots__ = ("done", "events", "outbox", "states", "timer", "transient")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
+        # the commit window's timer (None: committed at the end of a turn)
+        self.timer: asyncio.TimerHandle | None = None
         self.states: list[tuple[Any, ...]] = []
         self.events: list[tuple[str, int, str]] = []
         self.outbox: list[tuple[Sequence[str], str, Mapping[str, Any]]] = []

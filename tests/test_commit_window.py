@@ -1,0 +1,119 @@
+"""Group commit with a commit window: events that come often share one transaction, across
+turns of the loop; a full batch, a rare event, shutdown and close commit without waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from enkwatch import events as ev
+from enkwatch.clock import SystemClock
+from enkwatch.events import EventWriter
+from enkwatch.kinds import DATASET
+from enkwatch.state.base import TaskRecord
+from enkwatch.state.sqlite import COMMIT_BATCH_MAX, SqliteStore
+
+# longer than any test: a batch that waits for its window is never committed by it here
+NEVER_S = 3600.0
+
+
+class Task:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.task_id: str | None = key
+        self.dataset: str | None = None
+        self.labels: dict[str, str] = {}
+        self.record = TaskRecord(key, key, None, 0.0)
+        self.kind = DATASET
+
+
+async def open_store(tasks: list[Task]) -> tuple[SqliteStore, list[str]]:
+    store = SqliteStore(":memory:", commit_delay_s=NEVER_S)
+    await store.add_tasks([t.record for t in tasks])
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    return store, commits
+
+
+def transition(writer: EventWriter, task: Task) -> asyncio.Task[None]:
+    return asyncio.ensure_future(
+        writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Running"})
+    )
+
+
+async def turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_events_that_come_often_wait_for_the_window_and_share_its_commit() -> None:
+    tasks = [Task(f"t{i}") for i in range(4)]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs() as logs:
+        # the first event after a quiet spell is committed at the end of its turn
+        await transition(writer, tasks[0])
+        assert len(commits) == 1
+        # the next ones come soon after: they wait for the window, each from its own turn
+        waiting = []
+        for task in tasks[1:]:
+            waiting.append(transition(writer, task))
+            await turns(3)
+        assert not any(w.done() for w in waiting)
+        assert len(commits) == 1
+        assert [e["event_id"] for e in logs] == ["t0:1"]  # journal before write
+        # shutdown: committed at once, all three in one transaction
+        store.commit_now()
+        await asyncio.gather(*waiting)
+    assert len(commits) == 2
+    assert [e["event_id"] for e in logs] == ["t0:1", "t1:1", "t2:1", "t3:1"]
+    assert [store.events(t.key)[0]["seq"] for t in tasks] == [1, 1, 1, 1]
+    # after commit_now there is no window any more: the next event commits this turn
+    await transition(writer, tasks[0])
+    assert len(commits) == 3
+    await store.close()
+
+
+async def test_a_full_batch_is_committed_without_waiting_for_its_window() -> None:
+    tasks = [Task(f"t{i}") for i in range(COMMIT_BATCH_MAX + 1)]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs():
+        await transition(writer, tasks[0])  # events are frequent from now on
+        waiting = [transition(writer, t) for t in tasks[1:]]
+        await asyncio.gather(*waiting)
+    assert len(commits) == 2
+    assert len(store.journal()) == COMMIT_BATCH_MAX + 1
+    await store.close()
+
+
+async def test_close_commits_a_waiting_batch_and_its_events_are_written() -> None:
+    tasks = [Task("a"), Task("b")]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs() as logs:
+        await transition(writer, tasks[0])
+        waiting = transition(writer, tasks[1])
+        await turns(3)
+        assert not waiting.done()
+        await store.close()
+        await waiting
+    assert [e["event_id"] for e in logs] == ["a:1", "b:1"]
+    assert len(commits) == 2
+
+
+async def test_a_task_keeps_its_order_across_windows() -> None:
+    task = Task("t")
+    store = SqliteStore(":memory:", commit_delay_s=0.001)
+    await store.add_task(task.record)
+    writer = EventWriter(SystemClock(), store)
+    seen: list[Any] = []
+    with capture_logs() as logs:
+        for _ in range(20):  # each waits for its commit before the next is built
+            await writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {})
+            seen.append(task.record.seq)
+    assert [e["seq"] for e in logs] == seen == list(range(1, 21))
+    assert [e["seq"] for e in store.events("t")] == list(range(1, 21))
+    await store.close()
