@@ -79,7 +79,9 @@ def level_number(name: str) -> int:
 
 def rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a `Z`."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -118,11 +120,8 @@ def configure_logging(
     """
     out = stream or sys.stdout
     _Output.stream = out
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        _add_timestamp,
-    ]
+    # no merge_contextvars: nothing binds context variables (every field is the event's)
+    shared: list[Processor] = [structlog.processors.add_log_level, _add_timestamp]
     processors: list[Processor]
     if log_format == "console":
         from enkwatch.console import ConsoleRenderer, use_colour  # rich: only when asked
@@ -185,13 +184,30 @@ class _TextAsBinary:
         self._stream.flush()
 
 
+class _Logger:
+    """The bound logger events are rendered with, made again only when structlog's
+    configuration changed (configure_logging, a test's capture_logs): not once per event."""
+
+    key: tuple[object, ...] = ()
+    logger: Any = None
+
+
+def _logger() -> Any:
+    key = tuple(structlog.get_config().values())
+    cached = _Logger.key
+    if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key, strict=True)):
+        _Logger.logger = structlog.get_logger("enkwatch").bind()
+        _Logger.key = key
+    return _Logger.logger
+
+
 def render(event_dict: Mapping[str, Any]) -> bytes | None:
     """One event (a dict with `event` and `level`) through structlog: its line with the
     newline, or None when its level is filtered out (or a test captures it)."""
     fields: MutableMapping[str, Any] = dict(event_dict)
     name = fields.pop("event")
     level = fields.pop("level", INFO)
-    line = structlog.get_logger("enkwatch").log(level_number(level), name, **fields)
+    line = _logger().log(level_number(level), name, **fields)
     if line is None:
         return None
     if isinstance(line, str):
@@ -204,6 +220,27 @@ def emit(event_dict: Mapping[str, Any]) -> None:
     line = render(event_dict)
     if line is not None:
         direct_lines().write_nowait(line)
+
+
+def secret_needles(secrets: Iterable[str]) -> tuple[bytes, ...]:
+    """How each secret reads inside JSON (escaped as orjson escapes it): what `redacted`
+    looks for in an event's serialization."""
+    return tuple(orjson.dumps(secret)[1:-1] for secret in secrets)
+
+
+def redacted(
+    body: dict[str, Any], secrets: Sequence[str], needles: Sequence[bytes]
+) -> dict[str, Any]:
+    """`scrub(body, secrets)`, with a fast path: JSON escapes character by character, so a
+    string holding a secret serializes to bytes holding the secret's escaped form; when
+    none is found (nearly always) no string holds one and the body is returned as is."""
+    try:
+        raw = orjson.dumps(body, default=str)
+    except (TypeError, orjson.JSONEncodeError):
+        return dict(scrub(body, secrets))
+    if any(needle in raw for needle in needles):
+        return dict(scrub(body, secrets))
+    return body
 
 
 def scrub(value: Any, secrets: Sequence[str]) -> Any:
@@ -262,6 +299,7 @@ class EventWriter:
         self._notify = notify
         self.out = out or direct_lines()
         self._secrets = tuple({s for s in secrets if s and len(s) >= MIN_SECRET_LEN})
+        self._needles = secret_needles(self._secrets)
         self._background: set[asyncio.Task[None]] = set()
 
     async def task_event(
@@ -300,7 +338,7 @@ class EventWriter:
             body["labels"] = task.labels
         body.update(fields)
         if self._secrets:
-            body = scrub(body, self._secrets)
+            body = redacted(body, self._secrets, self._needles)
         return body, self._sinks_for(body)
 
     def _publish(
@@ -343,7 +381,7 @@ class EventWriter:
             **fields,
         }
         if self._secrets:
-            body = scrub(body, self._secrets)
+            body = redacted(body, self._secrets, self._needles)
         self._publish(body, ())
         sinks = self._sinks_for(body)
         if name.startswith(SINK_EVENT_PREFIX):
@@ -365,6 +403,7 @@ class EventWriter:
         """More values to redact (a reload's new sink secrets); none is ever forgotten."""
         fresh = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
         self._secrets = tuple(set(self._secrets) | fresh)
+        self._needles = secret_needles(self._secrets)
 
     def sink_disabled(self, fields: Mapping[str, Any]) -> None:
         """A sink whose receiver answered 410 Gone: `sink.disabled`, a warning (never queued
@@ -442,7 +481,9 @@ __all__ = [
     "level_number",
     "open_lines",
     "output_fd",
+    "redacted",
     "render",
     "rfc3339",
     "scrub",
+    "secret_needles",
 ]
