@@ -39,6 +39,13 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
+def _message(item: bytes | Mapping[str, Any], event_id: str | None) -> bytes:
+    """An event's SSE message (made now if it was kept as the event)."""
+    if isinstance(item, bytes):
+        return item
+    return sse_message(orjson.dumps(item, default=str), event_id)
+
+
 class Reader:
     """One connected client: a bounded queue of messages; None ends the stream."""
 
@@ -70,7 +77,12 @@ class EventFeed:
         queue_size: int = QUEUE_SIZE,
         max_readers: int = MAX_READERS,
     ) -> None:
-        self._ring: deque[tuple[int, bytes]] = deque(maxlen=ring_size)
+        # (position, event_id, the message or, while nobody read it, the event): an event
+        # becomes its message only when a reader wants it (no work per event while no one
+        # reads the stream, the common case)
+        self._ring: deque[tuple[int, str | None, bytes | Mapping[str, Any]]] = deque(
+            maxlen=ring_size
+        )
         # event_id -> its position in the stream (positions of the ring only)
         self._positions: dict[str, int] = {}
         self._counter = itertools.count(1)
@@ -84,24 +96,23 @@ class EventFeed:
         """The EventWriter's observer: one event, to the ring and to every reader."""
         event_id = body.get("event_id")
         event_id = event_id if isinstance(event_id, str) else None
-        message = sse_message(orjson.dumps(body, default=str), event_id)
         position = next(self._counter)
         if len(self._ring) == self._ring.maxlen:
-            _, oldest = self._ring[0]
-            self._forget(oldest)
-        self._ring.append((position, message))
+            _, oldest, _ = self._ring[0]
+            if oldest is not None and self._positions.get(oldest) == self._ring[0][0]:
+                del self._positions[oldest]
+        if not self.readers:
+            self._ring.append((position, event_id, body))
+        else:
+            message = _message(body, event_id)
+            self._ring.append((position, event_id, message))
+            for reader in list(self.readers):
+                if not reader.offer(message):
+                    self.dropped += 1
+                    self.readers.discard(reader)
+                    reader.end()
         if event_id is not None:
             self._positions[event_id] = position
-        for reader in list(self.readers):
-            if not reader.offer(message):
-                self.dropped += 1
-                self.readers.discard(reader)
-                reader.end()
-
-    def _forget(self, message: bytes) -> None:
-        if message.startswith(b"id: "):
-            event_id = message[4 : message.index(b"\n")].decode()
-            self._positions.pop(event_id, None)
 
     def connect(self) -> Reader | None:
         """A new reader, or None when `max_readers` already read (or the feed is closed)."""
@@ -120,10 +131,10 @@ class EventFeed:
         position = self._positions.get(event_id)
         if position is None:
             return None
-        return [message for pos, message in self._ring if pos > position]
+        return [_message(item, eid) for pos, eid, item in self._ring if pos > position]
 
     def __iter__(self) -> Iterator[bytes]:
-        return (message for _, message in self._ring)
+        return (_message(item, eid) for _, eid, item in self._ring)
 
     def close(self) -> None:
         """Shutdown: every stream ends (the admin server can then stop at once)."""

@@ -103,6 +103,8 @@ class Metrics:
         # replicas only: a single daemon shows no replica metric
         self.takeover = _takeover_histogram(r) if replicas else None
         self._poll_children: dict[tuple[str, str], Any] = {}
+        self._event_children: dict[str, Any] = {}
+        self._transition_children: dict[tuple[str, str, str], Any] = {}
         # discovery (`discover:` entries), by kind of job: what `observe_discovery` counts
         self.discovery = _discovery_counters(r)
 
@@ -123,20 +125,31 @@ class Metrics:
         self.discovery[what].labels(kind).inc(count)
 
     def observe_event(self, body: Mapping[str, Any]) -> None:
+        # an event's hot path: each labelled child is looked up once, then cached (the
+        # label values are event names and the kinds' statuses: a few dozen)
         name = body.get("event", "")
-        self.events.labels(name).inc()
+        child = self._event_children.get(name)
+        if child is None:
+            child = self._event_children[name] = self.events.labels(name)
+        child.inc()
         if name in _RELOAD_RESULTS:
             self.reloads.labels(_RELOAD_RESULTS[name]).inc()
         if name != ev.TASK_TRANSITION:
             return
-        previous = body.get("previous_status") or "none"
-        status = body.get("status") or "none"
-        self.transitions.labels(body.get("kind") or "dataset", previous, status).inc()
+        labels = (
+            body.get("kind") or "dataset",
+            body.get("previous_status") or "none",
+            body.get("status") or "none",
+        )
+        child = self._transition_children.get(labels)
+        if child is None:
+            child = self._transition_children[labels] = self.transitions.labels(*labels)
+        child.inc()
         if body.get("terminal"):
             created = _parse_time(body.get("created_at"))
             seen = _parse_time(body.get("timestamp"))
             if created is not None and seen is not None:
-                self.time_to_terminal.labels(status).observe(
+                self.time_to_terminal.labels(labels[2]).observe(
                     max(0.0, (seen - created).total_seconds())
                 )
 
