@@ -101,6 +101,8 @@ async def drive(args: argparse.Namespace, state: Path, sink: TextIO) -> dict[str
     clock = SystemClock()
     ev.configure_logging(stream=sink)
     store = SqliteStore(str(state), clock)
+    if args.commit_delay_ms is not None:
+        store.commit_delay_s = args.commit_delay_ms / 1000
     out = LineWriter(sink.fileno(), clock=clock)
     out.start()
     metrics, feed = Metrics(clock), EventFeed()
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=800.0, help="events per second (0: as fast as possible)"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="with --rate 0")
+    parser.add_argument(
+        "--commit-delay-ms", type=float, default=None, help="the store's commit window"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile's top functions")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)

@@ -188,17 +188,28 @@ class _Logger:
     """The bound logger events are rendered with, made again only when structlog's
     configuration changed (configure_logging, a test's capture_logs): not once per event."""
 
-    key: tuple[object, ...] = ()
+    processors: object = None
+    wrapper: object = None
+    factory: object = None
+    context: object = None
     logger: Any = None
 
 
 def _logger() -> Any:
-    key = tuple(structlog.get_config().values())
-    cached = _Logger.key
-    if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key, strict=True)):
-        _Logger.logger = structlog.get_logger("enkwatch").bind()
-        _Logger.key = key
-    return _Logger.logger
+    config = structlog.get_config()
+    cached = _Logger
+    processors, wrapper = config["processors"], config["wrapper_class"]
+    factory, context = config["logger_factory"], config["context_class"]
+    if (
+        processors is not cached.processors
+        or wrapper is not cached.wrapper
+        or factory is not cached.factory
+        or context is not cached.context
+    ):
+        cached.logger = structlog.get_logger("enkwatch").bind()
+        cached.processors, cached.wrapper = processors, wrapper
+        cached.factory, cached.context = factory, context
+    return cached.logger
 
 
 def render(event_dict: Mapping[str, Any]) -> bytes | None:
