@@ -117,3 +117,23 @@ async def test_a_task_keeps_its_order_across_windows() -> None:
     assert [e["seq"] for e in logs] == seen == list(range(1, 21))
     assert [e["seq"] for e in store.events("t")] == list(range(1, 21))
     await store.close()
+
+
+async def test_a_batch_holding_half_the_polls_that_may_run_is_committed_at_once() -> None:
+    tasks = [Task(f"t{i}") for i in range(5)]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    writer.concurrent_writers(8)  # max_concurrency 8: four events fill a batch
+    with capture_logs():
+        await transition(writer, tasks[0])
+        waiting = []
+        for task in tasks[1:]:  # each from its own turn: only the fourth fills it
+            waiting.append(transition(writer, task))
+            await turns(3)
+        await asyncio.gather(*waiting)
+    assert len(commits) == 2
+    writer.concurrent_writers(1)  # one poll at a time: never a window to wait for
+    with capture_logs():
+        await transition(writer, tasks[0])
+    assert len(commits) == 3
+    await store.close()

@@ -446,6 +446,12 @@ class EventWriter:
         if self._journal is not None:
             self._journal.commit_now()
 
+    def concurrent_writers(self, count: int) -> None:
+        """How many task events may be under way at once (the polls that may run at once):
+        the journal sizes its group commits on it."""
+        if self._journal is not None:
+            self._journal.concurrent_writers(count)
+
     def cancel_pending(self) -> None:
         """Shutdown: drop webhook deliveries of daemon events not yet stored."""
         for job in list(self._background):

@@ -561,5 +561,5 @@ def follow_polling(
 ) -> None:
     """A reloaded config's polling settings, applied to the running pieces."""
     sched.max_in_flight = polling.max_concurrency
-    poller.polling = polling
+    poller.use_polling(polling)
     gate.set_rate(polling.max_requests_per_second)

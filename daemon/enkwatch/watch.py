@@ -202,6 +202,7 @@ class Poller:
         self._writer = writer
         self._clock = clock
         self.polling = polling
+        writer.concurrent_writers(polling.max_concurrency)
         self._rng = rng or random.Random()
         self._sleep = sleep
         # with leases: may this replica poll the task now (does it hold a fresh lease)?
@@ -217,6 +218,12 @@ class Poller:
         # the tasks whose poll or stall check is under way: never both at once (one writer
         # per task: the state's compare-and-set on seq would take a second one for a race)
         self._busy: set[str] = set()
+
+    def use_polling(self, polling: PollingConfig) -> None:
+        """A reloaded config's polling settings (the journal's group commits follow its
+        max_concurrency)."""
+        self.polling = polling
+        self._writer.concurrent_writers(polling.max_concurrency)
 
     # -- the poll ---------------------------------------------------------------------
 

@@ -162,6 +162,12 @@ class EventJournal(Protocol):
         commit window (a backend without one has nothing to do)."""
         ...
 
+    def concurrent_writers(self, count: int) -> None:
+        """How many events may wait for a group commit at once (the polls that may run at
+        once): a batch holding a good share of them is committed without waiting for its
+        window, as no slot is free for a poll that could join it."""
+        ...
+
 
 class OutboxStore(Protocol):
     """What webhook delivery needs of the state."""

@@ -485,6 +485,9 @@ class PgStore:
     def commit_now(self) -> None:
         """Each event commits its own transaction here: no window to cut short."""
 
+    def concurrent_writers(self, count: int) -> None:
+        """Each event commits its own transaction here: no batch to size."""
+
     def _spawn_flush(self) -> None:
         self._confirm_job = None
         job = asyncio.ensure_future(self.flush_confirmations())

@@ -46,12 +46,13 @@ SCHEMA_VERSION = 1
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
 # group commit with a commit window (PostgreSQL's commit_delay): while events come often
-# (a batch was committed less than COMMIT_BUSY_S ago), a batch is committed this much after
-# its first event, so that one commit serves the events of many polls; at once when it
-# holds COMMIT_BATCH_MAX events, or when events are rare (one every COMMIT_BUSY_S or less:
-# then at the end of the loop's turn, as before). It delays an event by at most the window.
-COMMIT_DELAY_S = 0.02
-COMMIT_BUSY_S: Final = 0.1
+# (a batch was committed less than a window ago), a batch is committed this much after its
+# first event, so that one commit serves the events of many polls; at once when it holds
+# COMMIT_BATCH_MAX events or half the polls that may run at once (each waits in the batch,
+# holding its slot: few others could still join), or when events are rare (fewer than one
+# a window: then at the end of the loop's turn, as before). It delays an event by at most
+# the window; the daemon's latency budget is seconds.
+COMMIT_DELAY_S = 0.05
 COMMIT_BATCH_MAX: Final = 256
 # WAL checkpoints (copying committed pages back into the database file) every this many
 # pages of WAL (SQLite's default is 1,000: 4 MB), and the WAL file truncated to this size
@@ -147,6 +148,8 @@ class SqliteStore:
         # clock, the last batch was committed
         self.commit_delay_s = commit_delay_s
         self._last_commit = float("-inf")
+        # a batch this large is committed without waiting for its window
+        self.batch_max = COMMIT_BATCH_MAX
         # journaled task.poll_failed events not yet confirmed: deleted on confirmation
         self._transient: set[tuple[str, int]] = set()
         # why writes fail now (None: they work); told to on_availability on each change
@@ -294,8 +297,8 @@ class SqliteStore:
         batch = self._batch
         if batch is None:
             batch = self._batch = self._open_batch()
-        elif len(batch.events) >= COMMIT_BATCH_MAX - 1 and batch.timer is not None:
-            batch.timer.cancel()  # full: committed at the end of this turn
+        if len(batch.events) >= self.batch_max - 1 and batch.timer is not None:
+            batch.timer.cancel()  # full with this event: committed at the end of this turn
             batch.timer = None
             asyncio.get_running_loop().call_soon(self._flush_batch)
         key = record.task_key
@@ -313,7 +316,7 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         batch = _Batch(loop.create_future())
         delay = self.commit_delay_s
-        if delay > 0 and loop.time() - self._last_commit < COMMIT_BUSY_S:
+        if delay > 0 and loop.time() - self._last_commit < delay:
             batch.timer = loop.call_later(delay, self._flush_batch)
         else:
             loop.call_soon(self._flush_batch)
@@ -328,6 +331,10 @@ class SqliteStore:
             batch.timer.cancel()
             batch.timer = None
             asyncio.get_running_loop().call_soon(self._flush_batch)
+
+    def concurrent_writers(self, count: int) -> None:
+        """Batches are committed at once when they hold half the polls that may run."""
+        self.batch_max = max(1, min(COMMIT_BATCH_MAX, count // 2))
 
     def _flush_batch(self) -> None:
         """Commit the open batch (with pending confirmations) and wake its callers."""
