@@ -137,3 +137,23 @@ async def test_a_batch_holding_half_the_polls_that_may_run_is_committed_at_once(
         await transition(writer, tasks[0])
     assert len(commits) == 3
     await store.close()
+
+
+async def test_confirmations_ride_with_a_staged_batch_instead_of_a_commit_of_their_own() -> None:
+    tasks = [Task("a"), Task("b")]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs():
+        await transition(writer, tasks[0])  # written at once (capture): a:1 confirmed
+        assert store._confirmations == [("a", 1)]
+        waiting = transition(writer, tasks[1])  # staged for the window
+        await turns(3)
+        store._flush_confirmations()  # their timer fires meanwhile: nothing committed
+        assert len(commits) == 1 and store._confirmations == [("a", 1)]
+        store.commit_now()
+        await waiting
+    assert len(commits) == 2  # the batch took the confirmation along
+    assert store._confirmations == [("b", 1)]
+    written = store._db.execute("SELECT task_key, seq, written FROM events ORDER BY task_key")
+    assert written.fetchall() == [("a", 1, 1), ("b", 1, 0)]
+    await store.close()

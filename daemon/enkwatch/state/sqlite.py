@@ -359,6 +359,9 @@ class SqliteStore:
             if not batch.done.done():
                 batch.done.set_exception(err)
                 batch.done.exception()  # retrieved by every caller; none left: no warning
+            if confirming and self._confirm_timer is None:
+                loop = asyncio.get_running_loop()
+                self._confirm_timer = loop.call_later(CONFIRM_RETRY_S, self._flush_confirmations)
             return
         if confirming:
             self._confirmed(confirming)
@@ -486,6 +489,8 @@ class SqliteStore:
         batch = self._confirmations
         if not batch:
             return
+        if retry and self._batch is not None:
+            return  # a group commit is staged: they ride with it (or are retried after it)
         try:
             with self._writing(), self._tx():
                 self._confirm_pending(batch)
@@ -570,9 +575,10 @@ class SqliteStore:
         return cursor.rowcount == 1
 
     async def close(self) -> None:
+        self._flush_batch()
         if self._confirm_timer is not None:
             self._confirm_timer.cancel()
-        self._flush_batch()
+            self._confirm_timer = None
         # unconfirmed on a full disk: written again on the next start (same event_id)
         self._flush_confirmations(retry=False)
         self._db.close()
