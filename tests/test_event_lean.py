@@ -74,10 +74,16 @@ def test_render_follows_every_reconfiguration() -> None:
     assert list(orjson.loads(line))[:3] == ["timestamp", "level", "event"]
     with capture_logs() as logs:  # a capture in between: taken by the capture
         assert ev.render(body) is None
-    assert logs[0]["event"] == "task.transition"
+    assert logs[0]["event"] == "task.transition" and logs[0]["log_level"] == "info"
+    assert "level" not in logs[0] or logs[0]["level"] == "info"
     assert ev.render(body) == line  # the JSON renderer again
     ev.configure_logging(stream=stream, level="warning")
     assert ev.render(body) is None  # filtered out by the new level
+    warning = ev.render({**body, "level": "warning"})
+    assert warning is not None and orjson.loads(warning)["level"] == "warning"
+    ev.configure_logging("console", stream=stream)
+    console = ev.render(body)
+    assert console is not None and not console.startswith(b"{")
     ev.configure_logging(stream=stream)
     structlog.reset_defaults()
 

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TextIO
 
@@ -60,6 +60,7 @@ GAVE_UP_DEADLINE: Final = "deadline_exceeded"
 GAVE_UP_NOT_FOUND: Final = "not_found"
 
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_LEVEL_NAMES: Final = {number: name for name, number in _LEVELS.items()}
 
 # what a secret found in an event's field is replaced with
 REDACTED: Final = "[redacted]"
@@ -103,9 +104,15 @@ def _orjson_dumps(obj: Any, **_: Any) -> bytes:
 
 
 class _Output:
-    """Where configure_logging sends the lines (the stream of the process's stdout)."""
+    """Where configure_logging sends the lines (the stream of the process's stdout), and
+    the structlog configuration it made (what `render` recognizes)."""
 
     stream: TextIO | None = None
+    processors: Any = None
+    wrapper: object = None
+    factory: object = None
+    logger: Any = None
+    min_level = 0
 
 
 def configure_logging(
@@ -130,12 +137,17 @@ def configure_logging(
         processors = [*shared, renderer]
     else:
         processors = [*shared, _order_keys, structlog.processors.JSONRenderer(_orjson_dumps)]
+    factory = structlog.ReturnLoggerFactory()
+    wrapper = structlog.make_filtering_bound_logger(level_number(level))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
-        logger_factory=structlog.ReturnLoggerFactory(),
+        wrapper_class=wrapper,
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    _Output.processors = structlog.get_config()["processors"]
+    _Output.wrapper, _Output.factory = wrapper, factory
+    _Output.logger, _Output.min_level = factory(), level_number(level)
     # libraries log through the standard library: to stderr, warnings and up, never stdout
     root = logging.getLogger()
     root.handlers[:] = [logging.StreamHandler(sys.stderr)]
@@ -184,41 +196,40 @@ class _TextAsBinary:
         self._stream.flush()
 
 
-class _Logger:
-    """The bound logger events are rendered with, made again only when structlog's
-    configuration changed (configure_logging, a test's capture_logs): not once per event."""
-
-    processors: object = None
-    wrapper: object = None
-    factory: object = None
-    context: object = None
-    logger: Any = None
-
-
-def _logger() -> Any:
-    config = structlog.get_config()
-    cached = _Logger
-    processors, wrapper = config["processors"], config["wrapper_class"]
-    factory, context = config["logger_factory"], config["context_class"]
-    if (
-        processors is not cached.processors
-        or wrapper is not cached.wrapper
-        or factory is not cached.factory
-        or context is not cached.context
-    ):
-        cached.logger = structlog.get_logger("enkwatch").bind()
-        cached.processors, cached.wrapper = processors, wrapper
-        cached.factory, cached.context = factory, context
-    return cached.logger
-
-
 def render(event_dict: Mapping[str, Any]) -> bytes | None:
     """One event (a dict with `event` and `level`) through structlog: its line with the
-    newline, or None when its level is filtered out (or a test captures it)."""
-    fields: MutableMapping[str, Any] = dict(event_dict)
+    newline, or None when its level is filtered out (or a test captures it).
+
+    Under the configuration of `configure_logging` (a test's capture_logs included: it
+    changes the processors in place) the event goes straight through structlog's processor
+    chain, as the bound logger would send it, without making a bound logger per event;
+    under any other configuration, through `structlog.get_logger()`.
+    """
+    fields: dict[str, Any] = dict(event_dict)
     name = fields.pop("event")
-    level = fields.pop("level", INFO)
-    line = _logger().log(level_number(level), name, **fields)
+    number = level_number(fields.pop("level", INFO))
+    config = structlog.get_config()
+    processors = config["processors"]
+    line: Any
+    if (
+        processors is _Output.processors
+        and config["wrapper_class"] is _Output.wrapper
+        and config["logger_factory"] is _Output.factory
+    ):
+        if number < _Output.min_level:
+            return None
+        fields["event"] = name
+        method, logger = _LEVEL_NAMES[number], _Output.logger
+        line = fields
+        try:
+            for processor in processors:
+                line = processor(logger, method, line)
+        except structlog.DropEvent:
+            return None
+        if not isinstance(line, str | bytes | bytearray):
+            return None  # not a renderer last: nothing to write
+    else:
+        line = structlog.get_logger("enkwatch").log(number, name, **fields)
     if line is None:
         return None
     if isinstance(line, str):
