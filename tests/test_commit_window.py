@@ -157,3 +157,19 @@ async def test_confirmations_ride_with_a_staged_batch_instead_of_a_commit_of_the
     written = store._db.execute("SELECT task_key, seq, written FROM events ORDER BY task_key")
     assert written.fetchall() == [("a", 1, 1), ("b", 1, 0)]
     await store.close()
+
+
+async def test_the_writer_released_at_shutdown_commits_what_waits_at_once() -> None:
+    tasks = [Task("a"), Task("b")]
+    store, commits = await open_store(tasks)
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs() as logs:
+        await transition(writer, tasks[0])
+        waiting = transition(writer, tasks[1])
+        await turns(3)
+        assert not waiting.done()
+        writer.release()  # SIGTERM, or `watch` once every task is done
+        await waiting
+    assert [e["event_id"] for e in logs] == ["a:1", "b:1"]
+    assert len(commits) == 2
+    await store.close()
