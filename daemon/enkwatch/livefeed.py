@@ -39,13 +39,6 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-def _message(item: bytes | Mapping[str, Any], event_id: str | None) -> bytes:
-    """An event's SSE message (made now if it was kept as the event)."""
-    if isinstance(item, bytes):
-        return item
-    return sse_message(orjson.dumps(item, default=str), event_id)
-
-
 class Reader:
     """One connected client: a bounded queue of messages; None ends the stream."""
 
@@ -77,12 +70,10 @@ class EventFeed:
         queue_size: int = QUEUE_SIZE,
         max_readers: int = MAX_READERS,
     ) -> None:
-        # (position, event_id, the message or, while nobody read it, the event): an event
-        # becomes its message only when a reader wants it (no work per event while no one
-        # reads the stream, the common case)
-        self._ring: deque[tuple[int, str | None, bytes | Mapping[str, Any]]] = deque(
-            maxlen=ring_size
-        )
+        # (position, event_id, the event's JSON): the SSE message is made only when a reader
+        # wants it (no more work per event than one orjson dump while no one reads the
+        # stream, the common case)
+        self._ring: deque[tuple[int, str | None, bytes]] = deque(maxlen=ring_size)
         # event_id -> its position in the stream (positions of the ring only)
         self._positions: dict[str, int] = {}
         self._counter = itertools.count(1)
@@ -101,11 +92,10 @@ class EventFeed:
             _, oldest, _ = self._ring[0]
             if oldest is not None and self._positions.get(oldest) == self._ring[0][0]:
                 del self._positions[oldest]
-        if not self.readers:
-            self._ring.append((position, event_id, body))
-        else:
-            message = _message(body, event_id)
-            self._ring.append((position, event_id, message))
+        data = orjson.dumps(body, default=str)
+        self._ring.append((position, event_id, data))
+        if self.readers:
+            message = sse_message(data, event_id)
             for reader in list(self.readers):
                 if not reader.offer(message):
                     self.dropped += 1
@@ -131,10 +121,10 @@ class EventFeed:
         position = self._positions.get(event_id)
         if position is None:
             return None
-        return [_message(item, eid) for pos, eid, item in self._ring if pos > position]
+        return [sse_message(data, eid) for pos, eid, data in self._ring if pos > position]
 
     def __iter__(self) -> Iterator[bytes]:
-        return (_message(item, eid) for _, eid, item in self._ring)
+        return (sse_message(data, eid) for _, eid, data in self._ring)
 
     def close(self) -> None:
         """Shutdown: every stream ends (the admin server can then stop at once)."""
