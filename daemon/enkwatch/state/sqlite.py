@@ -360,8 +360,12 @@ class SqliteStore:
                 batch.done.set_exception(err)
                 batch.done.exception()  # retrieved by every caller; none left: no warning
             if confirming and self._confirm_timer is None:
-                loop = asyncio.get_running_loop()
-                self._confirm_timer = loop.call_later(CONFIRM_RETRY_S, self._flush_confirmations)
+                # they waited for this batch: tried again on their own (close: at once)
+                with contextlib.suppress(RuntimeError):
+                    loop = asyncio.get_running_loop()
+                    self._confirm_timer = loop.call_later(
+                        CONFIRM_RETRY_S, self._flush_confirmations
+                    )
             return
         if confirming:
             self._confirmed(confirming)
