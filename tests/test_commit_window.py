@@ -4,8 +4,10 @@ turns of the loop; a full batch, a rare event, shutdown and close commit without
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
@@ -14,6 +16,7 @@ from enkwatch.events import EventWriter
 from enkwatch.kinds import DATASET
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import COMMIT_BATCH_MAX, SqliteStore
+from tests.kit import until
 
 # longer than any test: a batch that waits for its window is never committed by it here
 NEVER_S = 3600.0
@@ -172,4 +175,22 @@ async def test_the_writer_released_at_shutdown_commits_what_waits_at_once() -> N
         await waiting
     assert [e["event_id"] for e in logs] == ["a:1", "b:1"]
     assert len(commits) == 2
+    await store.close()
+
+
+async def test_confirmations_of_a_failed_batch_are_committed_on_their_own_later() -> None:
+    tasks = [Task("a"), Task("b")]
+    store, _ = await open_store(tasks)
+    store.commit_delay_s = 0.0
+    store._db.execute("INSERT INTO events (task_key, seq, body) VALUES ('b', 1, '{}')")
+    writer = EventWriter(SystemClock(), store)
+    with capture_logs() as logs:
+        await transition(writer, tasks[0])
+        assert store._confirmations == [("a", 1)]
+        with pytest.raises(sqlite3.IntegrityError):  # b:1 exists: the batch fails whole
+            await transition(writer, tasks[1])
+    assert [e["event_id"] for e in logs] == ["a:1"]
+    await until(lambda: store._confirmations == [], "the confirmation committed alone")
+    row = store._db.execute("SELECT written FROM events WHERE task_key = 'a'").fetchone()
+    assert row == (1,)
     await store.close()
