@@ -264,6 +264,8 @@ def run_size(n: int, plan: Plan, server: Server, bare: Child, tmp: Path) -> dict
         "event_cpu_s": events["event_cpu_s"],
         "events_window_cpu_s": events["cpu_s"],
         "event_cost_us": events["event_cpu_s"] / max(events["events"], 1) * 1e6,
+        # events per group commit (SQLite's batches) in the events window
+        "events_per_commit": events["events"] / max(events.get("event_commits", 0), 1),
         # where an event's CPU goes (µs per event, by phase; the writer thread's included)
         "event_phases_us": {
             k: v / max(events["events"], 1) * 1e6
@@ -435,6 +437,7 @@ def table(result: dict[str, Any]) -> str:
             "event cost us; share of CPU",
             lambda r: f"{r['event_cost_us']:.0f}; {r['event_cpu_share']:.3f}",
         ),
+        ("events per commit", lambda r: f"{r.get('events_per_commit', float('nan')):.1f}"),
     ]
     runs = result["runs"]
     width = max(len(label) for label, _ in rows)

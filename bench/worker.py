@@ -158,6 +158,8 @@ class EnkwatchWorker:
         self._event_cpu_s = 0.0
         # CPU seconds of each timed phase of the event path
         self.phases: dict[str, float] = {}
+        # group commits made (calls of SqliteStore._flush_batch)
+        self.commits = 0
         self.events = 0
         self._events_file: Any = None
 
@@ -205,6 +207,8 @@ class EnkwatchWorker:
                     worker.phases[name] = worker.phases.get(name, 0.0) + spent
                     if counts:
                         worker.events += 1
+                    elif name == "_flush_batch":
+                        worker.commits += 1
 
             setattr(cls, name, wrapper)
 
@@ -370,7 +374,7 @@ class EnkwatchWorker:
         self._resume()
         await asyncio.sleep(settle_s)
         self._lateness = []
-        events0, event_cpu0 = self.events, self.event_cpu_s
+        events0, event_cpu0, commits0 = self.events, self.event_cpu_s, self.commits
         phases0, thread0 = dict(self.phases), self.event_cpu_s - self._event_cpu_s
         window = Window(lambda: self._started)
         rss_max = 0
@@ -392,6 +396,7 @@ class EnkwatchWorker:
                 "samples": len(late),
             },
             events=self.events - events0,
+            event_commits=self.commits - commits0,
             event_cpu_s=self.event_cpu_s - event_cpu0,
             event_phases_s={
                 **{k: v - phases0.get(k, 0.0) for k, v in self.phases.items()},
