@@ -159,15 +159,17 @@ class Discoverer:
         job.add_done_callback(lambda _: self._running.pop(i, None))
 
     async def run(self, i: int) -> None:
-        """One sweep of entry `i`, retried with backoff until it succeeds or the daemon stops."""
-        if self._may_sweep is not None and not self._may_sweep(f"discover:{i}"):
-            self._jobs.swept(i)  # another replica's
-            return
+        """One sweep of entry `i`, retried with backoff until it succeeds, the daemon stops,
+        or (replicas) this replica no longer holds the entry's lease: asked before every
+        attempt and every page, so that one replica sweeps at a time."""
         attempt = 0
         while not self.stopped:
             try:
-                await self.sweep(self.entries[i])
+                await self.sweep(self.entries[i], lambda: self._ours(i))
                 self._jobs.swept(i)
+                return
+            except _NotOurs:
+                self._jobs.swept(i)  # another replica's
                 return
             except _Rejected as err:
                 self.on_auth_failed(err.http_status)
@@ -202,13 +204,19 @@ class Discoverer:
 
     # -- one sweep -------------------------------------------------------------------------
 
-    async def sweep(self, entry: DiscoverConfig) -> None:
-        """Read every page of every status of `entry`; add the matching jobs not known."""
+    def _ours(self, i: int) -> None:
+        """Raise _NotOurs unless this replica may sweep entry `i` now."""
+        if self._may_sweep is not None and not self._may_sweep(f"discover:{i}"):
+            raise _NotOurs
+
+    async def sweep(self, entry: DiscoverConfig, check: Callable[[], None] = lambda: None) -> None:
+        """Read every page of every status of `entry`; add the matching jobs not known.
+        `check` is called before every page (it raises to end the sweep)."""
         lister = LISTERS[entry.kind]
         found: dict[str, ListedJob] = {}
         started = self._jobs.monotonic()
         for status in entry.statuses:
-            for job in await self._read_status(lister, status):
+            for job in await self._read_status(lister, status, check):
                 if matches(entry, job):
                     found.setdefault(job_key(entry, job), job)
         self._jobs.unlisted(entry.kind, started)
@@ -226,7 +234,9 @@ class Discoverer:
                 self.stats.added += 1
                 self.observe(entry.kind, "jobs_added", 1)
 
-    async def _read_status(self, lister: Lister, status: str) -> Iterable[ListedJob]:
+    async def _read_status(
+        self, lister: Lister, status: str, check: Callable[[], None]
+    ) -> Iterable[ListedJob]:
         """Every job of one status list; read again (up to 3 passes) while it moves."""
         jobs: list[ListedJob] = []
         passes = 0
@@ -236,6 +246,7 @@ class Discoverer:
             totals: set[int | None] = set()
             page = 1
             while True:
+                check()
                 answer = await self._page(lister, status, page)
                 totals.add(answer.total_count)
                 jobs.extend(answer.items)
@@ -262,6 +273,10 @@ class Discoverer:
                 return await self._client.list_page(lister, status, page, PER_PAGE)
             except UnauthorizedAnswer as second:
                 raise _Rejected(second.http_status or 401) from None
+
+
+class _NotOurs(Exception):
+    """This replica does not hold the lease of the entry being swept (any more)."""
 
 
 class _Rejected(Exception):
