@@ -213,19 +213,21 @@ class Discoverer:
         """Read every page of every status of `entry`; add the matching jobs not known.
         `check` is called before every page (it raises to end the sweep)."""
         lister = LISTERS[entry.kind]
-        found: dict[str, ListedJob] = {}
+        # each job found, and when the list that named it was first requested
+        found: dict[str, tuple[ListedJob, float]] = {}
         started = self._jobs.monotonic()
         for status in entry.statuses:
+            requested = self._jobs.monotonic()
             for job in await self._read_status(lister, status, check):
                 if matches(entry, job):
-                    found.setdefault(job_key(entry, job), job)
+                    found[job_key(entry, job)] = (job, requested)  # the later list wins
         self._jobs.unlisted(entry.kind, started)
         self.stats.sweeps += 1
         self.stats.found += len(found)
         self.observe(entry.kind, "sweeps", 1)
         self.observe(entry.kind, "jobs_found", len(found))
         known = await self._jobs.known_keys()
-        for key, job in found.items():
+        for key, (job, requested) in found.items():
             if (
                 key not in known
                 and not self.stopped
@@ -233,6 +235,8 @@ class Discoverer:
             ):
                 self.stats.added += 1
                 self.observe(entry.kind, "jobs_added", 1)
+                # the list that named it is its first observation (no request of its own)
+                self.stats.listed += self._jobs.listed(entry.kind, (job,), requested)
 
     async def _read_status(
         self, lister: Lister, status: str, check: Callable[[], None]
