@@ -48,7 +48,9 @@ class Found:
     def unlisted(self, kind: str, since: float) -> None:
         pass
 
-    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int:
+    def listed(
+        self, kind: str, jobs: Iterable[ListedJob], requested_mono: float, covered_s: float = 0.0
+    ) -> int:
         return 0
 
 

@@ -7,22 +7,26 @@ poll uses it instead of a request, so every rule of a poll holds (in order, exac
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.kit import Spawn, timeline
+from tests.kit import Spawn, timeline, until
 from tests.test_discovery_e2e import Serve, rt, serve  # noqa: F401  (serve: the fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
-def config(path: Path, url: str, state: str, **doc: Any) -> str:
+def config(
+    path: Path, url: str, state: str, polling: dict[str, Any] | None = None, **doc: Any
+) -> str:
     base = {
         "api": {"base_url": url, "timeout_seconds": 2},
-        "polling": {"interval_seconds": 0.8, "jitter": 0, "max_requests_per_second": 0},
+        "polling": {"interval_seconds": 0.8, "jitter": 0, "max_requests_per_second": 0}
+        | (polling or {}),
         "state": {"path": state},
     }
     path.write_text(yaml.safe_dump(base | doc), encoding="utf-8")
@@ -76,3 +80,28 @@ async def test_a_dataset_in_the_running_list_is_observed_running(
     assert proc.named("task.discovered") == []  # already watched: not added again
     own = stats.by_task.get("data-generation-1", 0)
     assert 2 <= own <= 3 < moves[-1]["polls"], (own, moves[-1]["polls"])
+
+
+async def test_a_job_every_sweep_names_costs_no_request_of_its_own(
+    tmp_path: Path,
+    serve: Serve,  # noqa: F811
+    enkwatch: Spawn,
+) -> None:
+    # swept as often as polled (jitter: some polls come before the next sweep has ended):
+    # each poll takes the latest list's observation or, if it took that one already, waits
+    # for the next sweep; the job never costs a get-task while the lists name it
+    jobs = [rt(1, "nightly-1", timeline("Queued", 1.5, "Running"))]
+    jobs += [rt(100 + n, f"filler-{n}", timeline("Running")) for n in range(150)]
+    url, stats = await serve(tasks=jobs)
+    discover = {"kind": "redteam", "statuses": ["Queued", "Running"], "every_seconds": 0.3,
+                "match": {"test_name": "nightly-*"}}  # fmt: skip
+    polling = {"interval_seconds": 0.3, "jitter": 0.3}
+    cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "s.db"), polling, discover=[discover])
+    proc = await enkwatch("run", "--config", cfg)
+    await proc.wait_for(lambda e: e.get("status") == "Running", "nightly-1 Running")
+    lists = stats.by_endpoint.get("/redteam/list-tasks", 0)
+    await until(lambda: stats.by_endpoint.get("/redteam/list-tasks", 0) >= lists + 30, "sweeps")
+    proc.send(signal.SIGTERM)
+    assert await proc.wait_exit() == 0
+    assert statuses(proc.named("task.transition"), "redteam:rt-task-0001") == ["Queued", "Running"]
+    assert stats.by_task.get("rt-task-0001", 0) == 0

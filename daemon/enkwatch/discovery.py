@@ -32,6 +32,9 @@ MAX_PAGES: Final = 1000
 # a pass whose pages disagree on total_count (the list moved while read) is read again
 MAX_PASSES: Final = 3
 FIRST_RETRY_S: Final = 1.0
+# a job a sweep's list named sends no request of its own for this many sweep periods,
+# unless a newer list says more (a sweep that no longer names it ends this at once)
+COVERED_SWEEPS: Final = 2.0
 
 
 class ListClient(Protocol):
@@ -55,7 +58,9 @@ class FoundJobs(Protocol):
 
     def unlisted(self, kind: str, since: float) -> None: ...
 
-    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int: ...
+    def listed(
+        self, kind: str, jobs: Iterable[ListedJob], requested_mono: float, covered_s: float = 0.0
+    ) -> int: ...
 
 
 class Periodic(Protocol):
@@ -216,9 +221,11 @@ class Discoverer:
         # each job found, and when the list that named it was first requested
         found: dict[str, tuple[ListedJob, float]] = {}
         started = self._jobs.monotonic()
+        # a job a list names is covered until the next sweep has had its time: two periods
+        covered = COVERED_SWEEPS * entry.every_seconds
         for status in entry.statuses:
             requested = self._jobs.monotonic()
-            for job in await self._read_status(lister, status, check):
+            for job in await self._read_status(lister, status, check, covered):
                 if matches(entry, job):
                     found[job_key(entry, job)] = (job, requested)  # the later list wins
         self._jobs.unlisted(entry.kind, started)
@@ -236,10 +243,10 @@ class Discoverer:
                 self.stats.added += 1
                 self.observe(entry.kind, "jobs_added", 1)
                 # the list that named it is its first observation (no request of its own)
-                self.stats.listed += self._jobs.listed(entry.kind, (job,), requested)
+                self.stats.listed += self._jobs.listed(entry.kind, (job,), requested, covered)
 
     async def _read_status(
-        self, lister: Lister, status: str, check: Callable[[], None]
+        self, lister: Lister, status: str, check: Callable[[], None], covered_s: float
     ) -> Iterable[ListedJob]:
         """Every job of one status list; read again (up to 3 passes) while it moves."""
         jobs: list[ListedJob] = []
@@ -261,7 +268,7 @@ class Discoverer:
                 break
         self.stats.repeated_passes += passes - 1
         # the list is an observation of every watched job it names (status from list pages)
-        self.stats.listed += self._jobs.listed(lister.name, jobs, requested)
+        self.stats.listed += self._jobs.listed(lister.name, jobs, requested, covered_s)
         return jobs
 
     async def _page(self, lister: Lister, status: str, page: int) -> ListPage:

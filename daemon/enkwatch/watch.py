@@ -45,6 +45,9 @@ OUTCOME_UNAUTHORIZED: Final = "unauthorized"
 # a stall check that finds the task's poll in flight looks again this much later
 STALL_BUSY_RETRY_S: Final = 0.5
 
+# a time (monotonic) before every other: a task the sweeps do not cover
+NEVER: Final = float("-inf")
+
 # the labels of a task without labels (never mutated: labels are replaced, not edited)
 NO_LABELS: Final[dict[str, str]] = {}
 
@@ -119,6 +122,9 @@ class TaskWatch:
     listed: Observation | None = None
     listed_mono: float = 0.0
     answered_mono: float = float("-inf")
+    # until when (monotonic) the sweeps cover the task: a poll that finds no newer list
+    # answer sends no request before then, it waits for the next sweep's
+    listed_until: float = NEVER
 
     @classmethod
     def from_config(
@@ -252,6 +258,9 @@ class Poller:
             if (listed := self._take_listed(task)) is not None:
                 task.record.polls += 1  # an observation without a request: still a poll
                 return await self._observed(task, listed)
+            if self._covered(task):
+                # the last list named it and the next sweep will say more: no request
+                return await self._within_deadline(task, self.next_interval(task))
             try:
                 obs = await self._request(task)
             except NotFound as err:
@@ -296,6 +305,13 @@ class Poller:
         """The list answer about `task` read after its last own answer, if any (once)."""
         obs, task.listed = task.listed, None
         return obs if obs is not None and task.listed_mono > task.answered_mono else None
+
+    def _covered(self, task: TaskWatch) -> bool:
+        """A list newer than the task's last own answer named it, and the sweeps cover it
+        still (until the next sweep has had its time)."""
+        return task.listed_mono > task.answered_mono and (
+            task.listed_until > self._clock.monotonic()
+        )
 
     def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:

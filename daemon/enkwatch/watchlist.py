@@ -26,7 +26,7 @@ from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.sinks import Sink, build_sinks, sink_secrets
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
-from enkwatch.watch import NO_LABELS, SOURCE_DISCOVERED, TaskWatch
+from enkwatch.watch import NEVER, NO_LABELS, SOURCE_DISCOVERED, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
 RESTART_SECTIONS: Final = ("api", "state", "admin")
@@ -285,14 +285,17 @@ class WatchList:
         """The clock of poll answers: a list read is ordered against them on it."""
         return self._clock.monotonic()
 
-    def listed(self, kind: str, jobs: Iterable[ListedJob], requested_mono: float) -> int:
+    def listed(
+        self, kind: str, jobs: Iterable[ListedJob], requested_mono: float, covered_s: float = 0.0
+    ) -> int:
         """A list answer (one status list, every page, first requested at `requested_mono`)
         as an observation of every watched job it names; the next poll of such a job uses
         it instead of a request (watch.Poller), so every rule of a poll holds. A job the
         list does not name is polled on its own (a dataset that left the lists: confirmed
         with one get-task). A dataset list names datasets: it says nothing of a dataset
-        task watched by its task_id (its name may be another task's now). Returns how many
-        watched jobs it named."""
+        task watched by its task_id (its name may be another task's now). A job named is
+        covered by the sweeps for `covered_s`: a poll that finds no newer list sends no
+        request before then. Returns how many watched jobs it named."""
         named = 0
         for job in jobs:
             task = self.tasks.get(task_key(kind, job.task_id, job.name))
@@ -301,6 +304,7 @@ class WatchList:
             obs = job.observation or (task and listed_observation(task, job))
             if task is not None and obs and not task.done:
                 task.listed, task.listed_mono = obs, requested_mono
+                task.listed_until = requested_mono + covered_s
                 named += 1
         return named
 
@@ -308,8 +312,12 @@ class WatchList:
         """A sweep that began at `since` read every list of its entry: a job it did not name
         is no longer observed through an older list (its next poll asks the API)."""
         for task in self.tasks.values():
-            if task.listed is not None and task.listed_mono < since and task.kind.name == kind:
-                task.listed = None
+            if (
+                task.listed_mono < since
+                and (task.listed is not None or task.listed_until > since)
+                and task.kind.name == kind
+            ):
+                task.listed, task.listed_until = None, NEVER
 
     async def remove_task(self, task_key: str) -> bool:
         if not await self._owner.watches(task_key):
