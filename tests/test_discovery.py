@@ -13,7 +13,7 @@ from aiohttp import web
 
 from enkwatch import events as ev
 from enkwatch.client import ApiClient
-from enkwatch.clock import SystemClock
+from enkwatch.clock import FakeClock, SystemClock
 from enkwatch.config import Config, parse_config
 from enkwatch.discovery import Discoverer
 from enkwatch.limits import RequestGate
@@ -137,3 +137,42 @@ async def test_the_lease_holder_sweeps_every_page(api: tuple[str, SimulatorStats
         await finder.run(0)
     assert stats.by_endpoint[LIST] == 3  # the 503, then pages 1 and 2
     assert finder.stats.sweeps == 1 and len(found.added) == 150
+
+
+async def test_a_list_that_shrinks_while_read_costs_one_page_more_and_loses_nothing() -> None:
+    # job 0 (first of the list) ends just before page 2 is served: every job behind it moves
+    # up, and the first one of page 2 onto page 1, which is read again (not the whole list)
+    clock = FakeClock()
+    jobs = [
+        {"kind": "redteam", "task_id": f"rt-{n:03d}", "test_name": f"t-{n:03d}",
+         "timeline": timeline("Running", 10, "Finished") if n == 0 else timeline("Running"),
+         "starts": "at_start"}
+        for n in range(151)
+    ]  # fmt: skip
+    app = build_app(Scenario.model_validate({"tasks": jobs}), clock)
+    pages: list[str] = []
+
+    @web.middleware
+    async def move(request: web.Request, handler: Any) -> web.StreamResponse:
+        pages.append(request.query["page"])
+        if pages == ["1", "2"]:
+            clock.advance(11)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app.middlewares.append(move)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    found = Found()
+    try:
+        async with ApiClient(url, SECRET, 5, RequestGate(0)) as client:
+            finder = Discoverer(config(url), client, found, ev.EventWriter(SystemClock()))
+            await finder.run(0)
+    finally:
+        await runner.cleanup()
+    assert pages == ["1", "2", "1"]
+    assert finder.stats.reread_pages == 1
+    # every job the list named, the one that moved up a page included (rt-100)
+    assert {e["task_id"] for e in found.added} == {f"rt-{n:03d}" for n in range(151)}

@@ -4,7 +4,7 @@ just before a sweep's second page of the Running list is served.
 
 One job sits on page 1 (that page names it Running, then it has left the list), the other
 on page 2 (the sweep never names it). The list shrinks while it is read, so every job
-behind them moves up a page. Each job's transitions are written exactly once, in order,
+behind them moves up a page (page 1 is read again). Each job's transitions are written exactly once, in order,
 nothing lost or duplicated, and `polls` counts the list observations too.
 """
 
@@ -111,7 +111,7 @@ async def test_a_job_ends_between_two_pages_of_a_sweep(
     mover.armed = True
     assert await proc.wait_exit() == 0
     assert mover.moved
-    # the sweep read page 1 again: the pages of the pass disagreed on total_count
+    # the sweep read page 1 again: page 2's total_count said the list had shrunk
     at = mover.pages.index(("Running", "2"), pages)
     assert mover.pages[at + 1] == ("Running", "1"), mover.pages[at - 2 : at + 4]
 

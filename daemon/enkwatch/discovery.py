@@ -29,8 +29,6 @@ from enkwatch.watch import AUTH_CONFIRM_DELAY_S
 PER_PAGE: Final = 100
 # a peer that always says has_next: at most this many pages (100,000 jobs) per status
 MAX_PAGES: Final = 1000
-# a pass whose pages disagree on total_count (the list moved while read) is read again
-MAX_PASSES: Final = 3
 FIRST_RETRY_S: Final = 1.0
 # a job a sweep's list named sends no request of its own for this many sweep periods,
 # unless a newer list says more (a sweep that no longer names it ends this at once)
@@ -78,8 +76,8 @@ class SweepStats:
     pages: int = 0
     found: int = 0
     added: int = 0
-    # passes read again because the list moved while it was read
-    repeated_passes: int = 0
+    # pages read again because the list shrank while it was read (jobs moved up a page)
+    reread_pages: int = 0
     # watched jobs named by a list (observed without a request of their own)
     listed: int = 0
 
@@ -248,25 +246,25 @@ class Discoverer:
     async def _read_status(
         self, lister: Lister, status: str, check: Callable[[], None], covered_s: float
     ) -> Iterable[ListedJob]:
-        """Every job of one status list; read again (up to 3 passes) while it moves."""
+        """Every job of one status list. A page whose `total_count` is smaller than the
+        page before's says that the list shrank while read: the jobs that moved up onto the
+        page before are read there again (one request), not the whole list."""
         jobs: list[ListedJob] = []
-        passes = 0
         requested = self._jobs.monotonic()
-        while passes < MAX_PASSES:
-            passes += 1
-            totals: set[int | None] = set()
-            page = 1
-            while True:
+        page, before = 1, None
+        while True:
+            check()
+            answer = await self._page(lister, status, page)
+            jobs.extend(answer.items)
+            total = answer.total_count
+            if page > 1 and total is not None and before is not None and total < before:
                 check()
-                answer = await self._page(lister, status, page)
-                totals.add(answer.total_count)
-                jobs.extend(answer.items)
-                if not answer.has_next or not answer.items or page >= MAX_PAGES:
-                    break
-                page += 1
-            if len(totals) <= 1:
+                jobs.extend((await self._page(lister, status, page - 1)).items)
+                self.stats.reread_pages += 1
+            before = total if total is not None else before
+            if not answer.has_next or not answer.items or page >= MAX_PAGES:
                 break
-        self.stats.repeated_passes += passes - 1
+            page += 1
         # the list is an observation of every watched job it names (status from list pages)
         self.stats.listed += self._jobs.listed(lister.name, jobs, requested, covered_s)
         return jobs
