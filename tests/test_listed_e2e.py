@@ -105,3 +105,25 @@ async def test_a_job_every_sweep_names_costs_no_request_of_its_own(
     assert await proc.wait_exit() == 0
     assert statuses(proc.named("task.transition"), "redteam:rt-task-0001") == ["Queued", "Running"]
     assert stats.by_task.get("rt-task-0001", 0) == 0
+
+
+async def test_a_dataset_found_by_discovery_costs_one_request_while_listed(
+    tmp_path: Path,
+    serve: Serve,  # noqa: F811
+    enkwatch: Spawn,
+) -> None:
+    # its first poll asks the API (the list gives no task id); from then on the sweep that
+    # found it covers it, even before the next sweep names it again (polled twice as often)
+    job = {"task_id": "data-generation-1", "dataset": "ds-1", "starts": "at_start",
+           "timeline": timeline("Running")}  # fmt: skip
+    url, stats = await serve(tasks=[job])
+    discover = {"kind": "dataset", "statuses": ["Running"], "every_seconds": 0.6}
+    polling = {"interval_seconds": 0.3, "jitter": 0.1}
+    cfg = config(tmp_path / "c.yaml", url, str(tmp_path / "s.db"), polling, discover=[discover])
+    proc = await enkwatch("run", "--config", cfg)
+    await proc.wait_for(lambda e: e.get("status") == "Running", "ds-1 Running")
+    lists = stats.by_endpoint.get("/datasets/list-tasks", 0)
+    await until(lambda: stats.by_endpoint.get("/datasets/list-tasks", 0) >= lists + 8, "sweeps")
+    proc.send(signal.SIGTERM)
+    assert await proc.wait_exit() == 0
+    assert stats.by_task.get("data-generation-1", 0) == 1

@@ -4,8 +4,9 @@ just before a sweep's second page of the Running list is served.
 
 One job sits on page 1 (that page names it Running, then it has left the list), the other
 on page 2 (the sweep never names it). The list shrinks while it is read, so every job
-behind them moves up a page (page 1 is read again). Each job's transitions are written exactly once, in order,
-nothing lost or duplicated, and `polls` counts the list observations too.
+behind them moves up a page (page 1 is read again). Each job's transitions are written
+exactly once, in order, nothing lost or duplicated, and `polls` counts the list
+observations too.
 """
 
 from __future__ import annotations

@@ -307,11 +307,12 @@ class Poller:
         return obs if obs is not None and task.listed_mono > task.answered_mono else None
 
     def _covered(self, task: TaskWatch) -> bool:
-        """A list newer than the task's last own answer named it, and the sweeps cover it
-        still (until the next sweep has had its time)."""
-        return task.listed_mono > task.answered_mono and (
-            task.listed_until > self._clock.monotonic()
-        )
+        """A sweep's list named the task and the sweeps cover it still (until the next sweep
+        has had its time): the next sweep says more than a request would. An own answer
+        newer than that list does not end this (the next sweep names the task again, or
+        drops it: `WatchList.unlisted`). Not before the task's first observation (a
+        dataset's list does not give its task id: its first poll asks the API)."""
+        return task.record.last_status is not None and (task.listed_until > self._clock.monotonic())
 
     def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:

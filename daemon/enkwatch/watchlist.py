@@ -294,17 +294,20 @@ class WatchList:
         list does not name is polled on its own (a dataset that left the lists: confirmed
         with one get-task). A dataset list names datasets: it says nothing of a dataset
         task watched by its task_id (its name may be another task's now). A job named is
-        covered by the sweeps for `covered_s`: a poll that finds no newer list sends no
-        request before then. Returns how many watched jobs it named."""
+        covered by the sweeps for `covered_s` (also a dataset not answered yet: once it is,
+        its polls need no request): a poll that finds no newer list sends no request
+        before then. Returns how many watched jobs it named."""
         named = 0
         for job in jobs:
             task = self.tasks.get(task_key(kind, job.task_id, job.name))
             if task is None and job.task_id is not None:
                 task = self.tasks.get(task_key(kind, None, job.name))
-            obs = job.observation or (task and listed_observation(task, job))
-            if task is not None and obs and not task.done:
+            if task is None or task.done:
+                continue
+            task.listed_until = requested_mono + covered_s
+            obs = job.observation or listed_observation(task, job)
+            if obs is not None:
                 task.listed, task.listed_mono = obs, requested_mono
-                task.listed_until = requested_mono + covered_s
                 named += 1
         return named
 
