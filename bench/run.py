@@ -39,7 +39,7 @@ SINKS_TARGET = 0.10
 
 @dataclass(frozen=True)
 class Plan:
-    """How long each part runs; `full` stays under 5 minutes, `quick` under 90 s."""
+    """How long each part runs (the requests-per-job run, bench/jobs.py, has its own plans)."""
 
     sizes: tuple[int, ...]
     pairs: int  # alternating bare/enkwatch saturation windows
@@ -77,6 +77,30 @@ TARGETS: list[tuple[str, str, str, float, int | None]] = [
     ("idle <= 1% of a core, N=10k, 60 s interval", "idle_core_fraction", "<=", 0.01, 10_000),
     ("events <= 5% of poll CPU", "event_cpu_share", "<=", 0.05, None),
 ]
+
+# requests per watched job (bench/jobs.py): (figure, configuration, key, comparison, bound)
+JOB_TARGETS: list[tuple[str, str, str, str, float]] = [
+    ("redteam + discovery: >= 10,000 jobs within budget", "redteam+discovery",
+     "jobs_within_budget", ">=", 10_000),
+    ("redteam + discovery: <= 0.02 requests/job/interval", "redteam+discovery",
+     "requests_per_job_interval", "<=", 0.02),
+    ("dataset + discovery: >= 2,000 jobs within budget", "dataset+discovery",
+     "jobs_within_budget", ">=", 2_000),
+    ("per-job polling unchanged: <= 1.05 requests/job/interval", "dataset per-job",
+     "requests_per_job_interval", "<=", 1.05),
+]  # fmt: skip
+
+
+def job_verdicts(jobs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The requests-per-job targets against bench/jobs.py's figures."""
+    out = []
+    for label, config, key, op, bound in JOB_TARGETS:
+        figures = jobs["configs"][config]
+        value = figures[key]
+        met = value >= bound if op == ">=" else value <= bound
+        out.append({"target": label, "n": figures["jobs_within_budget"], "value": value,
+                    "met": met})  # fmt: skip
+    return out
 
 
 class Child:
@@ -481,7 +505,11 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 1,000 and 10,000 only (< 90 s)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="N = 1,000 and 10,000 only; requests per job x15 faster (~4 min)",
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
     parser.add_argument("--sizes", help="comma-separated N to run instead of the plan's")
@@ -525,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("3 replicas on PostgreSQL, N = 10,000 ...", file=sys.stderr, flush=True)
             result["replicas"] = measure_replicas(10_000, 3, 10.0)
+    from bench import jobs
+
+    result["jobs"] = jobs.run(jobs.PLANS[result["mode"]])
     result["targets"] = verdicts(result["runs"])
     overhead = result["sinks"]["sinks_cpu_overhead"]
     result["targets"].append(
@@ -535,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             "met": overhead <= SINKS_TARGET,
         }
     )
+    result["targets"] += job_verdicts(result["jobs"])
     result["seconds"] = time.monotonic() - began
     print(table(result))
+    print(jobs.table(result["jobs"]))
     for run in result.get("replicas", {}).get("runs", []):
         print(
             f"3 replicas, one PostgreSQL, N=10,000, {run['label']}: "

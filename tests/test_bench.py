@@ -35,7 +35,7 @@ RUN_KEYS = {
 }
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -43,7 +43,7 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=190,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,8 +60,14 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert result["render"]["events"] > 0
     assert result["sinks"]["events_per_s_sinks"] > 0
     assert result["sinks"]["deliveries_per_s"] > 0
-    # the table went to stdout, beside the JSON
+    jobs = result["jobs"]["configs"]
+    for config in ("redteam+discovery", "dataset+discovery", "dataset per-job"):
+        assert jobs[config]["jobs_within_budget"] > 0
+        assert jobs[config]["requests_per_job_interval"] > 0
+    assert any(v["target"].startswith("redteam + discovery") for v in result["targets"])
+    # the tables went to stdout, beside the JSON
     assert "polls/s ratio to bare" in proc.stdout
+    assert "jobs within budget" in proc.stdout
 
 
 DELIVERIES_SMOKE = ("--events", "60", "--rounds", "1", "--profile", "--floor")
