@@ -348,9 +348,13 @@ class Outbox:
         return (*self._store.outbox_stats(), len(self.disabled))
 
     def notify(self) -> None:
-        """New rows were written: look again now."""
-        for wake in self._wake.values():
+        """New rows were written: look again now (a running sink is not idle until it has
+        read its queue again and found it empty)."""
+        for sink_id, wake in self._wake.items():
             wake.set()
+            worker = self._workers.get(sink_id)
+            if worker is not None and not worker.done():
+                self.idle[sink_id].clear()
 
     async def start(self) -> None:
         await self._start_workers(self.sinks)
@@ -459,8 +463,9 @@ class Outbox:
                 await self._sleep_or_wake(wake, RECHECK_S)
                 continue
             if not heads:
-                idle.set()
-                await wake.wait()  # new rows (notify), a reload, or the lease loop
+                if not wake.is_set():  # nothing was announced since this read began
+                    idle.set()
+                    await wake.wait()  # new rows (notify), a reload, or the lease loop
                 continue
             idle.clear()
             now = self._clock.now().timestamp()
