@@ -1,9 +1,15 @@
 """The outbox's rounds against its guarantees: a drain waits for a row written while the
-outbox slept."""
+outbox slept, and a state that refuses writes does not make it resend in a loop."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
 from enkwatch.clock import SystemClock
+from enkwatch.errors import StateNotWritten
 from enkwatch.sinks import Outbox
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
@@ -26,5 +32,44 @@ async def test_wait_idle_waits_for_a_row_written_while_the_outbox_slept(
         assert await outbox.wait_idle(10)
         assert store.outbox_stats()[0] == 0
         assert [b["task_key"] for b in receiver.bodies] == ["a"]
+    finally:
+        await outbox.close()
+
+
+class FullDiskStore(SqliteStore):
+    """Reads work, writes are refused (as on a full disk) while `full` is set."""
+
+    full = False
+    refused = 0
+
+    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
+        if self.full:
+            self.refused += 1
+            raise StateNotWritten(None, "database or disk is full (SQLITE_FULL)")
+        await super().deliveries_done(row_ids)
+
+
+async def test_a_state_refusing_writes_does_not_make_the_outbox_resend_in_a_loop(
+    hooks: StartReceiver,
+) -> None:
+    """The delete of a delivered row is refused: the row stays pending (at least once) and
+    goes again later, not in a loop hammering the receiver with copies every round."""
+    receiver = await hooks()
+    store = FullDiskStore(":memory:")
+    store.full = True
+    await journal(store, ["a"], ["test"])
+    outbox = Outbox(store, [sink("test", receiver.url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: store.refused >= 1, "the delete to be refused")
+        sent = len(receiver.received)
+        with pytest.raises(TimeoutError):
+            # a round every 10 ms would have sent it again many times by now
+            await asyncio.wait_for(until(lambda: len(receiver.received) > sent + 1), 0.5)
+        assert len(receiver.received) <= sent + 1
+        store.full = False
+        outbox.notify()  # the disk has room again: a new event was journaled
+        assert await outbox.wait_idle(10)
+        assert store.outbox_stats()[0] == 0
     finally:
         await outbox.close()

@@ -476,7 +476,10 @@ class Outbox:
             due = [r for r in heads if r.next_attempt_at <= now]
             if due:
                 last_round = loop.time()
-                await self._round(self._lane(sink), due)
+                if not await self._round(self._lane(sink), due):
+                    # the state refused a write (a full disk): what went stays pending and
+                    # goes again, later, not every round
+                    await self._sleep_or_wake(wake, RECHECK_S)
                 continue
             soonest = min(r.next_attempt_at for r in heads)
             await self._sleep_or_wake(wake, min(RECHECK_S, max(0.01, soonest - now)))
@@ -495,39 +498,48 @@ class Outbox:
         except TimeoutError:
             pass
 
-    async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> None:
+    async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> bool:
         """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
-        (or filtered out) with one statement: a task's next row is read only after that."""
+        (or filtered out) with one statement: a task's next row is read only after that.
+        False when the state refused a write (those rows stay pending)."""
         done = self._finished[lane.sink.id] = []
         rows = iter(due)
+        refused = False
 
         async def sender() -> None:
+            nonlocal refused
             for row in rows:
-                # the state is down: delivered or not, the row stays pending (at least once)
-                with contextlib.suppress(StateUnavailable):
+                try:
                     outcome = await self._deliver(lane, row)
-                    if outcome is not None:
-                        done.append((row.id, outcome))
+                except StateUnavailable:
+                    # delivered or not, the row stays pending (at least once)
+                    refused = True
+                    continue
+                if outcome is not None:
+                    done.append((row.id, outcome))
 
         try:
             await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
         finally:
             # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
             self._finished.pop(lane.sink.id, None)
-            await self._done(lane.sink, done)
+            deleted = await self._done(lane.sink, done)
+        return deleted and not refused
 
-    async def _done(self, sink: Sink, done: list[tuple[int, str]]) -> None:
-        """Delete the rows that went (and count them); `done` is emptied."""
+    async def _done(self, sink: Sink, done: list[tuple[int, str]]) -> bool:
+        """Delete the rows that went (and count them); `done` is emptied. False when the
+        state refused it."""
         batch = done[:]
         del done[: len(batch)]
         if not batch:
-            return
+            return True
         try:
             await self._store.deliveries_done([row_id for row_id, _ in batch])
         except StateUnavailable:
-            return  # they stay pending and go again (at least once)
+            return False  # they stay pending and go again (at least once)
         for _, outcome in batch:
             self._on_result(sink, outcome)
+        return True
 
     def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
         """The journaled event and its message id (None: not an event), parsed once."""
