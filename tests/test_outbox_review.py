@@ -1,19 +1,26 @@
 """The outbox's rounds against its guarantees: a drain waits for a row written while the
-outbox slept, and a state that refuses writes does not make it resend in a loop."""
+outbox slept, a state that refuses writes does not make it resend in a loop, and the heads
+of tasks waiting for a retry do not hide a due head of another task."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 
 import pytest
 
+from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
 from enkwatch.errors import StateNotWritten
 from enkwatch.sinks import Outbox
+from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
+from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 from tests.test_sinks_lean import journal, sink
+
+needs_pg = pytest.mark.skipif(find_bin_dir() is None, reason=HOW_TO_ENABLE)
 
 
 async def test_wait_idle_waits_for_a_row_written_while_the_outbox_slept(
@@ -73,3 +80,42 @@ async def test_a_state_refusing_writes_does_not_make_the_outbox_resend_in_a_loop
         assert store.outbox_stats()[0] == 0
     finally:
         await outbox.close()
+
+
+async def due_head_behind_retrying_heads(store: SqliteStore | PgStore) -> None:
+    now = SystemClock().now().timestamp()
+    await journal(store, [f"t{i}" for i in range(4)], ["test"])
+    for row in await store.outbox_heads("test", 100):
+        await store.delivery_retry(row.id, 1, now + 3600)  # failed: tried again in an hour
+    await journal(store, ["late"], ["test"])
+
+
+async def test_a_due_head_is_sent_behind_more_retrying_heads_than_a_round_reads(
+    hooks: StartReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure blocks only the later deliveries of its own task: with more tasks waiting
+    for a retry than one round reads, another task's due delivery still goes."""
+    monkeypatch.setattr(sinks_module, "HEADS_PER_ROUND", 3)
+    receiver = await hooks()
+    store = SqliteStore(":memory:")
+    await due_head_behind_retrying_heads(store)
+    outbox = Outbox(store, [sink("test", receiver.url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: bool(receiver.received), "the due delivery", within=2)
+    finally:
+        await outbox.close()
+    assert [b["task_key"] for b in receiver.bodies] == ["late"]
+
+
+@needs_pg
+async def test_due_heads_come_first_on_postgresql(dsn: str) -> None:
+    store = PgStore(dsn, "a", SystemClock(), lease_s=15.0)
+    await store.open()
+    try:
+        await store.leases.balance()
+        await due_head_behind_retrying_heads(store)
+        heads = await store.outbox_heads("test", 3)
+        assert [json.loads(r.body)["task_key"] for r in heads][:1] == ["late"]
+    finally:
+        await store.close()

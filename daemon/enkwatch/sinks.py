@@ -58,7 +58,7 @@ SECRET_PREFIX: Final = "whsec_"
 SECRET_MIN_BYTES: Final = 24
 SECRET_MAX_BYTES: Final = 64
 MAX_PARALLEL_PER_SINK: Final = 8
-# the most queue heads (tasks) one round of a sink reads and sends
+# the most queue heads (tasks) one round of a sink reads and sends, the soonest due first
 HEADS_PER_ROUND: Final = 1000
 RETRY_BASE_S: Final = 1.0
 RETRY_MAX_S: Final = 300.0

@@ -601,8 +601,9 @@ class PgStore:
 
     @guarded
     async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
-        """The oldest pending delivery of each task of the partitions we hold, oldest first
-        (one sender per task at a time, in order; the rows behind a head are not read)."""
+        """The oldest pending delivery of each task of the partitions we hold, soonest due
+        first (one sender per task at a time, in order; the rows behind a head are not read;
+        heads waiting for a retry never hide a due one behind the limit)."""
         parts = self.leases.fresh_partitions()
         if not parts:
             return []
@@ -611,7 +612,7 @@ class PgStore:
                 "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
                 "FROM enkwatch_outbox WHERE id IN (SELECT min(id) FROM enkwatch_outbox "
                 "WHERE sink = $1 AND state = 'pending' AND partition = ANY($2::int[]) "
-                "GROUP BY task_key) ORDER BY id LIMIT $3",
+                "GROUP BY task_key) ORDER BY next_attempt_at, id LIMIT $3",
                 sink,
                 parts,
                 limit,

@@ -66,11 +66,12 @@ _REFUSED_WRITE: Final = frozenset({5, 6, 8, 10, 13, 14})
 # the meta key stamped once the rows of earlier versions were pruned
 _PRUNED_KEY: Final = "journal_pruned"
 _INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
-# the oldest pending row of each task of a sink (its queue's head), oldest first
+# the oldest pending row of each task of a sink (its queue's head), soonest due first: heads
+# waiting for a retry never hide a due one behind the limit
 _OUTBOX_HEADS: Final = (
     "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
     "WHERE id IN (SELECT MIN(id) FROM outbox WHERE sink = ?1 AND state = 'pending' "
-    "GROUP BY task_key) ORDER BY id LIMIT ?2"
+    "GROUP BY task_key) ORDER BY next_attempt_at, id LIMIT ?2"
 )
 # delivered rows deleted by one statement each (under SQLite's oldest bound on parameters)
 _DELETE_CHUNK: Final = 500
@@ -398,8 +399,8 @@ class SqliteStore:
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
     async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
-        """The oldest pending delivery of each task (the only one that may go now), oldest
-        first: the rows behind a head are not read."""
+        """The oldest pending delivery of each task (the only one that may go now), soonest
+        due first: the rows behind a head are not read."""
         with self._reading():
             rows = self._db.execute(_OUTBOX_HEADS, (sink, limit)).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
