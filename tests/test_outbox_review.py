@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 
 import pytest
 
 from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
-from enkwatch.errors import StateNotWritten
 from enkwatch.sinks import Outbox
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
@@ -43,17 +41,9 @@ async def test_wait_idle_waits_for_a_row_written_while_the_outbox_slept(
         await outbox.close()
 
 
-class FullDiskStore(SqliteStore):
-    """Reads work, writes are refused (as on a full disk) while `full` is set."""
-
-    full = False
-    refused = 0
-
-    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
-        if self.full:
-            self.refused += 1
-            raise StateNotWritten(None, "database or disk is full (SQLITE_FULL)")
-        await super().deliveries_done(row_ids)
+def refuse_writes(store: SqliteStore, refuse: bool = True) -> None:
+    """Writes are refused by SQLite itself (as on a full disk: SQLITE_READONLY here)."""
+    store._db.execute(f"PRAGMA query_only = {int(refuse)}")
 
 
 async def test_a_state_refusing_writes_does_not_make_the_outbox_resend_in_a_loop(
@@ -62,22 +52,74 @@ async def test_a_state_refusing_writes_does_not_make_the_outbox_resend_in_a_loop
     """The delete of a delivered row is refused: the row stays pending (at least once) and
     goes again later, not in a loop hammering the receiver with copies every round."""
     receiver = await hooks()
-    store = FullDiskStore(":memory:")
-    store.full = True
+    store = SqliteStore(":memory:")
     await journal(store, ["a"], ["test"])
+    refuse_writes(store)
     outbox = Outbox(store, [sink("test", receiver.url)], SystemClock())
     await outbox.start()
     try:
-        await until(lambda: store.refused >= 1, "the delete to be refused")
+        await until(lambda: store.trouble is not None, "the delete to be refused")
         sent = len(receiver.received)
         with pytest.raises(TimeoutError):
             # a round every 10 ms would have sent it again many times by now
             await asyncio.wait_for(until(lambda: len(receiver.received) > sent + 1), 0.5)
-        assert len(receiver.received) <= sent + 1
-        store.full = False
+        refuse_writes(store, False)
         outbox.notify()  # the disk has room again: a new event was journaled
         assert await outbox.wait_idle(10)
         assert store.outbox_stats()[0] == 0
+    finally:
+        await outbox.close()
+
+
+async def test_a_410_while_the_state_refuses_writes_disables_the_sink_once_it_can(
+    hooks: StartReceiver,
+) -> None:
+    """The sink cannot be remembered as disabled: its worker lives on, and disables it (with
+    its sink.disabled) once the state takes writes again."""
+    receiver = await hooks(status=410)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a", "b"], ["test"])
+    refuse_writes(store)
+    disabled: list[int] = []
+    outbox = Outbox(
+        store,
+        [sink("test", receiver.url)],
+        SystemClock(),
+        on_disabled=lambda s, status, dropped: disabled.append(dropped),
+    )
+    await outbox.start()
+    try:
+        await until(lambda: store.trouble is not None, "the state to refuse a write")
+        refuse_writes(store, False)
+        outbox.notify()
+        await until(lambda: bool(disabled), "the sink to be disabled")
+        assert disabled == [2]
+        assert await store.disabled_sinks() == {"test": ""}
+        assert store.outbox_stats()[0] == 0
+    finally:
+        await outbox.close()
+
+
+async def test_a_reload_enabling_a_sink_while_the_state_refuses_writes_goes_on(
+    hooks: StartReceiver,
+) -> None:
+    """A reload re-enables a disabled sink; the state that cannot forget the mark now is a
+    known condition (the mark is dropped at the next start, its config changed)."""
+    receiver = await hooks()
+    store = SqliteStore(":memory:")
+    await store.disable_sink("test", "old")
+    outbox = Outbox(store, [sink("test", receiver.url, fingerprint="old")], SystemClock())
+    await outbox.start()
+    try:
+        assert outbox.disabled == {"test"}
+        refuse_writes(store)
+        await outbox.reconfigure([sink("test", receiver.url, fingerprint="new")])
+        assert outbox.disabled == set()
+        refuse_writes(store, False)
+        await journal(store, ["a"], ["test"])
+        outbox.notify()
+        assert await outbox.wait_idle(10)
+        assert [b["task_key"] for b in receiver.bodies] == ["a"]
     finally:
         await outbox.close()
 

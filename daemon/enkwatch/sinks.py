@@ -603,9 +603,14 @@ class Outbox:
         if answer.status == GONE:
             if sink.id not in self.disabled:
                 self.disabled.add(sink.id)
-                # what this round delivered is deleted first: not counted as dropped
-                await self._done(sink, self._finished.get(sink.id, []))
-                dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
+                try:
+                    # what this round delivered is deleted first: not counted as dropped
+                    await self._done(sink, self._finished.get(sink.id, []))
+                    dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
+                except StateUnavailable:
+                    # not remembered: the sink goes on, disabled by a 410 once it can be
+                    self.disabled.discard(sink.id)
+                    raise
                 self._on_result(sink, "disabled")
                 self._on_disabled(sink, GONE, dropped)
             self._wake[sink.id].set()

@@ -432,14 +432,15 @@ class SqliteStore:
 
     async def disabled_sinks(self) -> dict[str, str]:
         """The sinks disabled by a 410 Gone, each with the fingerprint of its config then."""
-        rows = self._db.execute(
-            "SELECT key, value FROM meta WHERE key LIKE ?", (DISABLED_SINK_PREFIX + "%",)
-        ).fetchall()
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT key, value FROM meta WHERE key LIKE ?", (DISABLED_SINK_PREFIX + "%",)
+            ).fetchall()
         return {str(k).removeprefix(DISABLED_SINK_PREFIX): str(v) for k, v in rows}
 
     async def disable_sink(self, sink: str, fingerprint: str) -> int:
         """Remember a disabled sink; its pending deliveries are dropped (returns how many)."""
-        with self._tx():
+        with self._writing(), self._tx():
             self._db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 (DISABLED_SINK_PREFIX + sink, fingerprint),
@@ -451,7 +452,8 @@ class SqliteStore:
 
     async def enable_sink(self, sink: str) -> None:
         """Forget that a sink was disabled (its config changed)."""
-        self._db.execute("DELETE FROM meta WHERE key = ?", (DISABLED_SINK_PREFIX + sink,))
+        with self._writing():
+            self._db.execute("DELETE FROM meta WHERE key = ?", (DISABLED_SINK_PREFIX + sink,))
 
     def outbox_stats(self) -> tuple[int, float | None]:
         """Pending deliveries and the age in seconds of the oldest."""
