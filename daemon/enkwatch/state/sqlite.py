@@ -67,11 +67,18 @@ _REFUSED_WRITE: Final = frozenset({5, 6, 8, 10, 13, 14})
 _PRUNED_KEY: Final = "journal_pruned"
 _INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
 # the oldest pending row of each task of a sink (its queue's head), soonest due first: heads
-# waiting for a retry never hide a due one behind the limit
+# waiting for a retry never hide a due one behind the limit. The tasks are stepped through on
+# the index `outbox_heads` (one seek per task), so the cost does not grow with the backlog of
+# a sink whose receiver was down (a GROUP BY read every pending row, on the event loop)
 _OUTBOX_HEADS: Final = (
+    "WITH RECURSIVE keys(k) AS ("
+    "SELECT (SELECT MIN(task_key) FROM outbox WHERE sink = ?1 AND state = 'pending') "
+    "UNION ALL SELECT (SELECT MIN(task_key) FROM outbox "
+    "WHERE sink = ?1 AND state = 'pending' AND task_key > k) FROM keys WHERE k IS NOT NULL) "
     "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
-    "WHERE id IN (SELECT MIN(id) FROM outbox WHERE sink = ?1 AND state = 'pending' "
-    "GROUP BY task_key) ORDER BY next_attempt_at, id LIMIT ?2"
+    "WHERE id IN (SELECT (SELECT MIN(id) FROM outbox "
+    "WHERE sink = ?1 AND state = 'pending' AND task_key = k) FROM keys WHERE k IS NOT NULL) "
+    "ORDER BY next_attempt_at, id LIMIT ?2"
 )
 # delivered rows deleted by one statement each (under SQLite's oldest bound on parameters)
 _DELETE_CHUNK: Final = 500
@@ -113,6 +120,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     state TEXT NOT NULL DEFAULT 'pending'
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (sink, task_key, id) WHERE state = 'pending';
 """
 # columns added after schema 1 was released: a file of an older enkwatch gets them (NULL)
 _ADDED_COLUMNS = (("status_since", "REAL"), ("stalled_status", "TEXT"))
