@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
 from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
 from enkwatch.sinks import Outbox
+from enkwatch.state import postgres
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
@@ -191,3 +193,48 @@ async def test_reading_the_heads_does_not_grow_with_the_backlog() -> None:
     """A sink whose receiver was down has a long backlog, read again on every event while
     it retries: SQLite runs on the event loop, so that read must not scan the backlog."""
     assert await heads_read_cost(20_000) < 2 * await heads_read_cost(200) + 10
+
+
+def rows_processed(plan: Any) -> int:
+    """The rows every node of an EXPLAIN ANALYZE plan produced, over all its loops."""
+    node = plan[0]["Plan"] if isinstance(plan, list) else plan
+    own = int(node.get("Actual Rows", 0) * node.get("Actual Loops", 1))
+    return own + sum(rows_processed(child) for child in node.get("Plans", []))
+
+
+async def pg_heads_read_cost(store: PgStore, backlog: int) -> int:
+    """Rows the plan of one read of the queue heads of 2 tasks goes through, with a backlog."""
+    now = SystemClock().now().timestamp()
+    async with store.pool.acquire() as conn:
+        await conn.execute("DELETE FROM enkwatch_outbox")
+        for key in ("t0", "t1"):
+            await conn.execute(
+                "INSERT INTO enkwatch_outbox (sink, task_key, partition, body, created_at, "
+                "next_attempt_at) SELECT 'test', $1, $2, '{}', $3, $3 "
+                "FROM generate_series(1, $4)",
+                key,
+                store.leases.partition(key),
+                now,
+                backlog // 2,
+            )
+        await conn.execute("ANALYZE enkwatch_outbox")
+        plan = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {postgres.OUTBOX_HEADS}",
+            "test",
+            store.leases.fresh_partitions(),
+            1000,
+        )
+    assert len(await store.outbox_heads("test", 1000)) == 2
+    return rows_processed(json.loads(plan))
+
+
+@needs_pg
+async def test_reading_the_heads_does_not_grow_with_the_backlog_on_postgresql(dsn: str) -> None:
+    store = PgStore(dsn, "a", SystemClock(), lease_s=15.0)
+    await store.open()
+    try:
+        await store.leases.balance()
+        small = await pg_heads_read_cost(store, 200)
+        assert await pg_heads_read_cost(store, 20_000) < 2 * small + 10
+    finally:
+        await store.close()

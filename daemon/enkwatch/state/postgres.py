@@ -130,11 +130,29 @@ CREATE TABLE IF NOT EXISTS enkwatch_outbox (
 );
 CREATE INDEX IF NOT EXISTS enkwatch_outbox_pending
     ON enkwatch_outbox (sink, partition, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS enkwatch_outbox_heads
+    ON enkwatch_outbox (sink, task_key, id) WHERE state = 'pending';
 """
 
 _TASK_COLUMNS: Final = ", ".join((*TASK_FIELDS, "spec"))
 _N_TASK: Final = len(TASK_FIELDS)
 # a new task's row: every field, its partition, its spec
+# the oldest pending row of each task of a sink in the partitions given, soonest due first.
+# The tasks are stepped through on the index enkwatch_outbox_heads (one seek per task), so the
+# cost does not grow with the backlog of a sink whose receiver was down (a GROUP BY read every
+# pending row, again on every event while the sink retries)
+OUTBOX_HEADS: Final = (
+    "WITH RECURSIVE keys(k) AS ((SELECT task_key FROM enkwatch_outbox "
+    "WHERE sink = $1 AND state = 'pending' ORDER BY task_key LIMIT 1) "
+    "UNION ALL SELECT (SELECT task_key FROM enkwatch_outbox "
+    "WHERE sink = $1 AND state = 'pending' AND task_key > keys.k ORDER BY task_key LIMIT 1) "
+    "FROM keys WHERE keys.k IS NOT NULL) "
+    "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
+    "FROM enkwatch_outbox WHERE id IN (SELECT (SELECT min(id) FROM enkwatch_outbox "
+    "WHERE sink = $1 AND state = 'pending' AND task_key = keys.k "
+    "AND partition = ANY($2::int[])) FROM keys WHERE keys.k IS NOT NULL) "
+    "ORDER BY next_attempt_at, id LIMIT $3"
+)
 _INSERT_TASK: Final = (
     f"INSERT INTO enkwatch_tasks ({_TASK_COLUMNS}, partition) VALUES "
     f"({', '.join(f'${i}' for i in range(1, _N_TASK + 1))}, ${_N_TASK + 1}::jsonb, "
@@ -608,15 +626,7 @@ class PgStore:
         if not parts:
             return []
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
-                "FROM enkwatch_outbox WHERE id IN (SELECT min(id) FROM enkwatch_outbox "
-                "WHERE sink = $1 AND state = 'pending' AND partition = ANY($2::int[]) "
-                "GROUP BY task_key) ORDER BY next_attempt_at, id LIMIT $3",
-                sink,
-                parts,
-                limit,
-            )
+            rows = await conn.fetch(OUTBOX_HEADS, sink, parts, limit)
         return [_outbox_row(r) for r in rows]
 
     async def delivery_done(self, row_id: int) -> None:
