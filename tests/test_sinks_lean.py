@@ -185,8 +185,9 @@ async def test_a_410_does_not_count_what_the_same_round_delivered_as_dropped(
         event = json.loads(await request.read())
         if event["task_key"] == "a":
             return web.Response(status=204)
-        assert outbox is not None
-        await until(lambda: bool(outbox._finished.get("test")), "a's delivery to be done")
+        box = outbox
+        assert box is not None
+        await until(lambda: bool(box._finished.get("test")), "a's delivery to be done")
         return web.Response(status=410)
 
     app = web.Application()
