@@ -163,11 +163,23 @@ class Cluster:
         )
 
     async def stop_all(self) -> list[int]:
+        """SIGTERM to every replica, once the running ones have delivered the outbox.
+
+        A SIGTERM does not wait for the outbox (what is left is delivered on the next start),
+        so the deliveries are awaited while the replicas still run.
+        """
+        await self.wait_delivered()
         codes = [await r.stop() for r in self.replicas]
         for replica in self.replicas:
             assert replica.run is not None
             assert "Traceback" not in replica.run.stderr, replica.run.stderr
         return codes
+
+    async def wait_delivered(self) -> None:
+        await self.wait_until(
+            "SELECT count(*) AS n FROM enkwatch_outbox WHERE state = 'pending'",
+            lambda r: r[0]["n"] == 0,
+        )
 
     def stdout_events(self) -> list[dict[str, Any]]:
         events = []
@@ -216,12 +228,11 @@ class Cluster:
             event_id = f"{row['task_key']}:{row['seq']}"
             assert event_id in printed, f"{event_id} was committed but never written"
             assert printed[event_id] == json.loads(row["body"])
-        # the webhook outbox is delivered (at least once each)
-        await self.wait_until(
-            "SELECT count(*) AS n FROM enkwatch_outbox WHERE state = 'pending'",
-            lambda r: r[0]["n"] == 0,
-            within_s=30,
+        # the webhook outbox was delivered (at least once each) before the replicas stopped
+        pending = await self.query(
+            "SELECT count(*) AS n FROM enkwatch_outbox WHERE state = 'pending'"
         )
+        assert pending[0]["n"] == 0
         delivered = {b["event_id"] for b in receiver.bodies}
         transitions = {f"{r['task_key']}:{r['seq']}" for r in rows if r["status"] is not None}
         assert transitions <= delivered
