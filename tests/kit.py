@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import pty
+import random
 import re
 import signal
 import socket
@@ -91,12 +92,39 @@ async def until(
         await asyncio.sleep(every)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's ephemeral ports (outgoing connections, bind to 0) start."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A port nothing listens on, for a process started later to bind.
+
+    Taken below the kernel's ephemeral range: a port bound to 0 and released could be
+    given meanwhile to any outgoing connection on the machine (the suite makes thousands)
+    as its source port, and the daemon's bind then fails. Never the same port twice in one
+    session, so two tests running at once do not pick one port either.
+    """
+    high = min(_ephemeral_low(), 32768)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(high // 2, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 # -- the simulated API -----------------------------------------------------------------------
