@@ -11,8 +11,9 @@ killed: 0 events duplicated, missing or out of order; ~0.01 database commits per
   after its last successful renewal, by its own monotonic clock, whatever the database
   says: a replica frozen (SIGSTOP, a long GC, a paused VM) past its lease finds on waking
   that its window has passed, before it sends anything.
-* Polls run in memory. Only an event touches the database: one transaction that takes a
-  `FOR SHARE` lock on the partition's lease row checked against our epoch (a claimer's
+* Polls run in memory. Only an event touches the database: a transaction (shared by the
+  events of polls that end close together: `pgcommit.py`) that takes a `FOR SHARE` lock
+  on the partition's lease row checked against our epoch (a claimer's
   `FOR UPDATE SKIP LOCKED` cannot take it meanwhile), compare-and-sets the task's `seq`,
   inserts the event and its webhook deliveries. Zero rows = fenced or a lost race: nothing
   is emitted and the task is dropped here.
@@ -37,18 +38,16 @@ import orjson
 
 from enkwatch.clock import Clock
 from enkwatch.errors import LeaseLost, StateUnavailable
-from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
+from enkwatch.models import TASK_POLL_FAILED
 from enkwatch.state.base import (
     DISABLED_SINK_PREFIX,
     RESET_FIELDS,
-    STATE_FIELDS,
     TASK_FIELDS,
     JournaledEvent,
     OutboxRow,
     StateError,
     TaskRecord,
     record_from_row,
-    state_values,
     task_values,
 )
 from enkwatch.state.leases import (
@@ -59,6 +58,7 @@ from enkwatch.state.leases import (
     describe_db_error,
     guarded,
 )
+from enkwatch.state.pgcommit import COMMIT_DELAY_S, GroupCommit, Staged, status_of
 
 NOTIFY_CHANNEL: Final = "enkwatch_tasks"
 # confirmations of written events are committed together, at the latest this much later
@@ -158,12 +158,6 @@ _INSERT_TASK: Final = (
     f"({', '.join(f'${i}' for i in range(1, _N_TASK + 1))}, ${_N_TASK + 1}::jsonb, "
     f"${_N_TASK + 2}) ON CONFLICT (task_key) DO NOTHING RETURNING task_key"
 )
-# an event's state change, compare-and-set on seq: $1 = task_key, then STATE_FIELDS, then seq-1
-_UPDATE_STATE: Final = (
-    "UPDATE enkwatch_tasks SET "
-    + ", ".join(f"{c} = ${i}" for i, c in enumerate(STATE_FIELDS, start=2))
-    + f" WHERE task_key = $1 AND seq = ${len(STATE_FIELDS) + 2} RETURNING seq"
-)
 
 
 def _record(row: Mapping[str, Any]) -> TaskRecord:
@@ -190,6 +184,7 @@ class PgStore:
         partitions: int = PARTITIONS,
         lease_s: float = LEASE_S,
         on_takeover: Callable[[float], None] | None = None,
+        commit_delay_s: float = COMMIT_DELAY_S,
     ) -> None:
         self.url = url
         self.replica_id = replica_id
@@ -206,6 +201,7 @@ class PgStore:
         # journal keeps only what replay needs of them; transitions stay as the history)
         self._transient: set[tuple[str, int]] = set()
         self._flushes: set[asyncio.Task[None]] = set()
+        self._group = GroupCommit(self, clock, commit_delay_s)
         # counters for metrics
         self.fenced = 0
         self.conflicts = 0
@@ -248,6 +244,8 @@ class PgStore:
 
     async def close(self) -> None:
         self._closing = True
+        if self._pool is not None:
+            await self._group.close()  # events of polls cut short at shutdown still commit
         if self._confirm_job is not None:
             self._confirm_job.cancel()
             self._confirm_job = None
@@ -335,7 +333,7 @@ class PgStore:
                     e.task_key,
                     e.seq,
                     part(e.task_key),
-                    _status_of(e.body),
+                    status_of(e.body),
                     orjson.dumps(e.body).decode(),
                     replica,
                 )
@@ -449,40 +447,13 @@ class PgStore:
         if lease is None:
             self.fenced += 1
             raise LeaseLost(record.task_key, "this replica does not hold the partition")
-        body = orjson.dumps(dict(event))
-        async with self.pool.acquire() as conn, conn.transaction():
-            held = await conn.fetchval(
-                "SELECT epoch FROM enkwatch_partition_lease WHERE partition = $1 AND owner = $2 "
-                "AND epoch = $3 AND expires_at > now() FOR SHARE",
-                p,
-                self.replica_id,
-                lease.epoch,
-            )
-            if held is None:
-                self.fenced += 1
-                raise LeaseLost(record.task_key, "the partition's lease was lost (fenced)")
-            updated = await conn.fetchval(
-                _UPDATE_STATE, record.task_key, *state_values(record), record.seq - 1
-            )
-            if updated is None:
-                self.conflicts += 1
-                raise LeaseLost(record.task_key, "another writer moved the task's seq (lost race)")
-            await conn.execute(
-                "INSERT INTO enkwatch_events (task_key, seq, partition, status, body, replica, "
-                "epoch) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                record.task_key,
-                record.seq,
-                p,
-                _status_of(event),
-                body.decode(),
-                self.replica_id,
-                lease.epoch,
-            )
-            if sinks:
-                await self._enqueue(conn, sinks, record.task_key, p, body)
-        self.commits += 1
+        body = orjson.dumps(event if type(event) is dict else dict(event)).decode()
+        await self._group.record(Staged(record, event, body, p, lease.epoch, sinks))
+
+    def committed(self, task_key: str, seq: int, event: Mapping[str, Any]) -> None:
+        """An event of ours was committed (the group commit's report)."""
         if _is_transient(event):
-            self._transient.add((record.task_key, record.seq))
+            self._transient.add((task_key, seq))
 
     async def mark_written(self, task_key: str, seq: int) -> None:
         self.confirm_written(task_key, seq)
@@ -501,10 +472,12 @@ class PgStore:
             )
 
     def commit_now(self) -> None:
-        """Each event commits its own transaction here: no window to cut short."""
+        """Shutdown: no more commit window (the open batch commits at the end of this turn)."""
+        self._group.commit_now()
 
     def concurrent_writers(self, count: int) -> None:
-        """Each event commits its own transaction here: no batch to size."""
+        """Batches commit at once when they hold half the polls that may run."""
+        self._group.concurrent_writers(count)
 
     def _spawn_flush(self) -> None:
         self._confirm_job = None
@@ -733,8 +706,3 @@ async def _prune_once(conn: asyncpg.Connection) -> None:
         TASK_POLL_FAILED,
     )
     await conn.execute("INSERT INTO enkwatch_meta (key, value) VALUES ($1, '1')", _PRUNED_KEY)
-
-
-def _status_of(event: Mapping[str, Any]) -> str | None:
-    """The status column of a journaled event: a transition's new status."""
-    return event.get("status") if event.get("event") == TASK_TRANSITION else None
