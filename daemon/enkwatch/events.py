@@ -82,7 +82,8 @@ def rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a `Z`."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    # "+00:00" -> "Z" (no naive copy of the moment made first)
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
