@@ -25,6 +25,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -62,6 +63,44 @@ _PEAK_RSS_WRAPPER = (
     " file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
+
+
+# -- the SQLite journal ----------------------------------------------------------------------
+
+
+# the SQLite state as enkwatch wrote it before the journal's watermark (schema 1)
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO meta VALUES ('journal_pruned', '1');
+CREATE TABLE tasks (
+    task_key TEXT PRIMARY KEY, task_id TEXT, dataset TEXT, last_status TEXT,
+    last_unknown_status TEXT, seen_dataset TEXT, seen_task_id TEXT,
+    seq INTEGER NOT NULL DEFAULT 0, watch_started_at REAL NOT NULL,
+    polls INTEGER NOT NULL DEFAULT 0, outcome TEXT, spec TEXT, status_since REAL,
+    stalled_status TEXT
+);
+CREATE TABLE events (
+    task_key TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (task_key, seq)
+);
+CREATE INDEX events_unwritten ON events (written) WHERE written = 0;
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, task_key TEXT NOT NULL,
+    body BLOB NOT NULL, created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending'
+);
+"""
+
+
+def journal_written(db: sqlite3.Connection, order: str = "id") -> list[tuple[str, int, int]]:
+    """(task_key, seq, written) of every journaled event of a SQLite state, by `order`: written
+    is 1 for a row at or below the watermark that is not a straggler (what is committed)."""
+    return db.execute(
+        "SELECT task_key, seq, CASE WHEN id > (SELECT CAST(value AS INTEGER) FROM meta "
+        "WHERE key = 'events_written_through') OR id IN (SELECT id FROM events_stragglers) "
+        f"THEN 0 ELSE 1 END FROM events ORDER BY {order}"
+    ).fetchall()
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from enkwatch.events import EventWriter
 from enkwatch.kinds import DATASET
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import COMMIT_BATCH_MAX, SqliteStore
-from tests.kit import until
+from tests.kit import journal_written, until
 
 # longer than any test: a batch that waits for its window is never committed by it here
 NEVER_S = 3600.0
@@ -157,8 +157,7 @@ async def test_confirmations_ride_with_a_staged_batch_instead_of_a_commit_of_the
         await waiting
     assert len(commits) == 2  # the batch took the confirmation along
     assert store._confirmations == [("b", 1)]
-    written = store._db.execute("SELECT task_key, seq, written FROM events ORDER BY task_key")
-    assert written.fetchall() == [("a", 1, 1), ("b", 1, 0)]
+    assert journal_written(store._db, "task_key") == [("a", 1, 1), ("b", 1, 0)]
     await store.close()
 
 
@@ -182,7 +181,7 @@ async def test_confirmations_of_a_failed_batch_are_committed_on_their_own_later(
     tasks = [Task("a"), Task("b")]
     store, _ = await open_store(tasks)
     store.commit_delay_s = 0.0
-    store._db.execute("INSERT INTO events (task_key, seq, body) VALUES ('b', 1, '{}')")
+    store._db.execute("UPDATE tasks SET seq = 1 WHERE task_key = 'b'")  # b:1 was journaled
     writer = EventWriter(SystemClock(), store)
     with capture_logs() as logs:
         await transition(writer, tasks[0])
@@ -191,6 +190,5 @@ async def test_confirmations_of_a_failed_batch_are_committed_on_their_own_later(
             await transition(writer, tasks[1])
     assert [e["event_id"] for e in logs] == ["a:1"]
     await until(lambda: store._confirmations == [], "the confirmation committed alone")
-    row = store._db.execute("SELECT written FROM events WHERE task_key = 'a'").fetchone()
-    assert row == (1,)
+    assert journal_written(store._db) == [("a", 1, 1)]
     await store.close()

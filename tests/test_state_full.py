@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,16 @@ from enkwatch.models import TASK_POLL_FAILED, TASK_TRANSITION
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 from enkwatch.watch import DONE, Poller, TaskWatch
-from tests.kit import events_named, make_config, running, sim_task, simulator, until
+from tests.kit import (
+    SCHEMA_1,
+    events_named,
+    journal_written,
+    make_config,
+    running,
+    sim_task,
+    simulator,
+    until,
+)
 from tests.test_watch import SECRET, TASK_ID, ok
 
 KEY = "task-full"
@@ -137,8 +147,7 @@ async def test_written_poll_failures_leave_the_journal(store: SqliteStore) -> No
     seq += 1
     await store.record_event(record(seq), event(seq, TASK_POLL_FAILED))
     store._flush_confirmations()
-    rows = store._db.execute("SELECT seq, written FROM events ORDER BY seq").fetchall()
-    assert rows == [(6, 1), (7, 0)]
+    assert journal_written(store._db) == [(KEY, 6, 1), (KEY, 7, 0)]
     (replayed,) = await store.unwritten_events()
     assert replayed.seq == 7
     await store.mark_written(KEY, 7)
@@ -148,15 +157,16 @@ async def test_written_poll_failures_leave_the_journal(store: SqliteStore) -> No
 
 async def test_poll_failures_of_earlier_versions_are_pruned_once(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    old = SqliteStore(str(path))
-    await old.add_task(record())
-    old._db.execute("DELETE FROM meta WHERE key = 'journal_pruned'")  # as an old version left it
-    for seq, name in enumerate([TASK_POLL_FAILED, TASK_TRANSITION, TASK_POLL_FAILED], start=1):
-        old._db.execute(
-            "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 1)",
-            (KEY, seq, f'{{"event":"{name}","seq":{seq}}}'),
-        )
-    await old.close()
+    with closing(sqlite3.connect(path)) as old:
+        old.executescript(SCHEMA_1)
+        old.execute("DELETE FROM meta WHERE key = 'journal_pruned'")  # as an old version left it
+        old.execute("INSERT INTO tasks (task_key, seq, watch_started_at) VALUES (?, 3, 1)", (KEY,))
+        for seq, name in enumerate([TASK_POLL_FAILED, TASK_TRANSITION, TASK_POLL_FAILED], start=1):
+            old.execute(
+                "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 1)",
+                (KEY, seq, f'{{"event":"{name}","seq":{seq}}}'),
+            )
+        old.commit()
     reopened = SqliteStore(str(path))
     assert [e["seq"] for e in reopened.events(KEY)] == [2]
     await reopened.close()

@@ -61,7 +61,7 @@ def test_tables_are_created(store: SqliteStore, db_path: Path) -> None:
     with closing(raw_connect(db_path)) as db:
         names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert {"meta", "tasks", "events", "events_unwritten"} <= names
+    assert {"meta", "tasks", "events", "events_stragglers"} <= names
     assert version == (str(SCHEMA_VERSION),)
 
 

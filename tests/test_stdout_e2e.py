@@ -19,7 +19,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.kit import CLOSED, Spawn, finish, free_port, until
+from tests.kit import CLOSED, Spawn, finish, free_port, journal_written, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -164,7 +164,7 @@ async def test_a_stalled_reader_is_visible_sigterm_still_stops_and_nothing_is_lo
     assert second.rc == 0, second.stderr
     shown = set(first) | set(event_ids(second.stdout.encode()))
     with sqlite3.connect(tmp_path / "state.db") as db:
-        journal = db.execute("SELECT task_key, seq, written FROM events").fetchall()
+        journal = journal_written(db)
     assert journal
     assert all(written == 1 for _, _, written in journal)
     missing = {f"{key}:{seq}" for key, seq, _ in journal} - shown

@@ -13,6 +13,11 @@ reports when it became unwritable and when a write worked again (`on_availabilit
 The journal is bounded: a `task.poll_failed` row is deleted once its writing is confirmed
 (replay after a crash needs only unconfirmed rows; webhook deliveries carry their own
 body). Transitions, unknown statuses and give-ups stay: they are the task's history.
+
+The journal's rows are numbered in the order they were journaled (`events.id`), appended
+at the end of the table, with no index by task: what was written out is a watermark on that
+number (`written.WrittenMark`), not a flag on each row. Schema 1 (a `written` flag, a key
+on (task_key, seq)) is converted once, at the first start of this version.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ from enkwatch.state.base import (
     state_values,
     task_values,
 )
+from enkwatch.state.written import MarkChanges, WrittenMark
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
 # group commit with a commit window (PostgreSQL's commit_delay): while events come often
@@ -63,9 +69,10 @@ CONFIRM_RETRY_S: Final = 1.0
 # SQLite's primary result codes of a write the file system or another program refused
 # (BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN): conditions, not bugs
 _REFUSED_WRITE: Final = frozenset({5, 6, 8, 10, 13, 14})
-# the meta key stamped once the rows of earlier versions were pruned
-_PRUNED_KEY: Final = "journal_pruned"
-_INSERT_EVENT = "INSERT INTO events (task_key, seq, body, written) VALUES (?, ?, ?, 0)"
+_INSERT_EVENT = "INSERT INTO events (id, task_key, seq, body) VALUES (?, ?, ?, ?)"
+# the meta key of the journal's watermark: every row up to this id was written out, but the
+# stragglers (table events_stragglers)
+_THROUGH_KEY: Final = "events_written_through"
 # the oldest pending row of each task of a sink (its queue's head), soonest due first: heads
 # waiting for a retry never hide a due one behind the limit. The tasks are stepped through on
 # the index `outbox_heads` (one seek per task), so the cost does not grow with the backlog of
@@ -83,7 +90,12 @@ _OUTBOX_HEADS: Final = (
 # delivered rows deleted by one statement each (under SQLite's oldest bound on parameters)
 _DELETE_CHUNK: Final = 500
 
-_SCHEMA = """
+# the journal: rows numbered in the order they were journaled, appended at the table's end
+# (no index by task: each would cost a page of its own per event)
+_EVENTS_COLUMNS = (
+    "(id INTEGER PRIMARY KEY, task_key TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL)"
+)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
     task_key TEXT PRIMARY KEY,
@@ -101,14 +113,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     status_since REAL,
     stalled_status TEXT
 );
-CREATE TABLE IF NOT EXISTS events (
-    task_key TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    written INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (task_key, seq)
-);
-CREATE INDEX IF NOT EXISTS events_unwritten ON events (written) WHERE written = 0;
+CREATE TABLE IF NOT EXISTS events {_EVENTS_COLUMNS};
+CREATE TABLE IF NOT EXISTS events_stragglers (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sink TEXT NOT NULL,
@@ -129,7 +135,12 @@ _INSERT_TASK = (
     f"INSERT OR IGNORE INTO tasks ({_TASK_COLUMNS}) "
     f"VALUES ({', '.join('?' * (len(TASK_FIELDS) + 1))})"
 )
-_UPDATE_STATE = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in STATE_FIELDS)} WHERE task_key = ?"
+# a task's new state, if its seq grows (compare-and-set: an event's (task_key, seq) is
+# journaled once; the journal has no key on them)
+_UPDATE_STATE = (
+    f"UPDATE tasks SET {', '.join(f'{c} = ?{i}' for i, c in enumerate(STATE_FIELDS, 1))} "
+    f"WHERE task_key = ?{len(STATE_FIELDS) + 1} AND seq < ?{STATE_FIELDS.index('seq') + 1}"
+)
 
 
 def _spec_text(spec: Mapping[str, Any] | None) -> str | None:
@@ -159,8 +170,6 @@ class SqliteStore:
         self._last_commit = float("-inf")
         # a batch this large is committed without waiting for its window
         self.batch_max = COMMIT_BATCH_MAX
-        # journaled task.poll_failed events not yet confirmed: deleted on confirmation
-        self._transient: set[tuple[str, int]] = set()
         # why writes fail now (None: they work); told to on_availability on each change
         self.trouble: str | None = None
         self.on_availability: Callable[[str | None], None] | None = None
@@ -174,7 +183,7 @@ class SqliteStore:
             # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
             self._db.execute("PRAGMA synchronous = NORMAL")
             # a checkpoint every WAL_CHECKPOINT_PAGES pages instead of SQLite's 1,000: each
-            # event dirties pages of its own (its task's row, the journal's key), and copying
+            # event dirties a page of its own (its task's row), and copying
             # them back ten times less often cost a third of a commit; the WAL file stays
             # under JOURNAL_LIMIT_BYTES
             self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
@@ -183,9 +192,20 @@ class SqliteStore:
             self._add_columns()
             # a table of the same name from another program fails here, before we stamp it
             self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks LIMIT 0")
-            self._db.execute("SELECT task_key, seq, body, written FROM events LIMIT 0")
-            self._check_version()
-            self._prune_once()
+            version = self._stored_version()
+            if version == 1:
+                self._upgrade_journal()
+            self._db.execute("SELECT id, task_key, seq, body FROM events LIMIT 0")
+            if version is None:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            # what of the journal was written out, and the next row's id (above every row
+            # and the watermark: a written poll failure's row is gone, its id not reused)
+            self._mark = self._load_mark()
+            top = self._db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+            self._next_id = max(top or 0, self._mark.through) + 1
         except sqlite3.DatabaseError as err:
             raise StateError(f"{path}: cannot open the state database: {err}") from None
 
@@ -200,33 +220,64 @@ class SqliteStore:
             if name not in have:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
-    def _check_version(self) -> None:
+    def _stored_version(self) -> int | None:
+        """The file's schema version (None: a new file); refuses a newer or a foreign one."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
-            self._db.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif not str(row[0]).isdigit():
+            return None
+        if not str(row[0]).isdigit():
             raise StateError(f"{self.path}: not an enkwatch state database (schema {row[0]!r})")
-        elif int(row[0]) > SCHEMA_VERSION:
+        if int(row[0]) > SCHEMA_VERSION:
             raise StateError(
                 f"{self.path}: written by a newer enkwatch (schema {row[0]}, "
                 f"this one knows {SCHEMA_VERSION})"
             )
+        return int(row[0])
 
-    def _prune_once(self) -> None:
-        """Delete the confirmed task.poll_failed rows an earlier version kept (one scan, once)."""
-        if self._db.execute("SELECT 1 FROM meta WHERE key = ?", (_PRUNED_KEY,)).fetchone():
-            return
-        try:
-            with self._tx():
-                self._db.execute(
-                    "DELETE FROM events WHERE written = 1 AND json_extract(body, '$.event') = ?",
-                    (TASK_POLL_FAILED,),
+    def _upgrade_journal(self) -> None:
+        """Schema 1 -> 2, in one transaction: the journal's rows keep their order (rowid)
+        as their id; the unwritten ones become stragglers of a watermark on the last row;
+        written poll failures (kept by versions before they were deleted) go."""
+        db = self._db
+        with self._tx():
+            if "written" not in {row[1] for row in db.execute("PRAGMA table_info(events)")}:
+                db.execute(  # it had no journal: ours was just made
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
                 )
-                self._db.execute("INSERT INTO meta (key, value) VALUES (?, '1')", (_PRUNED_KEY,))
-        except sqlite3.OperationalError:
-            return  # the disk is full: the next start prunes them
+                return
+            db.execute(
+                "DELETE FROM events WHERE written = 1 AND json_extract(body, '$.event') = ?",
+                (TASK_POLL_FAILED,),
+            )
+            db.execute(f"CREATE TABLE events_v2 {_EVENTS_COLUMNS}")
+            db.execute(
+                "INSERT INTO events_v2 (id, task_key, seq, body) "
+                "SELECT rowid, task_key, seq, body FROM events ORDER BY rowid"
+            )
+            db.execute(
+                "INSERT INTO events_stragglers (id) SELECT rowid FROM events WHERE written = 0"
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) "
+                "VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM events_v2))",
+                (_THROUGH_KEY,),
+            )
+            db.execute("DROP TABLE events")  # with its indexes
+            db.execute("ALTER TABLE events_v2 RENAME TO events")
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+
+    def _load_mark(self) -> WrittenMark:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_THROUGH_KEY,)).fetchone()
+        through = int(row[0]) if row is not None else 0
+        above = self._db.execute(
+            "SELECT id, task_key, seq FROM events WHERE id > ? ORDER BY id", (through,)
+        ).fetchall()
+        stragglers = self._db.execute(
+            "SELECT e.id, e.task_key, e.seq FROM events_stragglers s JOIN events e ON e.id = s.id"
+        ).fetchall()
+        return WrittenMark(through, above, stragglers)
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
@@ -313,11 +364,13 @@ class SqliteStore:
         key = record.task_key
         batch.states.append((*state_values(record), key))
         body = event if type(event) is dict else dict(event)
-        batch.events.append((key, record.seq, orjson.dumps(body).decode()))
+        row_id = self._next_id
+        self._next_id = row_id + 1
+        batch.events.append((row_id, key, record.seq, orjson.dumps(body).decode()))
         if sinks:
             batch.outbox.append((sinks, key, event))
         if _is_transient(event):
-            batch.transient.append((key, record.seq))
+            batch.transient.append(row_id)
         return batch.done
 
     def _open_batch(self) -> _Batch:
@@ -355,12 +408,15 @@ class SqliteStore:
         with contextlib.suppress(RuntimeError):  # no running loop: close() after the loop
             self._last_commit = asyncio.get_running_loop().time()
         confirming = self._confirmations
+        changes = None
         try:
             # refused (disk full...): StateNotWritten for every caller, nothing committed
             with self._writing(), self._tx():
                 if confirming:
-                    self._confirm_pending(confirming)  # earlier confirmations ride along
-                self._db.executemany(_UPDATE_STATE, batch.states)
+                    changes = self._confirm_pending(confirming)  # earlier ones ride along
+                updated = self._db.executemany(_UPDATE_STATE, batch.states).rowcount
+                if updated != len(batch.states):
+                    self._refuse_clash(batch.states, updated)
                 self._db.executemany(_INSERT_EVENT, batch.events)
                 for sinks, key, event in batch.outbox:
                     self._enqueue(sinks, key, event)
@@ -376,11 +432,22 @@ class SqliteStore:
                         CONFIRM_RETRY_S, self._flush_confirmations
                     )
             return
-        if confirming:
-            self._confirmed(confirming)
-        self._transient.update(batch.transient)
+        if changes is not None:
+            self._confirmed(changes)
+        self._mark.committed(((e[0], e[1], e[2]) for e in batch.events), batch.transient)
         if not batch.done.done():
             batch.done.set_result(None)
+
+    def _refuse_clash(self, states: list[tuple[Any, ...]], updated: int) -> None:
+        """Fewer task rows changed than events staged: unless the missing ones are tasks
+        without a row, an event's seq did not grow (journaled already): the batch fails."""
+        known = sum(
+            1
+            for state in states
+            if self._db.execute("SELECT 1 FROM tasks WHERE task_key = ?", (state[-1],)).fetchone()
+        )
+        if updated < known:
+            raise sqlite3.IntegrityError("an event's seq was journaled already for its task")
 
     async def enqueue(self, sinks: Sequence[str], event: Mapping[str, Any]) -> None:
         """Queue webhook deliveries of an event that is not about a task."""
@@ -508,39 +575,65 @@ class SqliteStore:
             return  # a group commit is staged: they ride with it (or are retried after it)
         try:
             with self._writing(), self._tx():
-                self._confirm_pending(batch)
+                changes = self._confirm_pending(batch)
         except StateNotWritten:
             # kept: tried again later or with the next event (a kill meanwhile replays them)
             if retry:
                 loop = asyncio.get_running_loop()
                 self._confirm_timer = loop.call_later(CONFIRM_RETRY_S, self._flush_confirmations)
             return
-        self._confirmed(batch)
+        self._confirmed(changes)
 
-    def _confirm_pending(self, batch: list[tuple[str, int]]) -> None:
-        """Inside a transaction: written events are marked, written poll failures deleted."""
-        transient = self._transient
-        drop = [c for c in batch if c in transient] if transient else []
-        if drop:
-            self._db.executemany("DELETE FROM events WHERE task_key = ? AND seq = ?", drop)
-            batch = [c for c in batch if c not in transient]
-        self._db.executemany("UPDATE events SET written = 1 WHERE task_key = ? AND seq = ?", batch)
+    def _confirm_pending(self, batch: list[tuple[str, int]]) -> MarkChanges:
+        """Inside a transaction: the watermark moves over the written events (and their
+        stragglers are stored or dropped), written poll failures are deleted."""
+        mark = self._mark
+        for task_key, seq in batch:
+            mark.confirm(task_key, seq)
+        changes = mark.changes()
+        db = self._db
+        if changes.delete_rows:
+            db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in changes.delete_rows])
+        if changes.add:
+            db.executemany(
+                "INSERT OR IGNORE INTO events_stragglers (id) VALUES (?)",
+                [(i,) for i in changes.add],
+            )
+        if changes.drop:
+            db.executemany(
+                "DELETE FROM events_stragglers WHERE id = ?", [(i,) for i in changes.drop]
+            )
+        if changes.through is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_THROUGH_KEY, str(changes.through)),
+            )
+        return changes
 
-    def _confirmed(self, batch: list[tuple[str, int]]) -> None:
+    def _confirmed(self, changes: MarkChanges) -> None:
         """After the commit: these confirmations are done."""
-        if self._transient:
-            self._transient.difference_update(batch)
-        self._confirmations = []  # `batch` was the whole list (no await in between)
+        self._mark.saved(changes)
+        self._confirmations = []  # the whole list was confirmed (no await in between)
 
     async def unwritten_events(self) -> list[JournaledEvent]:
         self._flush_confirmations(retry=False)
+        mark = self._mark
         with self._reading():
             rows = self._db.execute(
-                "SELECT task_key, seq, body FROM events WHERE written = 0 ORDER BY rowid"
+                "SELECT id, task_key, seq, body FROM events WHERE id > ? ORDER BY id",
+                (mark.through,),
             ).fetchall()
-        out = [JournaledEvent(r[0], r[1], orjson.loads(r[2])) for r in rows]
-        self._transient.update((e.task_key, e.seq) for e in out if _is_transient(e.body))
-        return out
+            for straggler in sorted(mark.stragglers):
+                rows.extend(
+                    self._db.execute(
+                        "SELECT id, task_key, seq, body FROM events WHERE id = ?", (straggler,)
+                    )
+                )
+        rows.sort(key=lambda r: int(r[0]))
+        keep = set(mark.unconfirmed(r[0] for r in rows))
+        out = [(r[0], JournaledEvent(r[1], r[2], orjson.loads(r[3]))) for r in rows if r[0] in keep]
+        mark.transient(row_id for row_id, e in out if _is_transient(e.body))
+        return [e for _, e in out]
 
     def journal(self) -> list[JournaledEvent]:
         """Every journaled event, by task and seq (what `migrate` copies)."""
@@ -614,9 +707,11 @@ class _Batch:
         # the commit window's timer (None: committed at the end of a turn)
         self.timer: asyncio.TimerHandle | None = None
         self.states: list[tuple[Any, ...]] = []
-        self.events: list[tuple[str, int, str]] = []
+        # (id, task_key, seq, body)
+        self.events: list[tuple[int, str, int, str]] = []
         self.outbox: list[tuple[Sequence[str], str, Mapping[str, Any]]] = []
-        self.transient: list[tuple[str, int]] = []
+        # the ids of task.poll_failed rows (deleted once written)
+        self.transient: list[int] = []
 
 
 class _Transaction:
