@@ -5,15 +5,21 @@ of tasks waiting for a retry do not hide a due head of another task."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
+from enkwatch.formats import CloudEventsFormat
 from enkwatch.sinks import Outbox
 from enkwatch.state import postgres
+from enkwatch.state.base import TaskRecord
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
@@ -238,3 +244,76 @@ async def test_reading_the_heads_does_not_grow_with_the_backlog_on_postgresql(ds
         assert await pg_heads_read_cost(store, 20_000) < 2 * small + 10
     finally:
         await store.close()
+
+
+# -- the review's leftovers (issue 12) -------------------------------------------------------
+
+
+class EventHooks:
+    """A receiver on 127.0.0.1 that answers each POST by its event's task: `answer(event)`
+    gives the status (and may wait); it counts the tries of each event_id, keeps no body."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], Awaitable[int]]) -> None:
+        self.answer = answer
+        self.tries: dict[str, int] = {}
+        self.arrived: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        event = json.loads(await request.read())
+        event = event.get("data", event)  # a CloudEvents envelope: the event is its data
+        event_id = event["event_id"]
+        self.tries[event_id] = self.tries.get(event_id, 0) + 1
+        self.arrived.append(event_id)
+        return web.Response(status=await self.answer(event))
+
+    async def start(self, aiohttp_server: Any) -> str:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/hook", self.handle)
+        server = await aiohttp_server(app)
+        return str(server.make_url("/hook"))
+
+
+def answering(status: int) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    async def answer(event: dict[str, Any]) -> int:
+        return status
+
+    return answer
+
+
+async def journal_fields(
+    store: SqliteStore, key: str, seq: int, sinks: list[str], **fields: Any
+) -> None:
+    """One transition of task `key` (added on its first event), with these fields."""
+    record = TaskRecord(key, key, None, 0.0)
+    if seq == 1:
+        await store.add_task(record)
+    record.seq = seq
+    body = {"event": "task.transition", "task_key": key, "seq": seq, "event_id": f"{key}:{seq}"}
+    await store.record_event(record, body | fields, sinks)
+
+
+async def test_the_render_cache_is_bounded_by_bytes(aiohttp_server: Any) -> None:
+    """Big events (here 256 KiB each) delivered: what the outbox keeps of them to render
+    them once for every sink stays within a few MiB, not 4,096 of them."""
+    hooks = EventHooks(answering(204))
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    count, big = 48, "x" * (256 * 1024)
+    for i in range(count):
+        await journal_fields(store, f"t{i}", 1, ["test"], reason=big)
+    outbox = Outbox(store, [sink("test", url, format=CloudEventsFormat("enkwatch"))], SystemClock())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await outbox.start()
+        try:
+            assert await outbox.wait_idle(30)
+        finally:
+            await outbox.close()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(hooks.tries) == count
+    # 48 events: 12 MiB of journaled bytes, as much parsed and as much rendered again
+    assert held < 12 * 1024 * 1024, f"{held / 2**20:.1f} MiB held"

@@ -12,7 +12,8 @@ to be woken (a new row, a reload; on PostgreSQL also the lease loop while rows w
 as those of a partition taken over), never on a timer.
 
 An event's rows for several sinks hold the same bytes: it is parsed once, and rendered
-once per format for the sinks that share one (a bounded cache, by body and format).
+once per format for the sinks that share one (caches by body and format, of at most 4,096
+entries and 4 MiB each, so that big events cannot make them hold hundreds of MB).
 
 Every POST carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
 `webhook-signature` with one `v1,<base64>` per active secret) and, for `secret_env`, the
@@ -34,7 +35,7 @@ import hmac
 import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import aiohttp
 import orjson
@@ -68,8 +69,10 @@ RECHECK_S: Final = 5.0
 # a busy sink starts a round at most this often: the rows of several polls go in one round
 # (one read of the heads, one delete), for at most this much more latency
 ROUND_EVERY_S: Final = 0.01
-# events parsed and payloads rendered, remembered for the other sinks of the same event
+# events parsed and payloads rendered, remembered for the other sinks of the same event: at
+# most this many of each, and this many bytes of each (big events, a template's big bodies)
 RENDER_CACHE_MAX: Final = 4096
+RENDER_CACHE_MAX_BYTES: Final = 4 * 1024 * 1024
 USER_AGENT: Final = f"enkwatch/{__version__}"
 # the most of a receiver's answer ever read (decoded); more closes the connection instead
 MAX_ANSWER_READ_BYTES: Final = 1024
@@ -280,10 +283,45 @@ class _Lane:
         return headers
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= RENDER_CACHE_MAX:
-        del cache[next(iter(cache))]  # the oldest: its event went to every sink long ago
-    cache[key] = value
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Cache(Generic[K, V]):
+    """Values remembered by key, the oldest forgotten first: at most RENDER_CACHE_MAX of
+    them and RENDER_CACHE_MAX_BYTES of them, as `size` counts an entry (stored beside it)."""
+
+    __slots__ = ("_size", "bytes", "entries")
+
+    def __init__(self, size: Callable[[K, V], int]) -> None:
+        self.entries: dict[K, tuple[V, int]] = {}
+        self.bytes = 0
+        self._size = size
+
+    def put(self, key: K, value: V) -> None:
+        cost = self._size(key, value)
+        if cost > RENDER_CACHE_MAX_BYTES:
+            return  # bigger than the whole budget: rendered again for each sink instead
+        entries = self.entries
+        while entries and (
+            len(entries) >= RENDER_CACHE_MAX or self.bytes + cost > RENDER_CACHE_MAX_BYTES
+        ):
+            # the oldest: its event went to every sink long ago
+            self.bytes -= entries.pop(next(iter(entries)))[1]
+        entries[key] = (value, cost)
+        self.bytes += cost
+
+
+def _parsed_size(body: bytes, parsed: tuple[dict[str, Any], str] | None) -> int:
+    # the journaled bytes, and the parsed event, whose strings hold about as many
+    return 2 * len(body)
+
+
+def _rendered_size(key: tuple[bytes, Hashable], rendered: Payload | str) -> int:
+    # the journaled bytes, and the payload's (the json format sends those same bytes)
+    if isinstance(rendered, str):  # why the event cannot be rendered
+        return len(key[0]) + len(rendered)
+    return len(key[0]) + (0 if rendered.body is key[0] else len(rendered.body))
 
 
 def encode_event(body: Mapping[str, Any]) -> bytes:
@@ -336,8 +374,8 @@ class Outbox:
         self._finished: dict[str, list[tuple[int, str]]] = {}
         # an event's rows of several sinks hold the same bytes: parsed (and rendered per
         # format) once for all of them
-        self._parsed: dict[bytes, tuple[dict[str, Any], str] | None] = {}
-        self._rendered: dict[tuple[bytes, Hashable], Payload | str] = {}
+        self._parsed: _Cache[bytes, tuple[dict[str, Any], str] | None] = _Cache(_parsed_size)
+        self._rendered: _Cache[tuple[bytes, Hashable], Payload | str] = _Cache(_rendered_size)
 
     def sinks_for(self, event: Mapping[str, Any]) -> list[str]:
         """The ids of the sinks that take this event."""
@@ -543,14 +581,15 @@ class Outbox:
 
     def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
         """The journaled event and its message id (None: not an event), parsed once."""
-        if body in self._parsed:
-            return self._parsed[body]
+        known = self._parsed.entries.get(body)
+        if known is not None:
+            return known[0]
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             event = None
         parsed = (event, message_id(event, body)) if isinstance(event, dict) else None
-        _remember(self._parsed, body, parsed)
+        self._parsed.put(body, parsed)
         return parsed
 
     def _payload(
@@ -560,10 +599,11 @@ class Outbox:
         key = fmt.cache_key
         if key is None:
             return self._render(fmt, event, body, msg_id)
-        rendered = self._rendered.get((body, key))
-        if rendered is None:
-            rendered = self._render(fmt, event, body, msg_id)
-            _remember(self._rendered, (body, key), rendered)
+        known = self._rendered.entries.get((body, key))
+        if known is not None:
+            return known[0]
+        rendered = self._render(fmt, event, body, msg_id)
+        self._rendered.put((body, key), rendered)
         return rendered
 
     @staticmethod
