@@ -317,3 +317,44 @@ async def test_the_render_cache_is_bounded_by_bytes(aiohttp_server: Any) -> None
     assert len(hooks.tries) == count
     # 48 events: 12 MiB of journaled bytes, as much parsed and as much rendered again
     assert held < 12 * 1024 * 1024, f"{held / 2**20:.1f} MiB held"
+
+
+async def test_a_410_does_not_count_a_delivery_in_flight_as_dropped(
+    aiohttp_server: Any,
+) -> None:
+    """b's head is answered 410 while a's is in flight; a's is then answered 204: a:1 was
+    delivered (counted so), only b:1 and a:2 were dropped, and nothing is counted twice."""
+    outbox: Outbox | None = None
+
+    async def answer(event: dict[str, Any]) -> int:
+        if event["task_key"] == "b":
+            return 410
+        box = outbox
+        assert box is not None
+        await until(lambda: "test" in box.disabled, "b's 410 to disable the sink")
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a", "b", "a"], ["test"])
+    dropped: list[int] = []
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [sink("test", url)],
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+        on_disabled=lambda s, status, n: dropped.append(n),
+    )
+    await outbox.start()
+    try:
+        await until(lambda: bool(dropped), "the sink to be disabled")
+        assert await outbox.wait_idle(10)
+    finally:
+        await outbox.close()
+    assert sorted(hooks.arrived) == ["a:1", "b:1"]
+    assert sorted(results) == ["delivered", "disabled"]
+    assert dropped == [2]  # b:1 and a:2; a:1 was delivered
+    assert store.outbox_stats()[0] == 0
+    assert await store.disabled_sinks() == {"test": ""}

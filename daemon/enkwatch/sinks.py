@@ -370,8 +370,10 @@ class Outbox:
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
         self._paused_until: dict[str, float] = {}
         self._lanes: dict[str, _Lane] = {}
-        # per sink, the rows of the round under way that went (deleted at its end)
-        self._finished: dict[str, list[tuple[int, str]]] = {}
+        # per sink, the config a receiver answered 410 Gone to in the round under way: the
+        # sink sends nothing more, and is disabled once that round's deliveries in flight
+        # ended (what went is not counted as dropped)
+        self._gone: dict[str, Sink] = {}
         # an event's rows of several sinks hold the same bytes: parsed (and rendered per
         # format) once for all of them
         self._parsed: _Cache[bytes, tuple[dict[str, Any], str] | None] = _Cache(_parsed_size)
@@ -433,11 +435,13 @@ class Outbox:
             if worker is not None:
                 worker.cancel()  # a POST under way is cut: its row stays pending
             self.disabled.discard(sink_id)
+            self._gone.pop(sink_id, None)
             self.idle.pop(sink_id, None)
             self._wake.pop(sink_id, None)
         changed = [s for s in self.sinks if s.id in old and old[s.id].fingerprint != s.fingerprint]
         for sink in changed:
             self._paused_until.pop(sink.id, None)
+            self._gone.pop(sink.id, None)  # a 410 to the old config: the new one is tried
             if sink.id in self.disabled:
                 self.disabled.discard(sink.id)
                 with contextlib.suppress(StateUnavailable):
@@ -523,6 +527,9 @@ class Outbox:
             await self._sleep_or_wake(wake, min(RECHECK_S, max(0.01, soonest - now)))
         idle.set()
 
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
     def _lane(self, sink: Sink) -> _Lane:
         lane = self._lanes.get(sink.id)
         if lane is None or lane.sink is not sink:  # new, or its config was reloaded
@@ -540,13 +547,16 @@ class Outbox:
         """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
         (or filtered out) with one statement: a task's next row is read only after that.
         False when the state refused a write (those rows stay pending)."""
-        done = self._finished[lane.sink.id] = []
+        done: list[tuple[int, str]] = []
         rows = iter(due)
         refused = False
+        sink_id = lane.sink.id
 
         async def sender() -> None:
             nonlocal refused
             for row in rows:
+                if sink_id in self.disabled or self._paused_until.get(sink_id, 0.0) > self._now():
+                    return  # another delivery was told to stop or slow down: the rest wait
                 try:
                     outcome = await self._deliver(lane, row)
                 except StateUnavailable:
@@ -560,9 +570,24 @@ class Outbox:
             await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
         finally:
             # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
-            self._finished.pop(lane.sink.id, None)
             deleted = await self._done(lane.sink, done)
+            gone = self._gone.pop(sink_id, None)
+            if gone is not None and not await self._disable(gone):
+                refused = True
         return deleted and not refused
+
+    async def _disable(self, sink: Sink) -> bool:
+        """Remember a sink whose receiver answered 410 Gone, dropping its pending rows: once
+        its round ended, so that what that round delivered is not counted as dropped. False
+        when the state refused it: the sink goes on, disabled once the state takes writes."""
+        try:
+            dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
+        except StateUnavailable:
+            self.disabled.discard(sink.id)
+            return False
+        self._on_result(sink, "disabled")
+        self._on_disabled(sink, GONE, dropped)
+        return True
 
     async def _done(self, sink: Sink, done: list[tuple[int, str]]) -> bool:
         """Delete the rows that went (and count them); `done` is emptied. False when the
@@ -629,10 +654,7 @@ class Outbox:
             self._on_result(sink, "dead_lettered")
             self._on_dead(sink, row, payload)
             return None
-        now = self._clock.now().timestamp()
-        if sink.id in self.disabled or self._paused_until.get(sink.id, 0.0) > now:
-            return None  # another delivery of this sink was just told to stop or slow down
-        answer = await self._post(lane, payload, msg_id, int(now))
+        answer = await self._post(lane, payload, msg_id, int(self._now()))
         if answer.error is None:
             return "delivered"
         await self._settle(sink, row, answer)
@@ -642,18 +664,9 @@ class Outbox:
         """A failed POST: the sink disabled (410), or the row retried later or dead-lettered."""
         if answer.status == GONE:
             if sink.id not in self.disabled:
+                # nothing more is sent; disabled (its rows dropped) once the round ended
                 self.disabled.add(sink.id)
-                try:
-                    # what this round delivered is deleted first: not counted as dropped
-                    await self._done(sink, self._finished.get(sink.id, []))
-                    dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
-                except StateUnavailable:
-                    # not remembered: the sink goes on, disabled by a 410 once it can be
-                    self.disabled.discard(sink.id)
-                    raise
-                self._on_result(sink, "disabled")
-                self._on_disabled(sink, GONE, dropped)
-            self._wake[sink.id].set()
+                self._gone[sink.id] = sink
             return
         now = self._clock.now().timestamp()
         if now - row.created_at >= sink.max_age_s:
