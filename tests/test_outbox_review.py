@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from enkwatch import events as ev
 from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
+from enkwatch.events import EventWriter
 from enkwatch.formats import CloudEventsFormat
+from enkwatch.kinds import DATASET
 from enkwatch.sinks import Outbox
 from enkwatch.state import postgres
-from enkwatch.state.base import TaskRecord
+from enkwatch.state.base import OutboxRow, TaskRecord
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
@@ -358,3 +361,100 @@ async def test_a_410_does_not_count_a_delivery_in_flight_as_dropped(
     assert dropped == [2]  # b:1 and a:2; a:1 was delivered
     assert store.outbox_stats()[0] == 0
     assert await store.disabled_sinks() == {"test": ""}
+
+
+class HeadsStore(SqliteStore):
+    """Counts the reads of queue heads; `found`: how many heads each read found."""
+
+    found: list[int]
+
+    @property
+    def reads(self) -> int:
+        return len(self.found)
+
+    async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
+        heads = await super().outbox_heads(sink, limit)
+        self.found.append(len(heads))
+        return heads
+
+    def asleep_after_a_failure(self) -> bool:
+        """a:1 was read twice: once to send it, once to find it waiting (the pause, a retry)."""
+        return self.found.count(1) == 2 and self.found[-1] == 1
+
+
+class Task:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.task_id: str | None = key
+        self.dataset: str | None = None
+        self.labels: dict[str, str] = {}
+        self.record = TaskRecord(key, key, None, 0.0)
+        self.kind = DATASET
+
+
+async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[Task]) -> None:
+    """One transition of each task, in turn, the loop turning between them."""
+    for task in tasks:
+        if task.record.seq == 0:
+            await store.add_task(task.record)
+        await writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Running"})
+        for _ in range(5):
+            await asyncio.sleep(0)  # the outbox's worker runs if it was woken
+
+
+async def test_a_paused_sink_does_not_read_its_queue_on_every_event(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver asked for an hour's pause: new events (of any task) are not sendable before
+    it ends, so the sink sleeps through them; a reload looks again."""
+    monkeypatch.setattr(sinks_module, "RECHECK_S", 600.0)
+    hooks = EventHooks(answering(429))
+    url = await hooks.start(aiohttp_server)
+    store = HeadsStore(":memory:")
+    store.found = []
+    outbox = Outbox(store, [sink("test", url)], SystemClock())
+    writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
+    a = Task("a")
+    await outbox.start()
+    try:
+        await events_of(writer, store, [a])
+        await until(store.asleep_after_a_failure, "the pause")
+        reads = store.reads
+        await events_of(writer, store, [Task(f"t{i}") for i in range(20)] + [a])
+        assert store.reads == reads
+        await outbox.reconfigure([sink("test", url)])
+        await until(lambda: store.reads == reads + 1, "the reload to look again")
+    finally:
+        await outbox.close()
+    assert hooks.arrived == ["a:1"]
+
+
+async def test_a_retrying_sink_reads_its_queue_only_for_a_row_that_may_be_due(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task a's delivery waits for its retry: a's new events queue behind it (no read), a
+    new task's event may be due now (one read, and it goes)."""
+    monkeypatch.setattr(sinks_module, "RECHECK_S", 600.0)
+
+    async def answer(event: dict[str, Any]) -> int:
+        return 500 if event["task_key"] == "a" else 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = HeadsStore(":memory:")
+    store.found = []
+    outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
+    writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
+    a = Task("a")
+    await outbox.start()
+    try:
+        await events_of(writer, store, [a])
+        await until(store.asleep_after_a_failure, "a's retry")
+        reads = store.reads
+        await events_of(writer, store, [a] * 20)
+        assert store.reads == reads
+        await events_of(writer, store, [Task("b")])
+        await until(lambda: hooks.arrived == ["a:1", "b:1"], "b's delivery")
+    finally:
+        await outbox.close()
+    assert store.outbox_stats()[0] == 21  # a's: they wait for a:1's retry

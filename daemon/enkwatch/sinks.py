@@ -9,7 +9,9 @@ round reads the heads again. A failure is retried with exponential backoff and b
 the later deliveries of the same task, and a delivery older than the sink's
 `max_age_seconds` is dead-lettered with a `sink.delivery_failed` event. An idle loop waits
 to be woken (a new row, a reload; on PostgreSQL also the lease loop while rows wait, such
-as those of a partition taken over), never on a timer.
+as those of a partition taken over), never on a timer. A paused loop sleeps until its pause
+ends, and one whose heads all wait for a retry until the soonest is due (at most RECHECK_S):
+a new row wakes neither, unless it is of a task with no head waiting (it may be due now).
 
 An event's rows for several sinks hold the same bytes: it is parsed once, and rendered
 once per format for the sinks that share one (caches by body and format, of at most 4,096
@@ -33,7 +35,7 @@ import contextlib
 import hashlib
 import hmac
 import random
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
@@ -369,6 +371,9 @@ class Outbox:
         self.disabled: set[str] = set()
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
         self._paused_until: dict[str, float] = {}
+        # the sinks asleep with pending rows that cannot go yet: the tasks whose heads wait
+        # for a retry (a new row of another task may be due now), None while paused
+        self._asleep: dict[str, frozenset[str] | None] = {}
         self._lanes: dict[str, _Lane] = {}
         # per sink, the config a receiver answered 410 Gone to in the round under way: the
         # sink sends nothing more, and is disabled once that round's deliveries in flight
@@ -387,10 +392,20 @@ class Outbox:
         """Pending deliveries, the age of the oldest, and how many sinks are disabled."""
         return (*self._store.outbox_stats(), len(self.disabled))
 
-    def notify(self) -> None:
-        """New rows were written: look again now (a running sink is not idle until it has
-        read its queue again and found it empty)."""
-        for sink_id, wake in self._wake.items():
+    def notify(self, sinks: Iterable[str] | None = None, task_key: str | None = None) -> None:
+        """Look again now (a reload, the lease loop, a drain), or, with `sinks` and
+        `task_key`, new rows of that task were written for those sinks: a sink whose rows
+        cannot go before a pause ends, or before the head of that task's queue waiting for
+        its retry, sleeps on. A running sink woken is not idle until it has read its queue
+        again and found it empty."""
+        for sink_id in self._wake if sinks is None else sinks:
+            wake = self._wake.get(sink_id)
+            if wake is None:
+                continue
+            if task_key is not None and sink_id in self._asleep:
+                waiting = self._asleep[sink_id]
+                if waiting is None or task_key in waiting:
+                    continue
             wake.set()
             worker = self._workers.get(sink_id)
             if worker is not None and not worker.done():
@@ -510,10 +525,10 @@ class Outbox:
                     await wake.wait()  # new rows (notify), a reload, or the lease loop
                 continue
             idle.clear()
-            now = self._clock.now().timestamp()
-            paused_s = self._paused_until.get(sink.id, 0.0) - now
-            if paused_s > 0:
-                await self._sleep_or_wake(wake, min(RECHECK_S, paused_s))
+            now = self._now()
+            if (paused_s := self._paused_until.get(sink_id, 0.0) - now) > 0:
+                # nothing goes before the pause ends: new rows do not wake it, a reload does
+                await self._sleep(sink_id, wake, paused_s, None)
                 continue
             due = [r for r in heads if r.next_attempt_at <= now]
             if due:
@@ -523,18 +538,36 @@ class Outbox:
                     # goes again, later, not every round
                     await self._sleep_or_wake(wake, RECHECK_S)
                 continue
+            # every head waits for its retry: a new row of one of these tasks queues behind
+            # its head and does not wake the sink, a row of another task may be due now
             soonest = min(r.next_attempt_at for r in heads)
-            await self._sleep_or_wake(wake, min(RECHECK_S, max(0.01, soonest - now)))
+            waiting = frozenset(r.task_key for r in heads)
+            await self._sleep(sink_id, wake, min(RECHECK_S, max(0.01, soonest - now)), waiting)
         idle.set()
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
+
+    def _paused(self, sink_id: str) -> bool:
+        until = self._paused_until.get(sink_id)
+        return until is not None and until > self._now()
 
     def _lane(self, sink: Sink) -> _Lane:
         lane = self._lanes.get(sink.id)
         if lane is None or lane.sink is not sink:  # new, or its config was reloaded
             lane = self._lanes[sink.id] = _Lane.of(sink)
         return lane
+
+    async def _sleep(
+        self, sink_id: str, wake: asyncio.Event, seconds: float, waiting: frozenset[str] | None
+    ) -> None:
+        """Sleep with pending rows that cannot go yet, woken by a new row only if it may be
+        due now: of a task not in `waiting` (None: no new row can go, a pause)."""
+        self._asleep[sink_id] = waiting
+        try:
+            await self._sleep_or_wake(wake, seconds)
+        finally:
+            self._asleep.pop(sink_id, None)
 
     async def _sleep_or_wake(self, wake: asyncio.Event, seconds: float) -> None:
         try:
@@ -555,7 +588,7 @@ class Outbox:
         async def sender() -> None:
             nonlocal refused
             for row in rows:
-                if sink_id in self.disabled or self._paused_until.get(sink_id, 0.0) > self._now():
+                if sink_id in self.disabled or self._paused(sink_id):
                     return  # another delivery was told to stop or slow down: the rest wait
                 try:
                     outcome = await self._deliver(lane, row)
