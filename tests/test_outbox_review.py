@@ -5,10 +5,11 @@ of tasks waiting for a retry do not hide a due head of another task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -458,3 +459,52 @@ async def test_a_retrying_sink_reads_its_queue_only_for_a_row_that_may_be_due(
     finally:
         await outbox.close()
     assert store.outbox_stats()[0] == 21  # a's: they wait for a:1's retry
+
+
+class SlowDeleteStore(SqliteStore):
+    """Deleting delivered rows takes a while (a network round trip, as on PostgreSQL)."""
+
+    release: asyncio.Event
+    deleting: asyncio.Event
+
+    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
+        self.deleting.set()
+        await self.release.wait()
+        await super().deliveries_done(row_ids)
+
+
+async def test_a_sink_removed_and_added_again_has_one_worker(aiohttp_server: Any) -> None:
+    """Two reloads (the sink removed, then back) while its round ends: the new worker waits
+    for the old one to delete what went, so nothing delivered goes twice."""
+    hang = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        if event["task_key"] == "b":
+            await hang.wait()  # in flight when the sink is removed: cut, it goes again
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SlowDeleteStore(":memory:")
+    store.release, store.deleting = asyncio.Event(), asyncio.Event()
+    await journal(store, ["a", "b"], ["test"])
+    outbox = Outbox(store, [sink("test", url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: sorted(hooks.arrived) == ["a:1", "b:1"], "a:1 and b:1 sent")
+        await until(lambda: hooks.tries["a:1"] == 1 and not outbox.idle["test"].is_set())
+        await outbox.reconfigure([])
+        await outbox.reconfigure([sink("test", url)])
+        await store.deleting.wait()  # the old worker deletes a:1, slowly
+        with contextlib.suppress(TimeoutError):
+            # a second worker would read a:1, still pending, and send it again
+            await asyncio.wait_for(until(lambda: hooks.tries["a:1"] > 1), 0.5)
+        hang.set()
+        store.release.set()
+        assert await outbox.wait_idle(10)
+    finally:
+        hang.set()
+        store.release.set()
+        await outbox.close()
+    assert hooks.tries["a:1"] == 1
+    assert hooks.tries["b:1"] >= 1 and store.outbox_stats()[0] == 0

@@ -367,6 +367,10 @@ class Outbox:
         self._wake = {s.id: asyncio.Event() for s in self.sinks}
         self._session: aiohttp.ClientSession | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
+        # the workers of removed sinks, stopping (a round ending: what went is deleted)
+        self._stopping: set[asyncio.Task[None]] = set()
+        # held by a sink's worker while it runs: one worker per sink id at a time
+        self._running: dict[str, asyncio.Lock] = {}
         self.idle = {s.id: asyncio.Event() for s in self.sinks}
         self.disabled: set[str] = set()
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
@@ -447,8 +451,10 @@ class Outbox:
         self._by_id = {s.id: s for s in self.sinks}
         for sink_id in old.keys() - self._by_id.keys():
             worker = self._workers.pop(sink_id, None)
-            if worker is not None:
+            if worker is not None and not worker.done():
                 worker.cancel()  # a POST under way is cut: its row stays pending
+                self._stopping.add(worker)
+                worker.add_done_callback(self._stopping.discard)
             self.disabled.discard(sink_id)
             self._gone.pop(sink_id, None)
             self.idle.pop(sink_id, None)
@@ -481,7 +487,7 @@ class Outbox:
                     await self._store.enable_sink(sink.id)
 
     async def close(self) -> None:
-        workers = list(self._workers.values())
+        workers = [*self._workers.values(), *self._stopping]
         for worker in workers:
             worker.cancel()
         # the workers' CancelledError are results here; our own cancellation still propagates
@@ -507,6 +513,13 @@ class Outbox:
     async def _drain(self, sink_id: str) -> None:
         wake = self._wake[sink_id]
         idle = self.idle[sink_id]
+        # a sink removed and added again (two reloads) while its old worker ends its round:
+        # the new one starts once the old one deleted what went, or it would send it again
+        async with self._running.setdefault(sink_id, asyncio.Lock()):
+            await self._rounds(sink_id, wake, idle)
+
+    async def _rounds(self, sink_id: str, wake: asyncio.Event, idle: asyncio.Event) -> None:
+        """Round after round, until the sink is removed or disabled."""
         loop = asyncio.get_running_loop()
         last_round = float("-inf")
         while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
