@@ -406,14 +406,15 @@ async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[Task]) 
 async def test_a_paused_sink_does_not_read_its_queue_on_every_event(
     aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A receiver asked for an hour's pause: new events (of any task) are not sendable before
+    """A receiver asked for a pause: new events (of any task) are not sendable before
     it ends, so the sink sleeps through them; a reload looks again."""
     monkeypatch.setattr(sinks_module, "RECHECK_S", 600.0)
     hooks = EventHooks(answering(429))
     url = await hooks.start(aiohttp_server)
     store = HeadsStore(":memory:")
     store.found = []
-    outbox = Outbox(store, [sink("test", url)], SystemClock())
+    # no Retry-After: paused for the backoff, a minute at least
+    outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
     writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
     a = Task("a")
     await outbox.start()
@@ -508,3 +509,36 @@ async def test_a_sink_removed_and_added_again_has_one_worker(aiohttp_server: Any
         await outbox.close()
     assert hooks.tries["a:1"] == 1
     assert hooks.tries["b:1"] >= 1 and store.outbox_stats()[0] == 0
+
+
+async def test_a_reload_mid_round_applies_to_every_row_not_yet_sent(
+    aiohttp_server: Any,
+) -> None:
+    """A round of 20 heads, 8 in flight when a reload narrows the sink's filters: those 8 go
+    with the config they were sent with; none of the 12 not yet sent is sent."""
+    release = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        await release.wait()
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, [f"t{i:02}" for i in range(20)], ["test"])
+    results: list[str] = []
+    outbox = Outbox(
+        store, [sink("test", url)], SystemClock(), on_result=lambda s, o: results.append(o)
+    )
+    await outbox.start()
+    try:
+        await until(lambda: len(hooks.arrived) == sinks_module.MAX_PARALLEL_PER_SINK)
+        narrower = sink("test", url, kinds=frozenset({"redteam"}), fingerprint="narrower")
+        await outbox.reconfigure([narrower])
+        release.set()
+        assert await outbox.wait_idle(10)
+    finally:
+        release.set()
+        await outbox.close()
+    assert len(hooks.arrived) == 8
+    assert results.count("delivered") == 8 and results.count("filtered") == 12

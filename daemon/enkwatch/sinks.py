@@ -443,9 +443,9 @@ class Outbox:
 
     async def reconfigure(self, sinks: Sequence[Sink]) -> None:
         """A reload: new sinks start, removed ones stop (their rows wait in the outbox), and
-        a changed one keeps its worker with its new config: filters, format and secrets
-        apply to the deliveries still pending (a disabled sink whose config changed is
-        enabled again)."""
+        a changed one keeps its worker with its new config: filters, format, URL and secrets
+        apply to every row not sent yet, also in the round under way (the POSTs in flight
+        end with the old config); a disabled sink whose config changed is enabled again."""
         old = self._by_id
         self.sinks = list(sinks)
         self._by_id = {s.id: s for s in self.sinks}
@@ -546,7 +546,7 @@ class Outbox:
             due = [r for r in heads if r.next_attempt_at <= now]
             if due:
                 last_round = loop.time()
-                if not await self._round(self._lane(sink), due):
+                if not await self._round(sink, due):
                     # the state refused a write (a full disk): what went stays pending and
                     # goes again, later, not every round
                     await self._sleep_or_wake(wake, RECHECK_S)
@@ -589,22 +589,27 @@ class Outbox:
         except TimeoutError:
             pass
 
-    async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> bool:
+    async def _round(self, sink: Sink, due: Sequence[OutboxRow]) -> bool:
         """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
         (or filtered out) with one statement: a task's next row is read only after that.
-        False when the state refused a write (those rows stay pending)."""
+        Each row goes with the sink's config when it is sent (a reload mid-round applies to
+        the rows not yet sent). False when the state refused a write (those rows stay
+        pending)."""
         done: list[tuple[int, str]] = []
         rows = iter(due)
         refused = False
-        sink_id = lane.sink.id
+        sink_id = sink.id
 
         async def sender() -> None:
             nonlocal refused
             for row in rows:
                 if sink_id in self.disabled or self._paused(sink_id):
                     return  # another delivery was told to stop or slow down: the rest wait
+                current = self._by_id.get(sink_id)
+                if current is None:
+                    return  # removed by a reload: the rest wait in the outbox
                 try:
-                    outcome = await self._deliver(lane, row)
+                    outcome = await self._deliver(self._lane(current), row)
                 except StateUnavailable:
                     # delivered or not, the row stays pending (at least once)
                     refused = True
@@ -616,7 +621,7 @@ class Outbox:
             await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
         finally:
             # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
-            deleted = await self._done(lane.sink, done)
+            deleted = await self._done(sink, done)
             gone = self._gone.pop(sink_id, None)
             if gone is not None and not await self._disable(gone):
                 refused = True
