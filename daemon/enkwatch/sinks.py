@@ -563,7 +563,12 @@ class Outbox:
 
     def _paused(self, sink_id: str) -> bool:
         until = self._paused_until.get(sink_id)
-        return until is not None and until > self._now()
+        if until is None:
+            return False
+        if until > self._now():
+            return True
+        del self._paused_until[sink_id]  # over: the next rows do not ask the clock
+        return False
 
     def _lane(self, sink: Sink) -> _Lane:
         lane = self._lanes.get(sink.id)
@@ -599,17 +604,22 @@ class Outbox:
         rows = iter(due)
         refused = False
         sink_id = sink.id
+        lane = self._lane(sink)
 
         async def sender() -> None:
-            nonlocal refused
+            nonlocal refused, lane
             for row in rows:
-                if sink_id in self.disabled or self._paused(sink_id):
+                if sink_id in self.disabled or (
+                    sink_id in self._paused_until and self._paused(sink_id)
+                ):
                     return  # another delivery was told to stop or slow down: the rest wait
                 current = self._by_id.get(sink_id)
                 if current is None:
                     return  # removed by a reload: the rest wait in the outbox
+                if current is not lane.sink:
+                    lane = self._lane(current)  # reloaded: its new config from this row on
                 try:
-                    outcome = await self._deliver(self._lane(current), row)
+                    outcome = await self._deliver(lane, row)
                 except StateUnavailable:
                     # delivered or not, the row stays pending (at least once)
                     refused = True
@@ -657,9 +667,9 @@ class Outbox:
 
     def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
         """The journaled event and its message id (None: not an event), parsed once."""
-        known = self._parsed.entries.get(body)
-        if known is not None:
-            return known[0]
+        parsed_events = self._parsed.entries
+        if body in parsed_events:
+            return parsed_events[body][0]
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -705,7 +715,7 @@ class Outbox:
             self._on_result(sink, "dead_lettered")
             self._on_dead(sink, row, payload)
             return None
-        answer = await self._post(lane, payload, msg_id, int(self._now()))
+        answer = await self._post(lane, payload, msg_id, int(self._clock.now().timestamp()))
         if answer.error is None:
             return "delivered"
         await self._settle(sink, row, answer)
