@@ -21,6 +21,7 @@ from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
 from enkwatch.formats import CloudEventsFormat
 from enkwatch.kinds import DATASET
+from enkwatch.models import TaskKind
 from enkwatch.sinks import Outbox
 from enkwatch.state import postgres
 from enkwatch.state.base import OutboxRow, TaskRecord
@@ -390,7 +391,7 @@ class Task:
         self.dataset: str | None = None
         self.labels: dict[str, str] = {}
         self.record = TaskRecord(key, key, None, 0.0)
-        self.kind = DATASET
+        self.kind: TaskKind = DATASET
 
 
 async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[Task]) -> None:
