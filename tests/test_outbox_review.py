@@ -543,3 +543,31 @@ async def test_a_reload_mid_round_applies_to_every_row_not_yet_sent(
         await outbox.close()
     assert len(hooks.arrived) == 8
     assert results.count("delivered") == 8 and results.count("filtered") == 12
+
+
+async def test_a_drain_does_not_wait_for_a_sink_a_reload_removed(aiohttp_server: Any) -> None:
+    """--exit-when-done waits for the outbox to empty: a sink removed by a reload meanwhile
+    sends nothing more from this process (its rows wait for the next start)."""
+    hang = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        await hang.wait()
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a"], ["test"])
+    outbox = Outbox(store, [sink("test", url), sink("other", url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: hooks.arrived == ["a:1"], "a:1 in flight")
+        drain = asyncio.ensure_future(outbox.wait_idle(60))
+        await asyncio.sleep(0)  # one turn: the drain waits for the sink "test"
+        assert not drain.done()
+        await outbox.reconfigure([sink("other", url)])
+        assert await asyncio.wait_for(drain, 10)
+    finally:
+        hang.set()
+        await outbox.close()
+    assert store.outbox_stats()[0] == 1  # a:1 waits for the next start

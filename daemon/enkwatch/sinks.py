@@ -457,7 +457,8 @@ class Outbox:
                 worker.add_done_callback(self._stopping.discard)
             self.disabled.discard(sink_id)
             self._gone.pop(sink_id, None)
-            self.idle.pop(sink_id, None)
+            if (idle := self.idle.pop(sink_id, None)) is not None:
+                idle.set()  # it sends nothing more: a drain under way does not wait for it
             self._wake.pop(sink_id, None)
         changed = [s for s in self.sinks if s.id in old and old[s.id].fingerprint != s.fingerprint]
         for sink in changed:
@@ -505,7 +506,9 @@ class Outbox:
         try:
             async with asyncio.timeout(timeout_s):
                 for sink in self.sinks:
-                    await self.idle[sink.id].wait()
+                    # a sink removed by a reload meanwhile has no idle event any more
+                    if (idle := self.idle.get(sink.id)) is not None:
+                        await idle.wait()
         except TimeoutError:
             return False
         return True
