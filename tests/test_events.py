@@ -58,7 +58,7 @@ async def test_a_task_event_is_journaled_rendered_counted_and_queued_in_order() 
             journal,
             observers=[lambda body: steps.append(f"metrics {body['event']}")],
             sinks_for=lambda event: ["hook"],
-            notify=lambda: steps.append("notify"),
+            notify=lambda sinks, key: steps.append("notify"),
         )
         task = Task()
         await writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Queued"})

@@ -5,15 +5,26 @@ of tasks waiting for a retry do not hide a due head of another task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import tracemalloc
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from enkwatch import events as ev
 from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
+from enkwatch.events import EventWriter
+from enkwatch.formats import CloudEventsFormat
+from enkwatch.kinds import DATASET
+from enkwatch.models import TaskKind
 from enkwatch.sinks import Outbox
 from enkwatch.state import postgres
+from enkwatch.state.base import OutboxRow, TaskRecord
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import StartReceiver, until
@@ -238,3 +249,325 @@ async def test_reading_the_heads_does_not_grow_with_the_backlog_on_postgresql(ds
         assert await pg_heads_read_cost(store, 20_000) < 2 * small + 10
     finally:
         await store.close()
+
+
+# -- the review's leftovers (issue 12) -------------------------------------------------------
+
+
+class EventHooks:
+    """A receiver on 127.0.0.1 that answers each POST by its event's task: `answer(event)`
+    gives the status (and may wait); it counts the tries of each event_id, keeps no body."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], Awaitable[int]]) -> None:
+        self.answer = answer
+        self.tries: dict[str, int] = {}
+        self.arrived: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        event = json.loads(await request.read())
+        event = event.get("data", event)  # a CloudEvents envelope: the event is its data
+        event_id = event["event_id"]
+        self.tries[event_id] = self.tries.get(event_id, 0) + 1
+        self.arrived.append(event_id)
+        return web.Response(status=await self.answer(event))
+
+    async def start(self, aiohttp_server: Any) -> str:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/hook", self.handle)
+        server = await aiohttp_server(app)
+        return str(server.make_url("/hook"))
+
+
+def answering(status: int) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    async def answer(event: dict[str, Any]) -> int:
+        return status
+
+    return answer
+
+
+async def journal_fields(
+    store: SqliteStore, key: str, seq: int, sinks: list[str], **fields: Any
+) -> None:
+    """One transition of task `key` (added on its first event), with these fields."""
+    record = TaskRecord(key, key, None, 0.0)
+    if seq == 1:
+        await store.add_task(record)
+    record.seq = seq
+    body = {"event": "task.transition", "task_key": key, "seq": seq, "event_id": f"{key}:{seq}"}
+    await store.record_event(record, body | fields, sinks)
+
+
+async def test_the_render_cache_is_bounded_by_bytes(aiohttp_server: Any) -> None:
+    """Big events (here 256 KiB each) delivered: what the outbox keeps of them to render
+    them once for every sink stays within a few MiB, not 4,096 of them."""
+    hooks = EventHooks(answering(204))
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    count, big = 48, "x" * (256 * 1024)
+    for i in range(count):
+        await journal_fields(store, f"t{i}", 1, ["test"], reason=big)
+    outbox = Outbox(store, [sink("test", url, format=CloudEventsFormat("enkwatch"))], SystemClock())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await outbox.start()
+        try:
+            assert await outbox.wait_idle(30)
+        finally:
+            await outbox.close()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(hooks.tries) == count
+    # 48 events: 12 MiB of journaled bytes, as much parsed and as much rendered again
+    assert held < 12 * 1024 * 1024, f"{held / 2**20:.1f} MiB held"
+
+
+async def test_a_410_does_not_count_a_delivery_in_flight_as_dropped(
+    aiohttp_server: Any,
+) -> None:
+    """b's head is answered 410 while a's is in flight; a's is then answered 204: a:1 was
+    delivered (counted so), only b:1 and a:2 were dropped, and nothing is counted twice."""
+    outbox: Outbox | None = None
+
+    async def answer(event: dict[str, Any]) -> int:
+        if event["task_key"] == "b":
+            return 410
+        box = outbox
+        assert box is not None
+        await until(lambda: "test" in box.disabled, "b's 410 to disable the sink")
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a", "b", "a"], ["test"])
+    dropped: list[int] = []
+    results: list[str] = []
+    outbox = Outbox(
+        store,
+        [sink("test", url)],
+        SystemClock(),
+        on_result=lambda s, o: results.append(o),
+        on_disabled=lambda s, status, n: dropped.append(n),
+    )
+    await outbox.start()
+    try:
+        await until(lambda: bool(dropped), "the sink to be disabled")
+        assert await outbox.wait_idle(10)
+    finally:
+        await outbox.close()
+    assert sorted(hooks.arrived) == ["a:1", "b:1"]
+    assert sorted(results) == ["delivered", "disabled"]
+    assert dropped == [2]  # b:1 and a:2; a:1 was delivered
+    assert store.outbox_stats()[0] == 0
+    assert await store.disabled_sinks() == {"test": ""}
+
+
+class HeadsStore(SqliteStore):
+    """Counts the reads of queue heads; `found`: how many heads each read found."""
+
+    found: list[int]
+
+    @property
+    def reads(self) -> int:
+        return len(self.found)
+
+    async def outbox_heads(self, sink: str, limit: int) -> list[OutboxRow]:
+        heads = await super().outbox_heads(sink, limit)
+        self.found.append(len(heads))
+        return heads
+
+    def asleep_after_a_failure(self) -> bool:
+        """a:1 was read twice: once to send it, once to find it waiting (the pause, a retry)."""
+        return self.found.count(1) == 2 and self.found[-1] == 1
+
+
+class Task:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.task_id: str | None = key
+        self.dataset: str | None = None
+        self.labels: dict[str, str] = {}
+        self.record = TaskRecord(key, key, None, 0.0)
+        self.kind: TaskKind = DATASET
+
+
+async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[Task]) -> None:
+    """One transition of each task, in turn, the loop turning between them."""
+    for task in tasks:
+        if task.record.seq == 0:
+            await store.add_task(task.record)
+        await writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Running"})
+        for _ in range(5):
+            await asyncio.sleep(0)  # the outbox's worker runs if it was woken
+
+
+async def test_a_paused_sink_does_not_read_its_queue_on_every_event(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver asked for a pause: new events (of any task) are not sendable before
+    it ends, so the sink sleeps through them; a reload looks again."""
+    monkeypatch.setattr(sinks_module, "RECHECK_S", 600.0)
+    hooks = EventHooks(answering(429))
+    url = await hooks.start(aiohttp_server)
+    store = HeadsStore(":memory:")
+    store.found = []
+    # no Retry-After: paused for the backoff, a minute at least
+    outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
+    writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
+    a = Task("a")
+    await outbox.start()
+    try:
+        await events_of(writer, store, [a])
+        await until(store.asleep_after_a_failure, "the pause")
+        reads = store.reads
+        await events_of(writer, store, [Task(f"t{i}") for i in range(20)] + [a])
+        assert store.reads == reads
+        await outbox.reconfigure([sink("test", url)])
+        await until(lambda: store.reads == reads + 1, "the reload to look again")
+    finally:
+        await outbox.close()
+    assert hooks.arrived == ["a:1"]
+
+
+async def test_a_retrying_sink_reads_its_queue_only_for_a_row_that_may_be_due(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task a's delivery waits for its retry: a's new events queue behind it (no read), a
+    new task's event may be due now (one read, and it goes)."""
+    monkeypatch.setattr(sinks_module, "RECHECK_S", 600.0)
+
+    async def answer(event: dict[str, Any]) -> int:
+        return 500 if event["task_key"] == "a" else 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = HeadsStore(":memory:")
+    store.found = []
+    outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
+    writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
+    a = Task("a")
+    await outbox.start()
+    try:
+        await events_of(writer, store, [a])
+        await until(store.asleep_after_a_failure, "a's retry")
+        reads = store.reads
+        await events_of(writer, store, [a] * 20)
+        assert store.reads == reads
+        await events_of(writer, store, [Task("b")])
+        await until(lambda: hooks.arrived == ["a:1", "b:1"], "b's delivery")
+    finally:
+        await outbox.close()
+    assert store.outbox_stats()[0] == 21  # a's: they wait for a:1's retry
+
+
+class SlowDeleteStore(SqliteStore):
+    """Deleting delivered rows takes a while (a network round trip, as on PostgreSQL)."""
+
+    release: asyncio.Event
+    deleting: asyncio.Event
+
+    async def deliveries_done(self, row_ids: Sequence[int]) -> None:
+        self.deleting.set()
+        await self.release.wait()
+        await super().deliveries_done(row_ids)
+
+
+async def test_a_sink_removed_and_added_again_has_one_worker(aiohttp_server: Any) -> None:
+    """Two reloads (the sink removed, then back) while its round ends: the new worker waits
+    for the old one to delete what went, so nothing delivered goes twice."""
+    hang = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        if event["task_key"] == "b":
+            await hang.wait()  # in flight when the sink is removed: cut, it goes again
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SlowDeleteStore(":memory:")
+    store.release, store.deleting = asyncio.Event(), asyncio.Event()
+    await journal(store, ["a", "b"], ["test"])
+    outbox = Outbox(store, [sink("test", url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: sorted(hooks.arrived) == ["a:1", "b:1"], "a:1 and b:1 sent")
+        await until(lambda: hooks.tries["a:1"] == 1 and not outbox.idle["test"].is_set())
+        await outbox.reconfigure([])
+        await outbox.reconfigure([sink("test", url)])
+        await store.deleting.wait()  # the old worker deletes a:1, slowly
+        with contextlib.suppress(TimeoutError):
+            # a second worker would read a:1, still pending, and send it again
+            await asyncio.wait_for(until(lambda: hooks.tries["a:1"] > 1), 0.5)
+        hang.set()
+        store.release.set()
+        assert await outbox.wait_idle(10)
+    finally:
+        hang.set()
+        store.release.set()
+        await outbox.close()
+    assert hooks.tries["a:1"] == 1
+    assert hooks.tries["b:1"] >= 1 and store.outbox_stats()[0] == 0
+
+
+async def test_a_reload_mid_round_applies_to_every_row_not_yet_sent(
+    aiohttp_server: Any,
+) -> None:
+    """A round of 20 heads, 8 in flight when a reload narrows the sink's filters: those 8 go
+    with the config they were sent with; none of the 12 not yet sent is sent."""
+    release = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        await release.wait()
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, [f"t{i:02}" for i in range(20)], ["test"])
+    results: list[str] = []
+    outbox = Outbox(
+        store, [sink("test", url)], SystemClock(), on_result=lambda s, o: results.append(o)
+    )
+    await outbox.start()
+    try:
+        await until(lambda: len(hooks.arrived) == sinks_module.MAX_PARALLEL_PER_SINK)
+        narrower = sink("test", url, kinds=frozenset({"redteam"}), fingerprint="narrower")
+        await outbox.reconfigure([narrower])
+        release.set()
+        assert await outbox.wait_idle(10)
+    finally:
+        release.set()
+        await outbox.close()
+    assert len(hooks.arrived) == 8
+    assert results.count("delivered") == 8 and results.count("filtered") == 12
+
+
+async def test_a_drain_does_not_wait_for_a_sink_a_reload_removed(aiohttp_server: Any) -> None:
+    """--exit-when-done waits for the outbox to empty: a sink removed by a reload meanwhile
+    sends nothing more from this process (its rows wait for the next start)."""
+    hang = asyncio.Event()
+
+    async def answer(event: dict[str, Any]) -> int:
+        await hang.wait()
+        return 204
+
+    hooks = EventHooks(answer)
+    url = await hooks.start(aiohttp_server)
+    store = SqliteStore(":memory:")
+    await journal(store, ["a"], ["test"])
+    outbox = Outbox(store, [sink("test", url), sink("other", url)], SystemClock())
+    await outbox.start()
+    try:
+        await until(lambda: hooks.arrived == ["a:1"], "a:1 in flight")
+        drain = asyncio.ensure_future(outbox.wait_idle(60))
+        await asyncio.sleep(0)  # one turn: the drain waits for the sink "test"
+        assert not drain.done()
+        await outbox.reconfigure([sink("other", url)])
+        assert await asyncio.wait_for(drain, 10)
+    finally:
+        hang.set()
+        await outbox.close()
+    assert store.outbox_stats()[0] == 1  # a:1 waits for the next start

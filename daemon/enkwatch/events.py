@@ -329,7 +329,7 @@ class EventWriter:
         journal: EventJournal | None = None,
         observers: Sequence[Callable[[Mapping[str, Any]], None]] = (),
         sinks_for: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
-        notify: Callable[[], None] | None = None,
+        notify: Callable[[Sequence[str], str], None] | None = None,
         *,
         out: Lines | None = None,
         secrets: Iterable[str | None] = (),
@@ -410,7 +410,7 @@ class EventWriter:
             for observe in self._observers:
                 observe(body)
         if confirm is not None and sinks and self._notify is not None:
-            self._notify()
+            self._notify(sinks, confirm[0])
 
     def daemon_event(self, name: str, level: str = INFO, **fields: Any) -> None:
         """An event that is not about a task: written, counted, and queued for webhooks.
@@ -461,7 +461,7 @@ class EventWriter:
         except StateUnavailable:
             return  # a daemon-level event; the store is down: it was written to stdout
         if self._notify is not None:
-            self._notify()
+            self._notify(sinks, "")  # not about a task: its rows queue under the key ""
 
     async def replay(self, events: Iterable[JournaledEvent]) -> None:
         """Write again events that were journaled but not confirmed written (same event_id);

@@ -9,10 +9,13 @@ round reads the heads again. A failure is retried with exponential backoff and b
 the later deliveries of the same task, and a delivery older than the sink's
 `max_age_seconds` is dead-lettered with a `sink.delivery_failed` event. An idle loop waits
 to be woken (a new row, a reload; on PostgreSQL also the lease loop while rows wait, such
-as those of a partition taken over), never on a timer.
+as those of a partition taken over), never on a timer. A paused loop sleeps until its pause
+ends, and one whose heads all wait for a retry until the soonest is due (at most RECHECK_S):
+a new row wakes neither, unless it is of a task with no head waiting (it may be due now).
 
 An event's rows for several sinks hold the same bytes: it is parsed once, and rendered
-once per format for the sinks that share one (a bounded cache, by body and format).
+once per format for the sinks that share one (caches by body and format, of at most 4,096
+entries and 4 MiB each, so that big events cannot make them hold hundreds of MB).
 
 Every POST carries the Standard Webhooks headers (`webhook-id`, `webhook-timestamp`,
 `webhook-signature` with one `v1,<base64>` per active secret) and, for `secret_env`, the
@@ -32,9 +35,9 @@ import contextlib
 import hashlib
 import hmac
 import random
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import aiohttp
 import orjson
@@ -68,8 +71,10 @@ RECHECK_S: Final = 5.0
 # a busy sink starts a round at most this often: the rows of several polls go in one round
 # (one read of the heads, one delete), for at most this much more latency
 ROUND_EVERY_S: Final = 0.01
-# events parsed and payloads rendered, remembered for the other sinks of the same event
+# events parsed and payloads rendered, remembered for the other sinks of the same event: at
+# most this many of each, and this many bytes of each (big events, a template's big bodies)
 RENDER_CACHE_MAX: Final = 4096
+RENDER_CACHE_MAX_BYTES: Final = 4 * 1024 * 1024
 USER_AGENT: Final = f"enkwatch/{__version__}"
 # the most of a receiver's answer ever read (decoded); more closes the connection instead
 MAX_ANSWER_READ_BYTES: Final = 1024
@@ -280,10 +285,45 @@ class _Lane:
         return headers
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= RENDER_CACHE_MAX:
-        del cache[next(iter(cache))]  # the oldest: its event went to every sink long ago
-    cache[key] = value
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Cache(Generic[K, V]):
+    """Values remembered by key, the oldest forgotten first: at most RENDER_CACHE_MAX of
+    them and RENDER_CACHE_MAX_BYTES of them, as `size` counts an entry (stored beside it)."""
+
+    __slots__ = ("_size", "bytes", "entries")
+
+    def __init__(self, size: Callable[[K, V], int]) -> None:
+        self.entries: dict[K, tuple[V, int]] = {}
+        self.bytes = 0
+        self._size = size
+
+    def put(self, key: K, value: V) -> None:
+        cost = self._size(key, value)
+        if cost > RENDER_CACHE_MAX_BYTES:
+            return  # bigger than the whole budget: rendered again for each sink instead
+        entries = self.entries
+        while entries and (
+            len(entries) >= RENDER_CACHE_MAX or self.bytes + cost > RENDER_CACHE_MAX_BYTES
+        ):
+            # the oldest: its event went to every sink long ago
+            self.bytes -= entries.pop(next(iter(entries)))[1]
+        entries[key] = (value, cost)
+        self.bytes += cost
+
+
+def _parsed_size(body: bytes, parsed: tuple[dict[str, Any], str] | None) -> int:
+    # the journaled bytes, and the parsed event, whose strings hold about as many
+    return 2 * len(body)
+
+
+def _rendered_size(key: tuple[bytes, Hashable], rendered: Payload | str) -> int:
+    # the journaled bytes, and the payload's (the json format sends those same bytes)
+    if isinstance(rendered, str):  # why the event cannot be rendered
+        return len(key[0]) + len(rendered)
+    return len(key[0]) + (0 if rendered.body is key[0] else len(rendered.body))
 
 
 def encode_event(body: Mapping[str, Any]) -> bytes:
@@ -327,17 +367,26 @@ class Outbox:
         self._wake = {s.id: asyncio.Event() for s in self.sinks}
         self._session: aiohttp.ClientSession | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
+        # the workers of removed sinks, stopping (a round ending: what went is deleted)
+        self._stopping: set[asyncio.Task[None]] = set()
+        # held by a sink's worker while it runs: one worker per sink id at a time
+        self._running: dict[str, asyncio.Lock] = {}
         self.idle = {s.id: asyncio.Event() for s in self.sinks}
         self.disabled: set[str] = set()
         # wall-clock time before which a sink sends nothing (it asked us to slow down)
         self._paused_until: dict[str, float] = {}
+        # the sinks asleep with pending rows that cannot go yet: the tasks whose heads wait
+        # for a retry (a new row of another task may be due now), None while paused
+        self._asleep: dict[str, frozenset[str] | None] = {}
         self._lanes: dict[str, _Lane] = {}
-        # per sink, the rows of the round under way that went (deleted at its end)
-        self._finished: dict[str, list[tuple[int, str]]] = {}
+        # per sink, the config a receiver answered 410 Gone to in the round under way: the
+        # sink sends nothing more, and is disabled once that round's deliveries in flight
+        # ended (what went is not counted as dropped)
+        self._gone: dict[str, Sink] = {}
         # an event's rows of several sinks hold the same bytes: parsed (and rendered per
         # format) once for all of them
-        self._parsed: dict[bytes, tuple[dict[str, Any], str] | None] = {}
-        self._rendered: dict[tuple[bytes, Hashable], Payload | str] = {}
+        self._parsed: _Cache[bytes, tuple[dict[str, Any], str] | None] = _Cache(_parsed_size)
+        self._rendered: _Cache[tuple[bytes, Hashable], Payload | str] = _Cache(_rendered_size)
 
     def sinks_for(self, event: Mapping[str, Any]) -> list[str]:
         """The ids of the sinks that take this event."""
@@ -347,10 +396,20 @@ class Outbox:
         """Pending deliveries, the age of the oldest, and how many sinks are disabled."""
         return (*self._store.outbox_stats(), len(self.disabled))
 
-    def notify(self) -> None:
-        """New rows were written: look again now (a running sink is not idle until it has
-        read its queue again and found it empty)."""
-        for sink_id, wake in self._wake.items():
+    def notify(self, sinks: Iterable[str] | None = None, task_key: str | None = None) -> None:
+        """Look again now (a reload, the lease loop, a drain), or, with `sinks` and
+        `task_key`, new rows of that task were written for those sinks: a sink whose rows
+        cannot go before a pause ends, or before the head of that task's queue waiting for
+        its retry, sleeps on. A running sink woken is not idle until it has read its queue
+        again and found it empty."""
+        for sink_id in self._wake if sinks is None else sinks:
+            wake = self._wake.get(sink_id)
+            if wake is None:
+                continue
+            if task_key is not None and sink_id in self._asleep:
+                waiting = self._asleep[sink_id]
+                if waiting is None or task_key in waiting:
+                    continue
             wake.set()
             worker = self._workers.get(sink_id)
             if worker is not None and not worker.done():
@@ -384,22 +443,27 @@ class Outbox:
 
     async def reconfigure(self, sinks: Sequence[Sink]) -> None:
         """A reload: new sinks start, removed ones stop (their rows wait in the outbox), and
-        a changed one keeps its worker with its new config: filters, format and secrets
-        apply to the deliveries still pending (a disabled sink whose config changed is
-        enabled again)."""
+        a changed one keeps its worker with its new config: filters, format, URL and secrets
+        apply to every row not sent yet, also in the round under way (the POSTs in flight
+        end with the old config); a disabled sink whose config changed is enabled again."""
         old = self._by_id
         self.sinks = list(sinks)
         self._by_id = {s.id: s for s in self.sinks}
         for sink_id in old.keys() - self._by_id.keys():
             worker = self._workers.pop(sink_id, None)
-            if worker is not None:
+            if worker is not None and not worker.done():
                 worker.cancel()  # a POST under way is cut: its row stays pending
+                self._stopping.add(worker)
+                worker.add_done_callback(self._stopping.discard)
             self.disabled.discard(sink_id)
-            self.idle.pop(sink_id, None)
+            self._gone.pop(sink_id, None)
+            if (idle := self.idle.pop(sink_id, None)) is not None:
+                idle.set()  # it sends nothing more: a drain under way does not wait for it
             self._wake.pop(sink_id, None)
         changed = [s for s in self.sinks if s.id in old and old[s.id].fingerprint != s.fingerprint]
         for sink in changed:
             self._paused_until.pop(sink.id, None)
+            self._gone.pop(sink.id, None)  # a 410 to the old config: the new one is tried
             if sink.id in self.disabled:
                 self.disabled.discard(sink.id)
                 with contextlib.suppress(StateUnavailable):
@@ -424,7 +488,7 @@ class Outbox:
                     await self._store.enable_sink(sink.id)
 
     async def close(self) -> None:
-        workers = list(self._workers.values())
+        workers = [*self._workers.values(), *self._stopping]
         for worker in workers:
             worker.cancel()
         # the workers' CancelledError are results here; our own cancellation still propagates
@@ -442,7 +506,9 @@ class Outbox:
         try:
             async with asyncio.timeout(timeout_s):
                 for sink in self.sinks:
-                    await self.idle[sink.id].wait()
+                    # a sink removed by a reload meanwhile has no idle event any more
+                    if (idle := self.idle.get(sink.id)) is not None:
+                        await idle.wait()
         except TimeoutError:
             return False
         return True
@@ -450,6 +516,13 @@ class Outbox:
     async def _drain(self, sink_id: str) -> None:
         wake = self._wake[sink_id]
         idle = self.idle[sink_id]
+        # a sink removed and added again (two reloads) while its old worker ends its round:
+        # the new one starts once the old one deleted what went, or it would send it again
+        async with self._running.setdefault(sink_id, asyncio.Lock()):
+            await self._rounds(sink_id, wake, idle)
+
+    async def _rounds(self, sink_id: str, wake: asyncio.Event, idle: asyncio.Event) -> None:
+        """Round after round, until the sink is removed or disabled."""
         loop = asyncio.get_running_loop()
         last_round = float("-inf")
         while sink_id not in self.disabled and (sink := self._by_id.get(sink_id)) is not None:
@@ -468,28 +541,54 @@ class Outbox:
                     await wake.wait()  # new rows (notify), a reload, or the lease loop
                 continue
             idle.clear()
-            now = self._clock.now().timestamp()
-            paused_s = self._paused_until.get(sink.id, 0.0) - now
-            if paused_s > 0:
-                await self._sleep_or_wake(wake, min(RECHECK_S, paused_s))
+            now = self._now()
+            if (paused_s := self._paused_until.get(sink_id, 0.0) - now) > 0:
+                # nothing goes before the pause ends: new rows do not wake it, a reload does
+                await self._sleep(sink_id, wake, paused_s, None)
                 continue
             due = [r for r in heads if r.next_attempt_at <= now]
             if due:
                 last_round = loop.time()
-                if not await self._round(self._lane(sink), due):
+                if not await self._round(sink, due):
                     # the state refused a write (a full disk): what went stays pending and
                     # goes again, later, not every round
                     await self._sleep_or_wake(wake, RECHECK_S)
                 continue
+            # every head waits for its retry: a new row of one of these tasks queues behind
+            # its head and does not wake the sink, a row of another task may be due now
             soonest = min(r.next_attempt_at for r in heads)
-            await self._sleep_or_wake(wake, min(RECHECK_S, max(0.01, soonest - now)))
+            waiting = frozenset(r.task_key for r in heads)
+            await self._sleep(sink_id, wake, min(RECHECK_S, max(0.01, soonest - now)), waiting)
         idle.set()
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _paused(self, sink_id: str) -> bool:
+        until = self._paused_until.get(sink_id)
+        if until is None:
+            return False
+        if until > self._now():
+            return True
+        del self._paused_until[sink_id]  # over: the next rows do not ask the clock
+        return False
 
     def _lane(self, sink: Sink) -> _Lane:
         lane = self._lanes.get(sink.id)
         if lane is None or lane.sink is not sink:  # new, or its config was reloaded
             lane = self._lanes[sink.id] = _Lane.of(sink)
         return lane
+
+    async def _sleep(
+        self, sink_id: str, wake: asyncio.Event, seconds: float, waiting: frozenset[str] | None
+    ) -> None:
+        """Sleep with pending rows that cannot go yet, woken by a new row only if it may be
+        due now: of a task not in `waiting` (None: no new row can go, a pause)."""
+        self._asleep[sink_id] = waiting
+        try:
+            await self._sleep_or_wake(wake, seconds)
+        finally:
+            self._asleep.pop(sink_id, None)
 
     async def _sleep_or_wake(self, wake: asyncio.Event, seconds: float) -> None:
         try:
@@ -498,17 +597,30 @@ class Outbox:
         except TimeoutError:
             pass
 
-    async def _round(self, lane: _Lane, due: Sequence[OutboxRow]) -> bool:
+    async def _round(self, sink: Sink, due: Sequence[OutboxRow]) -> bool:
         """Send the due heads, MAX_PARALLEL_PER_SINK at once, then delete the rows delivered
         (or filtered out) with one statement: a task's next row is read only after that.
-        False when the state refused a write (those rows stay pending)."""
-        done = self._finished[lane.sink.id] = []
+        Each row goes with the sink's config when it is sent (a reload mid-round applies to
+        the rows not yet sent). False when the state refused a write (those rows stay
+        pending)."""
+        done: list[tuple[int, str]] = []
         rows = iter(due)
         refused = False
+        sink_id = sink.id
+        lane = self._lane(sink)
 
         async def sender() -> None:
-            nonlocal refused
+            nonlocal refused, lane
             for row in rows:
+                if sink_id in self.disabled or (
+                    sink_id in self._paused_until and self._paused(sink_id)
+                ):
+                    return  # another delivery was told to stop or slow down: the rest wait
+                current = self._by_id.get(sink_id)
+                if current is None:
+                    return  # removed by a reload: the rest wait in the outbox
+                if current is not lane.sink:
+                    lane = self._lane(current)  # reloaded: its new config from this row on
                 try:
                     outcome = await self._deliver(lane, row)
                 except StateUnavailable:
@@ -522,9 +634,24 @@ class Outbox:
             await asyncio.gather(*(sender() for _ in range(min(MAX_PARALLEL_PER_SINK, len(due)))))
         finally:
             # also when stopped (a reload, shutdown) mid-round: what was delivered is deleted
-            self._finished.pop(lane.sink.id, None)
-            deleted = await self._done(lane.sink, done)
+            deleted = await self._done(sink, done)
+            gone = self._gone.pop(sink_id, None)
+            if gone is not None and not await self._disable(gone):
+                refused = True
         return deleted and not refused
+
+    async def _disable(self, sink: Sink) -> bool:
+        """Remember a sink whose receiver answered 410 Gone, dropping its pending rows: once
+        its round ended, so that what that round delivered is not counted as dropped. False
+        when the state refused it: the sink goes on, disabled once the state takes writes."""
+        try:
+            dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
+        except StateUnavailable:
+            self.disabled.discard(sink.id)
+            return False
+        self._on_result(sink, "disabled")
+        self._on_disabled(sink, GONE, dropped)
+        return True
 
     async def _done(self, sink: Sink, done: list[tuple[int, str]]) -> bool:
         """Delete the rows that went (and count them); `done` is emptied. False when the
@@ -543,14 +670,15 @@ class Outbox:
 
     def _event_of(self, body: bytes) -> tuple[dict[str, Any], str] | None:
         """The journaled event and its message id (None: not an event), parsed once."""
-        if body in self._parsed:
-            return self._parsed[body]
+        parsed_events = self._parsed.entries
+        if body in parsed_events:
+            return parsed_events[body][0]
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             event = None
         parsed = (event, message_id(event, body)) if isinstance(event, dict) else None
-        _remember(self._parsed, body, parsed)
+        self._parsed.put(body, parsed)
         return parsed
 
     def _payload(
@@ -560,10 +688,11 @@ class Outbox:
         key = fmt.cache_key
         if key is None:
             return self._render(fmt, event, body, msg_id)
-        rendered = self._rendered.get((body, key))
-        if rendered is None:
-            rendered = self._render(fmt, event, body, msg_id)
-            _remember(self._rendered, (body, key), rendered)
+        known = self._rendered.entries.get((body, key))
+        if known is not None:
+            return known[0]
+        rendered = self._render(fmt, event, body, msg_id)
+        self._rendered.put((body, key), rendered)
         return rendered
 
     @staticmethod
@@ -589,10 +718,7 @@ class Outbox:
             self._on_result(sink, "dead_lettered")
             self._on_dead(sink, row, payload)
             return None
-        now = self._clock.now().timestamp()
-        if sink.id in self.disabled or self._paused_until.get(sink.id, 0.0) > now:
-            return None  # another delivery of this sink was just told to stop or slow down
-        answer = await self._post(lane, payload, msg_id, int(now))
+        answer = await self._post(lane, payload, msg_id, int(self._clock.now().timestamp()))
         if answer.error is None:
             return "delivered"
         await self._settle(sink, row, answer)
@@ -602,18 +728,9 @@ class Outbox:
         """A failed POST: the sink disabled (410), or the row retried later or dead-lettered."""
         if answer.status == GONE:
             if sink.id not in self.disabled:
+                # nothing more is sent; disabled (its rows dropped) once the round ended
                 self.disabled.add(sink.id)
-                try:
-                    # what this round delivered is deleted first: not counted as dropped
-                    await self._done(sink, self._finished.get(sink.id, []))
-                    dropped = await self._store.disable_sink(sink.id, sink.fingerprint)
-                except StateUnavailable:
-                    # not remembered: the sink goes on, disabled by a 410 once it can be
-                    self.disabled.discard(sink.id)
-                    raise
-                self._on_result(sink, "disabled")
-                self._on_disabled(sink, GONE, dropped)
-            self._wake[sink.id].set()
+                self._gone[sink.id] = sink
             return
         now = self._clock.now().timestamp()
         if now - row.created_at >= sink.max_age_s:
