@@ -12,6 +12,7 @@ from enkwatch.errors import LeaseLost, StateUnavailable
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.leases import partition_of
 from enkwatch.state.postgres import PgStore
+from tests.kit import until
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 from tests.test_state_postgres import Clock, open_store, transition
 
@@ -142,3 +143,57 @@ async def test_a_window_groups_events_and_close_commits_the_open_batch(dsn: str)
     finally:
         if not closed:
             await store.close()
+
+
+async def waiters(admin: asyncpg.Connection, n: int) -> bool:
+    """At least n sessions of this database wait for a lock."""
+    count = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return int(count) >= n
+
+
+async def test_a_batch_over_two_partitions_and_a_renewal_do_not_deadlock(dsn: str) -> None:
+    # the batch takes its lease rows in partition order (FOR SHARE); the renewal must take
+    # them in the same order, whatever the rows' places in the table, else each holds a row
+    # the other waits for and PostgreSQL aborts one: the batch's events were lost here
+    store = await open_store(dsn, "a")
+    admin = await asyncpg.connect(dsn)
+    other = await asyncpg.connect(dsn)
+    try:
+        await store.leases.balance()
+        keys = [k for ks in keys_in_two_partitions(1) for k in ks]
+        lo, hi = sorted(keys, key=partition_of)
+        # the lower partition's row moves behind the higher's (as a non-HOT update or a
+        # table rewrite moves a row): a scan of the table meets the higher one first
+        await admin.execute(
+            "WITH gone AS (DELETE FROM enkwatch_partition_lease WHERE partition = $1 "
+            "RETURNING *) INSERT INTO enkwatch_partition_lease SELECT * FROM gone",
+            partition_of(lo),
+        )
+        records = await add(store, [lo, hi])
+        # another batch's commit under way holds its share lock on the lower partition
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "SELECT 1 FROM enkwatch_partition_lease WHERE partition = $1 FOR SHARE",
+            partition_of(lo),
+        )
+        renewal = asyncio.ensure_future(store.leases.balance())
+        await until(lambda: waiters(admin, 1), "the renewal waiting for that batch")
+        events = [
+            asyncio.ensure_future(store.record_event(r, transition(r, "Queued"))) for r in records
+        ]
+        # the batch commits, or waits for the renewal (never holding what the renewal needs)
+        await until(
+            lambda: all(e.done() for e in events) or waiters(admin, 2), "the batch under way"
+        )
+        await tx.commit()
+        results = await asyncio.gather(renewal, *events, return_exceptions=True)
+        assert results == [(set(), set()), None, None]
+        assert sorted(await journal(dsn)) == sorted([(lo, 1), (hi, 1)])
+    finally:
+        await other.close()
+        await admin.close()
+        await store.close()

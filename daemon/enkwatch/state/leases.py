@@ -28,6 +28,28 @@ RENEW_FRACTION: Final = 1 / 3
 SAFE_FRACTION: Final = 2 / 3
 
 
+# a statement that changes several lease rows locks them in partition order, as an event
+# batch's FOR SHARE does (pgcommit.py): in the order of a scan of the table (a row's place
+# in it moves with updates) a renewal and a batch could each hold a row the other waits
+# for, and PostgreSQL would abort one of them (the batch: its events were lost)
+def _in_order(where: str) -> str:
+    return (
+        f"SELECT partition FROM enkwatch_partition_lease WHERE {where} "
+        "ORDER BY partition FOR NO KEY UPDATE"
+    )
+
+
+_RENEW: Final = (
+    "UPDATE enkwatch_partition_lease l SET expires_at = now() + make_interval(secs => $2) "
+    f"FROM ({_in_order('owner = $1 AND partition = ANY($3::int[]) AND expires_at > now()')}) o "
+    "WHERE l.partition = o.partition RETURNING l.partition, l.epoch"
+)
+_GIVE_BACK: Final = (
+    "UPDATE enkwatch_partition_lease l SET owner = NULL, expires_at = 'epoch' "
+    f"FROM ({_in_order('owner = $1 AND partition = ANY($2::int[])')}) o "
+    "WHERE l.partition = o.partition"
+)
+
 # what a lost connection, a killed backend or a stopped server raise
 # InternalClientError: asyncpg's protocol state after the server cut a connection in the
 # middle of an operation ("cannot switch to state 11; another operation is in progress")
@@ -161,10 +183,7 @@ class PartitionLeases:
     async def _renew(self, conn: Any, started: float) -> set[int]:
         mine = list(self.held)
         renewed = await conn.fetch(
-            "UPDATE enkwatch_partition_lease "
-            "SET expires_at = now() + make_interval(secs => $2) "
-            "WHERE owner = $1 AND partition = ANY($3::int[]) AND expires_at > now() "
-            "RETURNING partition, epoch",
+            _RENEW,
             self.replica_id,
             self.lease_s,
             mine,
@@ -181,8 +200,7 @@ class PartitionLeases:
     async def _shed(self, conn: Any, target: int) -> set[int]:
         shed = sorted(self.held)[target:]
         await conn.execute(
-            "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
-            "WHERE owner = $1 AND partition = ANY($2::int[])",
+            _GIVE_BACK,
             self.replica_id,
             shed,
         )
@@ -225,8 +243,7 @@ class PartitionLeases:
             return
         async with self._db.pool.acquire() as conn:
             await conn.execute(
-                "UPDATE enkwatch_partition_lease SET owner = NULL, expires_at = 'epoch' "
-                "WHERE owner = $1 AND partition = ANY($2::int[])",
+                _GIVE_BACK,
                 self.replica_id,
                 mine,
             )
