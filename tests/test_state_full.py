@@ -127,6 +127,7 @@ async def test_outbox_and_checkpoint_writes_are_known_conditions(store: SqliteSt
         store.checkpoint_polls([(KEY, 5)]),
         store.set_task_spec(KEY, None),
         store.enqueue(["hook"], {"event": "daemon.started"}),
+        store.reset_task(KEY, 0.0),  # `forget` (was a raw sqlite3 error: a 500, a traceback)
     ):
         with pytest.raises(StateNotWritten):
             await write

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,27 @@ async def test_the_task_commands_through_a_daemon_then_on_its_state(
     code, _, err = await outputs(enkwatch, "tasks", "--state", str(tmp_path / "missing.db"))
     assert code == 2 and "no state file there" in err
     assert not (tmp_path / "missing.db").exists()
+
+
+async def test_forget_on_a_state_that_refuses_the_change(
+    tmp_path: Path, simulate: StartSim, enkwatch: Spawn
+) -> None:
+    """A state another program holds locked (past the 5 s busy timeout): one line, exit 5
+    (before: `internal error, please report it` with a traceback)."""
+    sim = await simulate(sim_task("t1", ("Finished", None)))
+    state = tmp_path / "state.db"
+    cfg = write_config(tmp_path / "enkwatch.yaml", sim, [{"task_id": "t1"}], state=str(state))
+    assert (await finish(enkwatch, "run", "--config", cfg, "--exit-when-done")).rc == 0
+    holder = sqlite3.connect(state, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        code, out, err = await outputs(enkwatch, "forget", "--state", str(state), "t1")
+    finally:
+        holder.close()
+    assert code == 5 and out == "", err
+    assert "Traceback" not in err and "nothing was changed" in err
+    code, out, err = await outputs(enkwatch, "forget", "--state", str(state), "t1")
+    assert code == 0 and "forgotten in the state" in out, err
 
 
 @pytest.mark.parametrize("command", ["tasks", "add", "remove", "forget"])

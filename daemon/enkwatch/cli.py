@@ -36,6 +36,7 @@ from enkwatch.errors import (
     EnkwatchError,
     NotFound,
     PollError,
+    StateUnavailable,
     UnauthorizedAnswer,
 )
 from enkwatch.events import EventWriter
@@ -441,6 +442,9 @@ def _main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"enkwatch: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StateUnavailable as err:  # a task command on a state that refused the change
+        print(f"enkwatch: {err}; nothing was changed, try again", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError as err:

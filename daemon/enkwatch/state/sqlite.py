@@ -674,7 +674,7 @@ class SqliteStore:
 
     async def reset_task(self, task_key: str, watch_started_at: float) -> bool:
         """`forget`: a task that ended is watched again as if new; False if not ended."""
-        with self._tx():
+        with self._writing(), self._tx():
             cursor = self._db.execute(
                 f"UPDATE tasks SET {', '.join(f'{c} = NULL' for c in RESET_FIELDS)}, "
                 "polls = 0, watch_started_at = ? WHERE task_key = ? AND outcome IS NOT NULL",
