@@ -226,8 +226,10 @@ async def test_migrate_state_from_sqlite(dsn: str, tmp_path: Any) -> None:
         assert moved.spec == {"task_id": "task-1"}
         assert await store.disabled_sinks() == {"gone": "fp-1"}
         await store.record_event(moved, transition(moved, "Finished"))  # seq continues: 4
-        # migrated history counts as written: only the new event waits for its confirmation
-        assert [e.seq for e in await store.unwritten_events()] == [4]
+        # the history written there counts as written; 2 and 3 were never confirmed written
+        # (the daemon was killed first): the new owner writes them, before the new event
+        # (before: migrated as written, never written anywhere)
+        assert [e.seq for e in await store.unwritten_events()] == [2, 3, 4]
         [row] = await store.pending_deliveries("hook", 10)
         assert json.loads(row.body)["event_id"] == "task-1:1"
     finally:

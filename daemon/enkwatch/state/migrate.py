@@ -48,8 +48,14 @@ async def migrate_state(sqlite_path: str, postgres_url: str) -> MigrationReport:
         raise ConfigError([f"--to: {err}"]) from None
     try:
         records = await source.load_tasks()
+        # committed there but never confirmed written (a daemon killed): written after the move
+        unwritten = frozenset((e.task_key, e.seq) for e in await source.unwritten_events())
         tasks, events, outbox = await target.import_state(
-            records.values(), source.journal(), source.pending_outbox(), MIGRATION_REPLICA
+            records.values(),
+            source.journal(),
+            source.pending_outbox(),
+            MIGRATION_REPLICA,
+            unwritten,
         )
         disabled = await target.import_disabled_sinks(await source.disabled_sinks())
     except DB_ERRORS as err:

@@ -316,9 +316,12 @@ class PgStore:
         events: Iterable[JournaledEvent],
         outbox: Iterable[OutboxRow],
         replica: str,
+        unwritten: frozenset[tuple[str, int]] = frozenset(),
     ) -> tuple[int, int, int]:
-        """Copy another store's tasks (kept when already here), their journal (as written) and
-        their pending deliveries, in one transaction: (tasks, events, deliveries) copied."""
+        """Copy another store's tasks (kept when already here), their journal and their
+        pending deliveries, in one transaction: (tasks, events, deliveries) copied. The
+        events named in `unwritten` (task_key, seq) were never confirmed written there: the
+        replica that claims their partition writes them (else they would be lost)."""
         part = self.leases.partition
         async with self.pool.acquire() as conn, conn.transaction():
             copied: set[str] = set()
@@ -329,12 +332,13 @@ class PgStore:
             for e in (e for e in events if e.task_key in copied):
                 await conn.execute(
                     "INSERT INTO enkwatch_events (task_key, seq, partition, status, body, "
-                    "written, replica, epoch) VALUES ($1, $2, $3, $4, $5, true, $6, 0)",
+                    "written, replica, epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
                     e.task_key,
                     e.seq,
                     part(e.task_key),
                     status_of(e.body),
                     orjson.dumps(e.body).decode(),
+                    (e.task_key, e.seq) not in unwritten,
                     replica,
                 )
                 n_events += 1
