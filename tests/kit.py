@@ -44,8 +44,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from enkwatch.config import Config, parse_config
+from enkwatch.kinds import DATASET
+from enkwatch.models import TaskKind
 from enkwatch.service import Service
 from enkwatch.simulator import STATS, Scenario, SimulatorStats, build_app
+from enkwatch.state.base import TaskRecord
 
 SECRET = "sk-test-SECRET-123"  # the API key every child process gets
 API_KEY = "sk-test-SECRET-service"  # the API key of an in-process Service
@@ -757,3 +760,15 @@ async def running(config: Config, **kw: Any) -> AsyncIterator[Service]:
 
 def events_named(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e.get("event") == name]
+
+
+class StubTask:
+    """What the event writer reads of a watched task, for tests that drive the writer alone."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.task_id: str | None = key
+        self.dataset: str | None = None
+        self.labels: dict[str, str] = {}
+        self.record = TaskRecord(key, key, None, 0.0)
+        self.kind: TaskKind = DATASET

@@ -13,26 +13,14 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
-from enkwatch.kinds import DATASET
-from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import COMMIT_BATCH_MAX, SqliteStore
-from tests.kit import journal_written, until
+from tests.kit import StubTask, journal_written, until
 
 # longer than any test: a batch that waits for its window is never committed by it here
 NEVER_S = 3600.0
 
 
-class Task:
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.task_id: str | None = key
-        self.dataset: str | None = None
-        self.labels: dict[str, str] = {}
-        self.record = TaskRecord(key, key, None, 0.0)
-        self.kind = DATASET
-
-
-async def open_store(tasks: list[Task]) -> tuple[SqliteStore, list[str]]:
+async def open_store(tasks: list[StubTask]) -> tuple[SqliteStore, list[str]]:
     store = SqliteStore(":memory:", commit_delay_s=NEVER_S)
     await store.add_tasks([t.record for t in tasks])
     commits: list[str] = []
@@ -40,7 +28,7 @@ async def open_store(tasks: list[Task]) -> tuple[SqliteStore, list[str]]:
     return store, commits
 
 
-def transition(writer: EventWriter, task: Task) -> asyncio.Task[None]:
+def transition(writer: EventWriter, task: StubTask) -> asyncio.Task[None]:
     return asyncio.ensure_future(
         writer.task_event(task, ev.TASK_TRANSITION, ev.INFO, {"status": "Running"})
     )
@@ -52,7 +40,7 @@ async def turns(count: int) -> None:
 
 
 async def test_events_that_come_often_wait_for_the_window_and_share_its_commit() -> None:
-    tasks = [Task(f"t{i}") for i in range(4)]
+    tasks = [StubTask(f"t{i}") for i in range(4)]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     with capture_logs() as logs:
@@ -80,7 +68,7 @@ async def test_events_that_come_often_wait_for_the_window_and_share_its_commit()
 
 
 async def test_a_full_batch_is_committed_without_waiting_for_its_window() -> None:
-    tasks = [Task(f"t{i}") for i in range(COMMIT_BATCH_MAX + 1)]
+    tasks = [StubTask(f"t{i}") for i in range(COMMIT_BATCH_MAX + 1)]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     with capture_logs():
@@ -93,7 +81,7 @@ async def test_a_full_batch_is_committed_without_waiting_for_its_window() -> Non
 
 
 async def test_close_commits_a_waiting_batch_and_its_events_are_written() -> None:
-    tasks = [Task("a"), Task("b")]
+    tasks = [StubTask("a"), StubTask("b")]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     with capture_logs() as logs:
@@ -108,7 +96,7 @@ async def test_close_commits_a_waiting_batch_and_its_events_are_written() -> Non
 
 
 async def test_a_task_keeps_its_order_across_windows() -> None:
-    task = Task("t")
+    task = StubTask("t")
     store = SqliteStore(":memory:", commit_delay_s=0.001)
     await store.add_task(task.record)
     writer = EventWriter(SystemClock(), store)
@@ -123,7 +111,7 @@ async def test_a_task_keeps_its_order_across_windows() -> None:
 
 
 async def test_a_batch_holding_half_the_polls_that_may_run_is_committed_at_once() -> None:
-    tasks = [Task(f"t{i}") for i in range(5)]
+    tasks = [StubTask(f"t{i}") for i in range(5)]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     writer.concurrent_writers(8)  # max_concurrency 8: four events fill a batch
@@ -143,7 +131,7 @@ async def test_a_batch_holding_half_the_polls_that_may_run_is_committed_at_once(
 
 
 async def test_confirmations_ride_with_a_staged_batch_instead_of_a_commit_of_their_own() -> None:
-    tasks = [Task("a"), Task("b")]
+    tasks = [StubTask("a"), StubTask("b")]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     with capture_logs():
@@ -162,7 +150,7 @@ async def test_confirmations_ride_with_a_staged_batch_instead_of_a_commit_of_the
 
 
 async def test_the_writer_released_at_shutdown_commits_what_waits_at_once() -> None:
-    tasks = [Task("a"), Task("b")]
+    tasks = [StubTask("a"), StubTask("b")]
     store, commits = await open_store(tasks)
     writer = EventWriter(SystemClock(), store)
     with capture_logs() as logs:
@@ -178,7 +166,7 @@ async def test_the_writer_released_at_shutdown_commits_what_waits_at_once() -> N
 
 
 async def test_confirmations_of_a_failed_batch_are_committed_on_their_own_later() -> None:
-    tasks = [Task("a"), Task("b")]
+    tasks = [StubTask("a"), StubTask("b")]
     store, _ = await open_store(tasks)
     store.commit_delay_s = 0.0
     store._db.execute("UPDATE tasks SET seq = 1 WHERE task_key = 'b'")  # b:1 was journaled

@@ -16,29 +16,16 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
-from enkwatch.kinds import DATASET
 from enkwatch.sinks import Outbox, Sink, dead_letter_fields
-from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
-from tests.kit import Spawn, StartReceiver, finish, until
-
-
-class Task:
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.task_id: str | None = key
-        self.dataset: str | None = None
-        self.labels: dict[str, str] = {}
-        self.record = TaskRecord(key, key, None, 0.0)
-        self.kind = DATASET
-
+from tests.kit import Spawn, StartReceiver, StubTask, finish, until
 
 # -- group commit ---------------------------------------------------------------------------
 
 
 async def test_events_of_one_loop_turn_share_one_transaction_in_task_order() -> None:
     store = SqliteStore(":memory:")
-    tasks = [Task(f"t{i}") for i in range(20)]
+    tasks = [StubTask(f"t{i}") for i in range(20)]
     await store.add_tasks([t.record for t in tasks])
     commits: list[str] = []
     store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
@@ -62,7 +49,7 @@ async def test_events_of_one_loop_turn_share_one_transaction_in_task_order() -> 
 
 async def test_a_failed_group_commit_fails_every_event_of_it_and_writes_none() -> None:
     store = SqliteStore(":memory:")
-    tasks = [Task("a"), Task("b")]
+    tasks = [StubTask("a"), StubTask("b")]
     await store.add_tasks([t.record for t in tasks])
     store._db.execute("DROP TABLE events")  # every insert of the batch fails
     writer = EventWriter(SystemClock(), store)
@@ -94,7 +81,7 @@ async def test_two_failing_sinks_on_every_event_cannot_make_a_storm(aiohttp_serv
         for name in ("a", "b")
     ]
     store = SqliteStore(":memory:")
-    task = Task("t1")
+    task = StubTask("t1")
     await store.add_task(task.record)
     dead: list[tuple[str, str]] = []
 

@@ -20,14 +20,12 @@ from enkwatch import sinks as sinks_module
 from enkwatch.clock import SystemClock
 from enkwatch.events import EventWriter
 from enkwatch.formats import CloudEventsFormat
-from enkwatch.kinds import DATASET
-from enkwatch.models import TaskKind
 from enkwatch.sinks import Outbox
 from enkwatch.state import postgres
 from enkwatch.state.base import OutboxRow, TaskRecord
 from enkwatch.state.postgres import PgStore
 from enkwatch.state.sqlite import SqliteStore
-from tests.kit import StartReceiver, until
+from tests.kit import StartReceiver, StubTask, until
 from tests.pgkit import HOW_TO_ENABLE, find_bin_dir
 from tests.test_sinks_lean import journal, sink
 
@@ -384,17 +382,7 @@ class HeadsStore(SqliteStore):
         return self.found.count(1) == 2 and self.found[-1] == 1
 
 
-class Task:
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.task_id: str | None = key
-        self.dataset: str | None = None
-        self.labels: dict[str, str] = {}
-        self.record = TaskRecord(key, key, None, 0.0)
-        self.kind: TaskKind = DATASET
-
-
-async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[Task]) -> None:
+async def events_of(writer: EventWriter, store: SqliteStore, tasks: list[StubTask]) -> None:
     """One transition of each task, in turn, the loop turning between them."""
     for task in tasks:
         if task.record.seq == 0:
@@ -417,13 +405,13 @@ async def test_a_paused_sink_does_not_read_its_queue_on_every_event(
     # no Retry-After: paused for the backoff, a minute at least
     outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
     writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
-    a = Task("a")
+    a = StubTask("a")
     await outbox.start()
     try:
         await events_of(writer, store, [a])
         await until(store.asleep_after_a_failure, "the pause")
         reads = store.reads
-        await events_of(writer, store, [Task(f"t{i}") for i in range(20)] + [a])
+        await events_of(writer, store, [StubTask(f"t{i}") for i in range(20)] + [a])
         assert store.reads == reads
         await outbox.reconfigure([sink("test", url)])
         await until(lambda: store.reads == reads + 1, "the reload to look again")
@@ -448,7 +436,7 @@ async def test_a_retrying_sink_reads_its_queue_only_for_a_row_that_may_be_due(
     store.found = []
     outbox = Outbox(store, [sink("test", url)], SystemClock(), retry_base_s=600)
     writer = EventWriter(SystemClock(), store, sinks_for=outbox.sinks_for, notify=outbox.notify)
-    a = Task("a")
+    a = StubTask("a")
     await outbox.start()
     try:
         await events_of(writer, store, [a])
@@ -456,7 +444,7 @@ async def test_a_retrying_sink_reads_its_queue_only_for_a_row_that_may_be_due(
         reads = store.reads
         await events_of(writer, store, [a] * 20)
         assert store.reads == reads
-        await events_of(writer, store, [Task("b")])
+        await events_of(writer, store, [StubTask("b")])
         await until(lambda: hooks.arrived == ["a:1", "b:1"], "b's delivery")
     finally:
         await outbox.close()
