@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -31,6 +32,14 @@ DRAIN_TIMEOUT_S = 10.0
 def _sink(path: str) -> TextIO:
     """A text file the JSON events go to (kept open for the process's life)."""
     return open(path, "w", encoding="utf-8")
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """User + system CPU of another process so far (0 without one), from /proc."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Window:
@@ -420,11 +429,17 @@ class EnkwatchWorker:
 
         The deliveries of the first round's events (one per task and sink) are made first:
         the window measures the steady state, not the catching up on a backlog."""
-        await self.service.running.outbox.wait_idle(60.0)
+        outbox = self.service.running.outbox
+        await outbox.wait_idle(60.0)
         delivered0 = self._delivered()
+        # the delivery process's CPU (it has one with a state file: see enkwatch.delivery)
+        pid = getattr(outbox, "pid", None)
+        child0 = _process_cpu_s(pid)
         out = await self.load(window_s, settle_s)
         out["delivered"] = self._delivered() - delivered0
-        out["outbox_pending"] = self.service.running.outbox.stats()[0]
+        out["outbox_pending"] = outbox.stats()[0]
+        out["delivery_process"] = pid is not None
+        out["delivery_process_cpu_s"] = _process_cpu_s(pid) - child0
         return out
 
     async def idle(self, window_s: float) -> dict[str, Any]:

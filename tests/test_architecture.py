@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"service", "taskcmds"},
     {"watchlist"},
-    {"ownership"},
+    {"ownership", "delivery"},
     {"schedule", "metrics", "sinks", "admin", "demo", "health", "discovery"},
     {"watch", "formats"},
     {"events", "client", "simulator", "statuspage"},

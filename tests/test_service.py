@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.client import ApiClient
 from enkwatch.clock import FakeClock
+from enkwatch.delivery import DeliveryProcess
 from enkwatch.errors import ConfigError
 from enkwatch.health import STALL_LIMIT_S, Health, Outcome, StopReason
 from enkwatch.schedule import Timers
@@ -79,6 +80,7 @@ def closes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     spy(ApiClient, "__aexit__", "client")
     spy(Timers, "shutdown", "timers", is_async=False)
     spy(Outbox, "close", "outbox")
+    spy(DeliveryProcess, "close", "outbox")  # the outbox in a process of its own
     return order
 
 

@@ -88,6 +88,8 @@ class Metrics:
             ["sink", "outcome"],
             registry=r,
         )
+        restarts = "Times the webhook delivery process ended unasked and was started again."
+        self.delivery_restarts = Counter("enkwatch_delivery_process_restarts", restarts, registry=r)
         self.reloads = Counter(
             "enkwatch_config_reloads",
             "Config reloads by result (ok, failed).",

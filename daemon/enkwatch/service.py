@@ -20,6 +20,7 @@ from enkwatch.admin import AdminView, serve_admin
 from enkwatch.client import ApiClient
 from enkwatch.clock import Clock, SystemClock
 from enkwatch.config import Config
+from enkwatch.delivery import Deliveries, open_deliveries
 from enkwatch.discovery import Discoverer
 from enkwatch.errors import ConfigError
 from enkwatch.events import EventWriter
@@ -30,7 +31,7 @@ from enkwatch.metrics import Metrics, StateGauges
 from enkwatch.output import Lines
 from enkwatch.ownership import Owner, choose_owner
 from enkwatch.schedule import PollScheduler, StallTimer, Timers, follow_polling
-from enkwatch.sinks import Outbox, Sink, dead_letter_fields, disabled_fields, sink_secrets
+from enkwatch.sinks import Sink, sink_secrets
 from enkwatch.state import open_store
 from enkwatch.state.base import StateError, Store
 from enkwatch.watch import LOST, AuthRejected, Poller, PollResult, TaskWatch
@@ -53,7 +54,7 @@ class Running:
     scheduler: PollScheduler
     watchlist: WatchList
     gate: RequestGate
-    outbox: Outbox
+    outbox: Deliveries
     timers: Timers
 
 
@@ -166,11 +167,11 @@ class Service:
     async def _assemble(self, stack: AsyncExitStack) -> Running:
         store = await self._open_store(stack)
         out = self._open_stdout(stack)
-        outbox = Outbox(
-            store, self._sinks, self.clock, rng=self._rng,
-            on_result=lambda s, o: self.metrics.deliveries.labels(s.id, o).inc(),
-            on_dead=lambda s, row, err: writer.delivery_failed(dead_letter_fields(s, row, err)),
-            on_disabled=lambda s, code, n: writer.sink_disabled(disabled_fields(s, code, n)),
+        outbox = open_deliveries(
+            store, self.config.state.path, self._sinks, self.clock,
+            lambda sink, outcome, n: self.metrics.deliveries.labels(sink, outcome).inc(n),
+            lambda fields: writer.delivery_failed(fields), lambda f: writer.sink_disabled(f),
+            self.metrics.delivery_restarts.inc, rng=self._rng,
         )  # fmt: skip
         writer = EventWriter(
             self.clock, store, (self.metrics.observe_event, self.feed.publish),
@@ -266,17 +267,15 @@ class Service:
         if self._reason == StopReason.ALL_DONE:
             await parts.outbox.wait_idle(OUTBOX_FLUSH_S)
         writer.cancel_pending()
-        stack.callback(
-            writer.daemon_event, ev.DAEMON_STOPPED, reason=reason, cancelled_polls=cancelled
-        )
+        stopped: dict[str, Any] = {"reason": reason, "cancelled_polls": cancelled}
+        stack.callback(writer.daemon_event, ev.DAEMON_STOPPED, **stopped)
 
     def _check_all_done(self, watchlist: WatchList) -> None:
         if not self.exit_when_done or self._stop.is_set():
             return
         if watchlist.all_done():
             assert self.running is not None
-            outcomes: dict[str, Any] = watchlist.outcomes()
-            self.running.writer.daemon_event(ev.DAEMON_ALL_DONE, **outcomes)
+            self.running.writer.daemon_event(ev.DAEMON_ALL_DONE, ev.INFO, **watchlist.outcomes())
             self.request_stop(StopReason.ALL_DONE)
 
     def _poll_ended(

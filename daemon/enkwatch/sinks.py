@@ -101,6 +101,9 @@ class Sink:
     fingerprint: str = ""  # of its config: a disabled sink whose config changed is enabled
     # the secrets and routing key as written (whsec_...): redacted wherever they would show
     secret_texts: tuple[str, ...] = ()
+    # what it was built from (its format is built again from them in the delivery process)
+    hook: WebhookConfig | None = field(default=None, compare=False)
+    routing_key: str | None = field(default=None, compare=False)
 
     def wants(self, event: Mapping[str, Any]) -> bool:
         """True when this sink takes the event: every filter passes and the format sends it."""
@@ -210,6 +213,8 @@ def _build_sink(i: int, hook: WebhookConfig, environ: Mapping[str, str]) -> Sink
         format=build_format(hook, routing_key),
         fingerprint=fingerprint(hook),
         secret_texts=tuple(texts),
+        hook=hook,
+        routing_key=routing_key,
     )
 
 

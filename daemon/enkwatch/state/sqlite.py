@@ -147,6 +147,25 @@ def _spec_text(spec: Mapping[str, Any] | None) -> str | None:
     return orjson.dumps(dict(spec)).decode() if spec is not None else None
 
 
+def _connect(path: str) -> sqlite3.Connection:
+    """A connection in WAL mode, set up as every connection of enkwatch's is."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # a write waits for another connection's (the delivery process's) at most this long
+    db.execute("PRAGMA busy_timeout = 5000")
+    if path != ":memory:":
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StateError(f"{path}: cannot switch the state database to WAL mode")
+    # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
+    db.execute("PRAGMA synchronous = NORMAL")
+    # a checkpoint every WAL_CHECKPOINT_PAGES pages instead of SQLite's 1,000: each event
+    # dirties a page of its own (its task's row), and copying them back ten times less often
+    # cost a third of a commit; the WAL file stays under JOURNAL_LIMIT_BYTES
+    db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT_BYTES}")
+    return db
+
+
 class SqliteStore:
     """SQLite in WAL mode; `:memory:` for no persistence.
 
@@ -157,8 +176,16 @@ class SqliteStore:
     shared = False
 
     def __init__(
-        self, path: str, clock: Clock | None = None, commit_delay_s: float = COMMIT_DELAY_S
+        self,
+        path: str,
+        clock: Clock | None = None,
+        commit_delay_s: float = COMMIT_DELAY_S,
+        *,
+        outbox_only: bool = False,
     ) -> None:
+        """Open (and create or convert) the state; `outbox_only`: a second connection to a
+        state a daemon opened, for its webhook outbox alone (the delivery process): the
+        schema is checked, never created or converted, and the journal is not loaded."""
         self.path = path
         self._clock = clock or SystemClock()
         self._confirmations: list[tuple[str, int]] = []
@@ -174,20 +201,11 @@ class SqliteStore:
         self.trouble: str | None = None
         self.on_availability: Callable[[str | None], None] | None = None
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            if path != ":memory:":
-                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise StateError(f"{path}: cannot switch the state database to WAL mode")
-            # NORMAL in WAL mode: a commit survives the process being killed (not a power cut)
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            # a checkpoint every WAL_CHECKPOINT_PAGES pages instead of SQLite's 1,000: each
-            # event dirties a page of its own (its task's row), and copying
-            # them back ten times less often cost a third of a commit; the WAL file stays
-            # under JOURNAL_LIMIT_BYTES
-            self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
-            self._db.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT_BYTES}")
+            self._db = _connect(path)
+            if outbox_only:
+                if (version := self._stored_version()) != SCHEMA_VERSION:
+                    raise StateError(f"{path}: schema {version}, not {SCHEMA_VERSION}")
+                return
             self._db.executescript(_SCHEMA)
             self._add_columns()
             # a table of the same name from another program fails here, before we stamp it
