@@ -128,9 +128,7 @@ def test_a_sink_crosses_to_the_delivery_process_whole(tmp_path: Path) -> None:
             assert (mine.body, mine.content_type) == (theirs.body, theirs.content_type)
 
 
-def test_the_outbox_stays_in_the_daemon_where_a_process_cannot_share_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_outbox_stays_in_the_daemon_where_a_process_cannot_share_it(tmp_path: Path) -> None:
     sinks = sinks_of({"url": "http://h/1", "name": "a"})
     args: tuple[Any, ...] = (lambda *a: None, lambda f: None, lambda f: None, lambda: None)
     path = str(tmp_path / "s.db")
@@ -144,8 +142,8 @@ def test_the_outbox_stays_in_the_daemon_where_a_process_cannot_share_it(
         assert isinstance(open_deliveries(memory, ":memory:", sinks, system, *args), Outbox)
         bare = [Sink("x", "http://h", None, frozenset({"*"}), 1.0, 1.0)]
         assert isinstance(open_deliveries(store, path, bare, system, *args), Outbox)
-        monkeypatch.setenv("ENKWATCH_DELIVERY", "inline")
-        assert isinstance(open_deliveries(store, path, sinks, system, *args), Outbox)
+        # sinks.delivery: inline
+        assert isinstance(open_deliveries(store, path, sinks, system, *args, True), Outbox)
     finally:
         asyncio.run(store.close())
 

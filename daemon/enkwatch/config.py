@@ -298,6 +298,9 @@ class SinksConfig(_Model):
     """`sinks`: where events go besides stdout."""
 
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    # who makes the deliveries of a SQLite state file: a process of their own (their CPU off
+    # the polling process), or the daemon's (one process; `:memory:` and PostgreSQL always)
+    delivery: Literal["process", "inline"] = "process"
 
 
 TaskKindName = Literal["dataset", "redteam", "redteam_run"]

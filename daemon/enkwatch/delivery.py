@@ -58,7 +58,7 @@ STOP_WITHIN_S: Final = 5.0  # then it is killed (a POST under way: its row goes 
 RESTART_BASE_S: Final = 1.0
 RESTART_MAX_S: Final = 30.0
 STABLE_S: Final = 60.0  # a child that ran this long starts its successor's backoff afresh
-WAKE_EVERY_S: Final = 0.005
+WAKE_EVERY_S: Final = 0.01
 # more task keys than this waiting to be told: the child is told to look at everything
 WAKE_KEYS_MAX: Final = 4096
 # the child not reading (its pipe holds this much): wake-ups wait, coalesced, until it reads
@@ -95,16 +95,18 @@ def open_deliveries(
     on_dead: OnFields,
     on_disabled: OnFields,
     on_restart: Callable[[], None],
+    inline: bool = False,
     **outbox: Any,
 ) -> Deliveries:
-    """A delivery process for a SQLite state file (see the module's docstring), otherwise the
-    outbox in this process; `outbox` are further arguments of an in-process `Outbox`."""
+    """A delivery process for a SQLite state file (see the module's docstring), otherwise
+    (or `inline`: `sinks.delivery: inline`) the outbox in this process; `outbox` are further
+    arguments of an in-process `Outbox`."""
     separate = (
-        isinstance(store, SqliteStore)
+        not inline
+        and isinstance(store, SqliteStore)
         and state_path != ":memory:"
         and isinstance(clock, SystemClock)
         and all(s.hook is not None for s in sinks)
-        and os.environ.get("ENKWATCH_DELIVERY") != "inline"
     )
     if separate:
         return DeliveryProcess(store, state_path, sinks, on_count, on_dead, on_disabled, on_restart)

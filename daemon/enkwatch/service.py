@@ -170,8 +170,9 @@ class Service:
         outbox = open_deliveries(
             store, self.config.state.path, self._sinks, self.clock,
             lambda sink, outcome, n: self.metrics.deliveries.labels(sink, outcome).inc(n),
-            lambda fields: writer.delivery_failed(fields), lambda f: writer.sink_disabled(f),
-            self.metrics.delivery_restarts.inc, rng=self._rng,
+            lambda f: writer.delivery_failed(f), lambda f: writer.sink_disabled(f),
+            self.metrics.delivery_restarts.inc, self.config.sinks.delivery == "inline",
+            rng=self._rng,
         )  # fmt: skip
         writer = EventWriter(
             self.clock, store, (self.metrics.observe_event, self.feed.publish),

@@ -400,6 +400,8 @@ class WatchList:
         old, old_keys = self.config, self._config_keys
         new_tasks = {t.key: t for t in new.tasks}
         restart_required = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+        if old.sinks.delivery != new.sinks.delivery:
+            restart_required.append("sinks.delivery")
         if new.polling != old.polling:
             self._apply_polling(old, new, new_tasks)
             self._on_polling(new)

@@ -135,6 +135,9 @@ _INSERT_TASK = (
     f"INSERT OR IGNORE INTO tasks ({_TASK_COLUMNS}) "
     f"VALUES ({', '.join('?' * (len(TASK_FIELDS) + 1))})"
 )
+_INSERT_OUTBOX: Final = (
+    "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)"
+)
 # a task's new state, if its seq grows (compare-and-set: an event's (task_key, seq) is
 # journaled once; the journal has no key on them)
 _UPDATE_STATE = (
@@ -384,9 +387,10 @@ class SqliteStore:
         body = event if type(event) is dict else dict(event)
         row_id = self._next_id
         self._next_id = row_id + 1
-        batch.events.append((row_id, key, record.seq, orjson.dumps(body).decode()))
-        if sinks:
-            batch.outbox.append((sinks, key, event))
+        raw = orjson.dumps(body)
+        batch.events.append((row_id, key, record.seq, raw.decode()))
+        if sinks:  # its deliveries carry the journaled bytes
+            batch.outbox.extend((sink, key, raw) for sink in sinks)
         if _is_transient(event):
             batch.transient.append(row_id)
         return batch.done
@@ -436,8 +440,10 @@ class SqliteStore:
                 if updated != len(batch.states):
                     self._refuse_clash(batch.states, updated)
                 self._db.executemany(_INSERT_EVENT, batch.events)
-                for sinks, key, event in batch.outbox:
-                    self._enqueue(sinks, key, event)
+                if batch.outbox:
+                    now = self._clock.now().timestamp()
+                    rows = [(sink, key, raw, now, now) for sink, key, raw in batch.outbox]
+                    self._db.executemany(_INSERT_OUTBOX, rows)
         except (StateNotWritten, sqlite3.Error) as err:
             if not batch.done.done():
                 batch.done.set_exception(err)
@@ -476,11 +482,7 @@ class SqliteStore:
     def _enqueue(self, sinks: Sequence[str], task_key: str, event: Mapping[str, Any]) -> None:
         body = orjson.dumps(dict(event))
         now = self._clock.now().timestamp()
-        self._db.executemany(
-            "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(sink, task_key, body, now, now) for sink in sinks],
-        )
+        self._db.executemany(_INSERT_OUTBOX, [(sink, task_key, body, now, now) for sink in sinks])
 
     async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
         with self._reading():
@@ -727,7 +729,8 @@ class _Batch:
         self.states: list[tuple[Any, ...]] = []
         # (id, task_key, seq, body)
         self.events: list[tuple[int, str, int, str]] = []
-        self.outbox: list[tuple[Sequence[str], str, Mapping[str, Any]]] = []
+        # (sink, task_key, the event's bytes)
+        self.outbox: list[tuple[str, str, bytes]] = []
         # the ids of task.poll_failed rows (deleted once written)
         self.transient: list[int] = []
 
