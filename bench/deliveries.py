@@ -44,6 +44,7 @@ from bench.worker import SINK_SECRET, sinks_document
 from enkwatch import __version__
 from enkwatch.clock import SystemClock
 from enkwatch.config import SinksConfig
+from enkwatch.delivery import DeliveryProcess
 from enkwatch.formats import message_id
 from enkwatch.sinks import MAX_ANSWER_READ_BYTES, MAX_PARALLEL_PER_SINK, Outbox, Sink, build_sinks
 from enkwatch.state.base import TaskRecord
@@ -197,6 +198,47 @@ async def measure(
         "feed_cpu_s": feed_cpu,
         "cpu_per_delivery_us": (cpu - feed_cpu) / deliveries * 1e6,
         "feed_cpu_per_event_us": feed_cpu / events * 1e6,
+    }
+
+
+async def daemon_side(port: int, events: int, rate: float) -> dict[str, Any]:
+    """The daemon's CPU per event for its deliveries when a delivery process makes them
+    (`enkwatch.delivery`): feeding with the process draining, minus feeding without sinks;
+    and, between them, feeding the rows with nobody draining (what the rows alone cost).
+    The three are fed in turns, twice each, and the best of each kept (load moves them)."""
+    sinks = _sinks(port)
+    ids = [s.id for s in sinks]
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="enkwatch-deliveries-") as tmp:
+        for turn in range(2):
+            for label in ("no sinks", "rows only", "delivery process"):
+                store = SqliteStore(str(Path(tmp) / f"{label}-{turn}.db"), SystemClock())
+                feeder = Feeder(store, ids if label != "no sinks" else [], min(events, 1000))
+                await feeder.setup()
+                process = None
+                notify: Callable[[], None] = lambda: None  # noqa: E731
+                if label == "delivery process":
+                    process = DeliveryProcess(
+                        store, store.path, sinks, lambda *a: None, lambda f: None,
+                        lambda f: None, lambda: None,
+                    )  # fmt: skip
+                    await process.start()
+                    notify = process.notify
+                await feeder.feed(50, rate, notify)  # warm up
+                cpu0 = time.process_time()
+                await feeder.feed(events, rate, notify)
+                cpu = time.process_time() - cpu0
+                if process is not None:
+                    if not await process.wait_idle(60):
+                        raise RuntimeError("the delivery process did not drain the outbox")
+                    await process.close()
+                await store.close()
+                per_event = cpu / events * 1e6
+                best[label] = min(best.get(label, per_event), per_event)
+    return {
+        "cpu_per_event_us": {k: round(v, 1) for k, v in best.items()},
+        "rows_us_per_event": round(best["rows only"] - best["no sinks"], 1),
+        "daemon_us_per_event": round(best["delivery process"] - best["no sinks"], 1),
     }
 
 
@@ -368,8 +410,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also split the CPU by phase")
     parser.add_argument("--floor", action="store_true", help="also measure a bare aiohttp POST")
     parser.add_argument("--top", type=int, default=0, help="print the profile's top N functions")
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help="the daemon's CPU per event when a delivery process makes the deliveries",
+    )
     args = parser.parse_args(argv)
     receiver = Server("--receiver")
+    if args.process:
+        try:
+            side = asyncio.run(daemon_side(receiver.port, args.events, args.rate))
+        finally:
+            receiver.close()
+        print(json.dumps({"load_average": os.getloadavg(), **side}, indent=2))
+        return 0
     try:
         runs = [
             asyncio.run(measure(receiver.port, args.events, args.rate, None))
