@@ -6,8 +6,9 @@ fresh enkwatch process with N tasks against `bench.server`, start-up (config par
 loaded, all scheduled), the first round of polls, a short saturation window, then a window
 at 70% of that rate, whose RSS peak less the RSS before the tasks, over N, is the figure.
 
-To measure older code with this script (bisecting), put its package first:
-`PYTHONPATH=/old/tree/daemon python -m bench.startmem`.
+To measure older code (bisecting), `--tree /old/worktree` runs that tree's own
+`bench.worker` and `bench.server` on its own `enkwatch` package (their command protocol is
+the same since the benchmark began; the worker of this tree does not drive older code).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bench.run
 from bench.run import LOAD_FRACTION, POOL, TINY_INTERVAL_S, Child, Server
+
+
+def _use_tree(tree: Path) -> None:
+    """Children started from now on import `bench` and `enkwatch` from `tree`.
+
+    `Child` runs `python -m` in `bench.run.ROOT` with it first on PYTHONPATH."""
+    bench.run.ROOT = tree
+    os.environ["PYTHONPATH"] = str(tree / "daemon")
 
 
 def measure(n: int, window_s: float, load_window_s: float) -> dict[str, Any]:
@@ -70,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=1.5, help="saturation window, s")
     parser.add_argument("--load-window", type=float, default=4.0, help="70%% load window, s")
     parser.add_argument("--json", action="store_true", help="one JSON line per run")
+    parser.add_argument("--tree", type=Path, help="measure the code of this worktree instead")
     args = parser.parse_args(argv)
+    if args.tree is not None:
+        _use_tree(args.tree.resolve())
     for _ in range(args.runs):
         load_before = os.getloadavg()[0]
         out = measure(args.n, args.window, args.load_window)
