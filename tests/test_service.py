@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from structlog.testing import capture_logs
 from enkwatch import events as ev
 from enkwatch.client import ApiClient
 from enkwatch.clock import FakeClock
+from enkwatch.config import TaskConfig
 from enkwatch.delivery import DeliveryProcess
 from enkwatch.errors import ConfigError
 from enkwatch.health import STALL_LIMIT_S, Health, Outcome, StopReason
@@ -116,6 +118,26 @@ async def test_run_returns_the_outcome(tmp_path: Path, simulate: StartSim) -> No
     with capture_logs():
         outcome = await asyncio.wait_for(service.run(install_signals=False), 20)
     assert outcome == Outcome(StopReason.ALL_DONE, False, finished=1, failed=1, gave_up=0)
+
+
+async def test_a_sole_owner_keeps_no_task_entry_of_its_config(
+    tmp_path: Path, simulate: StartSim
+) -> None:
+    # the watches hold what they need; the pydantic entries (~640 B each) were half the
+    # memory per task at 100,000 tasks while the service kept the config it was given
+    keys = ["let-go-1", "let-go-2"]
+    sim = await simulate(*(sim_task(k, ("Running", None)) for k in keys))
+    tasks = [{"task_id": k} for k in keys]
+    service = Service(make_config(sim.url, str(tmp_path / "s.db"), tasks), API_KEY, gc_tuning=False)
+    job = asyncio.ensure_future(service.run(install_signals=False))
+    with capture_logs():
+        await asyncio.wait_for(service.ready.wait(), 10)
+        assert service.running is not None and sorted(service.running.watchlist.tasks) == keys
+        gc.collect()
+        kept = [o for o in gc.get_objects() if isinstance(o, TaskConfig) and o.task_id in keys]
+        service.request_stop()
+        await asyncio.wait_for(job, 15)
+    assert kept == []
 
 
 async def test_an_api_that_rejects_the_key_ends_the_run_with_auth_failed(

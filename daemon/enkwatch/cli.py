@@ -482,9 +482,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = load_config(path)
         if problems := preflight_problems(config):
             raise ConfigError(problems, path)
-        return asyncio.run(
-            _run_service(config, args.exit_when_done, config_path=path, summary=summary)
-        )
+        run = _run_service(config, args.exit_when_done, config_path=path, summary=summary)
+        del config  # the service lets its task entries go once watched: no reference here
+        return asyncio.run(run)
     if command == "watch":
         config = _adhoc_config(args)
         return asyncio.run(_run_service(config, exit_when_done=True, summary=summary))
@@ -743,6 +743,7 @@ async def _run_service(
         sinks=sinks,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
     )
+    del config  # nor here (see Service._assemble)
     outcome = await service.run()
     if outcome.problem is not None:
         return _stdout_unusable(outcome.problem)

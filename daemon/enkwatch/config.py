@@ -311,6 +311,11 @@ KIND_FIELDS: Final[dict[str, tuple[str, str | None]]] = {
     "redteam_run": ("run_id", None),
 }
 _IDENTITY_FIELDS: Final = ("task_id", "dataset", "test_name", "run_id")
+# the identifying fields that do not apply to each kind (checked for every task entry)
+_FOREIGN_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    kind: tuple(f for f in _IDENTITY_FIELDS if f not in fields)
+    for kind, fields in KIND_FIELDS.items()
+}
 
 
 def task_key(kind: str, ident: str | None, name: str | None) -> str:
@@ -352,8 +357,7 @@ class TaskConfig(_Model):
     @model_validator(mode="after")
     def _needs_an_identity(self) -> TaskConfig:
         id_field, name_field = KIND_FIELDS[self.kind]
-        own = {id_field} | ({name_field} if name_field else set())
-        foreign = [f for f in _IDENTITY_FIELDS if f not in own and getattr(self, f) is not None]
+        foreign = [f for f in _FOREIGN_FIELDS[self.kind] if getattr(self, f) is not None]
         if foreign:
             raise ValueError(f"{', '.join(foreign)} does not apply to kind {self.kind}")
         if self.ident is None and self.name is None:

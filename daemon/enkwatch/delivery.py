@@ -576,9 +576,6 @@ def main() -> int:
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import enkwatch.sinks as _s
-
-    _s.ROUND_EVERY_S = float(os.environ.get("X_ROUND", "0.01"))
     return asyncio.run(serve(sys.stdin.buffer, reports))
 
 

@@ -92,7 +92,9 @@ class EventFeed:
             _, oldest, _ = self._ring[0]
             if oldest is not None and self._positions.get(oldest) == self._ring[0][0]:
                 del self._positions[oldest]
-        data = orjson.dumps(body, default=str)
+        # a copy of the exact size: orjson's bytes keep its whole buffer (4-8 KiB for an
+        # event of ~550 B), which made the ring of 1,024 events hold 8 MiB instead of 0.6
+        data = bytes(memoryview(orjson.dumps(body, default=str)))
         self._ring.append((position, event_id, data))
         if self.readers:
             message = sse_message(data, event_id)

@@ -223,7 +223,15 @@ class StateGauges(Collector):
         self.replication = replication
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._task_gauges()
+        return self._families(self.tasks())
+
+    def describe(self) -> Iterator[Metric]:
+        """The families, for their names when registered: without a pass over the tasks
+        (prometheus_client would call collect, 0.07 s at start-up with 100,000 tasks)."""
+        return self._families(())
+
+    def _families(self, tasks: Iterable[TaskWatch]) -> Iterator[Metric]:
+        yield from self._task_gauges(tasks)
         yield GaugeMetricFamily(
             "enkwatch_polls_in_flight", "Requests in flight now.", value=self.in_flight()
         )
@@ -245,14 +253,14 @@ class StateGauges(Collector):
             value=oldest or 0.0,
         )
 
-    def _task_gauges(self) -> Iterator[Metric]:
+    def _task_gauges(self, watched: Iterable[TaskWatch]) -> Iterator[Metric]:
         by_status: Tally[tuple[str, str]] = Tally()
         stalled: Tally[str] = Tally()
         age_by_status: dict[str, float] = {}
         failing = 0
         worst = 0
         now = self._clock.now().timestamp()
-        for task in self.tasks():
+        for task in watched:
             label = _status_label(task)
             by_status[task.kind.name, label] += 1
             if not task.done:

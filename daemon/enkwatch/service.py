@@ -209,12 +209,12 @@ class Service:
             on_polling=lambda new: follow_polling(new.polling, sched, poller, gate),
         )  # fmt: skip
         await owner.load(watchlist)
-        self.metrics.registry.register(
-            StateGauges(
-                self.clock, lambda: watchlist.tasks.values(), gate,
-                lambda: len(sched.in_flight), outbox.stats, owner.stats,
-            )
-        )  # fmt: skip
+        # a sole owner's list let go of the task entries (~640 B each): not kept here either
+        self.config = watchlist.config
+        self.metrics.registry.register(StateGauges(
+            self.clock, lambda: watchlist.tasks.values(), gate,
+            lambda: len(sched.in_flight), outbox.stats, owner.stats,
+        ))  # fmt: skip
         await outbox.start()
         stack.push_async_callback(outbox.close)
         self.running = Running(store, owner, writer, sched, watchlist, gate, outbox, timers)

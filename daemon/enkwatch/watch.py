@@ -128,10 +128,15 @@ class TaskWatch:
 
     @classmethod
     def from_config(
-        cls, task: TaskConfig, polling: PollingConfig, record: TaskRecord, source: str = "config"
+        cls,
+        task: TaskConfig,
+        polling: PollingConfig,
+        record: TaskRecord,
+        source: str = "config",
+        key: str | None = None,  # task.key, when the caller has it already
     ) -> TaskWatch:
         return cls(
-            key=task.key,
+            key=task.key if key is None else key,
             task_id=task.ident,
             dataset=task.name,
             # most tasks have none: share one empty mapping instead of a dict each

@@ -93,12 +93,13 @@ class WatchList:
         """The config's tasks (new ones stored, in one transaction) and those added by API."""
         now = self._clock.now().timestamp()
         new: list[TaskRecord] = []
-        for cfg in self.config.tasks:
-            record = records.get(cfg.key)
+        # each entry's key once (made from its kind and fields: 0.1 s at 100,000 each time)
+        for key, cfg in self._config_tasks.items():
+            record = records.get(key)
             if record is None:
-                record = TaskRecord(cfg.key, cfg.ident, cfg.name, watch_started_at=now)
+                record = TaskRecord(key, cfg.ident, cfg.name, watch_started_at=now)
                 new.append(record)
-            self.tasks[cfg.key] = self._watch(cfg, record, SOURCE_CONFIG)
+            self.tasks[key] = self._watch(cfg, record, SOURCE_CONFIG, key)
         await self._store.add_tasks(new)
         # tasks added through the admin API survive restarts
         for key, record in records.items():
@@ -120,8 +121,10 @@ class WatchList:
             self._config_tasks = {}
             self.config = self.config.model_copy(update={"tasks": []})
 
-    def _watch(self, cfg: TaskConfig, record: TaskRecord, source: str) -> TaskWatch:
-        return TaskWatch.from_config(cfg, self.config.polling, record, source)
+    def _watch(
+        self, cfg: TaskConfig, record: TaskRecord, source: str, key: str | None = None
+    ) -> TaskWatch:
+        return TaskWatch.from_config(cfg, self.config.polling, record, source, key)
 
     def watch_for_record(self, record: TaskRecord) -> TaskWatch | None:
         """The watch of a stored task: from our config, else from its API spec; else None."""
