@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from enkwatch.state import open_store
@@ -313,3 +314,62 @@ async def test_forget_resets_only_an_ended_task_and_keeps_its_seq(store: SqliteS
     assert (stored.outcome, stored.last_status, stored.polls) == (None, None, 0)
     assert stored.watch_started_at == 9.0 and stored.seq == 2
     assert await store.reset_task("nope", 9.0) is False
+
+
+# -- schema 3: an outbox row refers to its event's journal row --------------------------------
+
+
+async def test_a_task_events_deliveries_refer_to_its_journal_row(store: SqliteStore) -> None:
+    rec = record("t1")
+    await store.add_task(rec)
+    rec.seq = 1
+    moved = event(rec, status="Running")
+    await store.record_event(rec, moved, ["a", "b"])
+    rec.seq = 2
+    failed = event(rec, event="task.poll_failed", error="timeout")
+    await store.record_event(rec, failed, ["a"])
+    raw = store._db.execute("SELECT sink, length(body), event_row FROM outbox ORDER BY id")
+    rows = raw.fetchall()
+    # no copy of a transition's bytes per sink; a poll failure's journal row is deleted once
+    # written, so its delivery holds its bytes
+    assert [(s, n == 0, ref is None) for s, n, ref in rows] == [
+        ("a", True, False),
+        ("b", True, False),
+        ("a", False, True),
+    ]
+    heads = await store.outbox_heads("a", 10)
+    assert [orjson.loads(h.body) for h in heads] == [moved]
+    assert [orjson.loads(r.body) for r in store.pending_outbox()] == [moved, moved, failed]
+    store.confirm_written("t1", 1)
+    store.confirm_written("t1", 2)
+    store.commit_now()
+    await store.deliveries_done([h.id for h in heads])
+    [second] = await store.outbox_heads("a", 10)
+    assert orjson.loads(second.body) == failed
+
+
+async def test_a_schema_2_file_is_converted_and_its_deliveries_go_as_they_were(
+    db_path: Path,
+) -> None:
+    first = SqliteStore(str(db_path))
+    await first.close()
+    body = b'{"event":"task.transition","task_key":"t1","seq":1,"event_id":"t1:1"}'
+    with closing(raw_connect(db_path)) as db:  # as enkwatch with schema 2 left it
+        db.execute("ALTER TABLE outbox DROP COLUMN event_row")
+        db.execute("CREATE INDEX outbox_pending ON outbox (sink, id) WHERE state = 'pending'")
+        db.execute(
+            "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) "
+            "VALUES ('a', 't1', ?, 1.0, 1.0)",
+            (body,),
+        )
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store = SqliteStore(str(db_path))
+    try:
+        [head] = await store.outbox_heads("a", 10)
+        assert head.body == body
+    finally:
+        await store.close()
+    with closing(raw_connect(db_path)) as db:
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert version == ("3",) and "outbox_pending" not in indexes and "outbox_heads" in indexes

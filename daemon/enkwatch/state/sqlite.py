@@ -48,7 +48,7 @@ from enkwatch.state.base import (
 )
 from enkwatch.state.written import MarkChanges, WrittenMark
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # confirmations of written events are committed together, at the latest this much later
 CONFIRM_WITHIN_S = 0.05
 # group commit with a commit window (PostgreSQL's commit_delay): while events come often
@@ -73,6 +73,15 @@ _INSERT_EVENT = "INSERT INTO events (id, task_key, seq, body) VALUES (?, ?, ?, ?
 # the meta key of the journal's watermark: every row up to this id was written out, but the
 # stragglers (table events_stragglers)
 _THROUGH_KEY: Final = "events_written_through"
+# an outbox row's columns as an OutboxRow takes them: a task event's rows refer to its journal
+# row (`event_row`) instead of holding a copy of its bytes (three sinks: three copies, most of
+# the cost of journaling them); a daemon event's rows, and a poll failure's (its journal row
+# is deleted once written), hold their own
+_OUTBOX_COLUMNS: Final = (
+    "id, sink, task_key, CASE WHEN event_row IS NULL THEN body ELSE COALESCE("
+    "(SELECT CAST(e.body AS BLOB) FROM events e WHERE e.id = outbox.event_row), body) END, "
+    "created_at, attempts, next_attempt_at"
+)
 # the oldest pending row of each task of a sink (its queue's head), soonest due first: heads
 # waiting for a retry never hide a due one behind the limit. The tasks are stepped through on
 # the index `outbox_heads` (one seek per task), so the cost does not grow with the backlog of
@@ -82,7 +91,7 @@ _OUTBOX_HEADS: Final = (
     "SELECT (SELECT MIN(task_key) FROM outbox WHERE sink = ?1 AND state = 'pending') "
     "UNION ALL SELECT (SELECT MIN(task_key) FROM outbox "
     "WHERE sink = ?1 AND state = 'pending' AND task_key > k) FROM keys WHERE k IS NOT NULL) "
-    "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
+    f"SELECT {_OUTBOX_COLUMNS} FROM outbox "
     "WHERE id IN (SELECT (SELECT MIN(id) FROM outbox "
     "WHERE sink = ?1 AND state = 'pending' AND task_key = k) FROM keys WHERE k IS NOT NULL) "
     "ORDER BY next_attempt_at, id LIMIT ?2"
@@ -123,9 +132,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending'
+    state TEXT NOT NULL DEFAULT 'pending',
+    event_row INTEGER
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, id) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (sink, task_key, id) WHERE state = 'pending';
 """
 # columns added after schema 1 was released: a file of an older enkwatch gets them (NULL)
@@ -136,7 +145,8 @@ _INSERT_TASK = (
     f"VALUES ({', '.join('?' * (len(TASK_FIELDS) + 1))})"
 )
 _INSERT_OUTBOX: Final = (
-    "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (sink, task_key, body, created_at, next_attempt_at, event_row) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 # a task's new state, if its seq grows (compare-and-set: an event's (task_key, seq) is
 # journaled once; the journal has no key on them)
@@ -216,6 +226,9 @@ class SqliteStore:
             version = self._stored_version()
             if version == 1:
                 self._upgrade_journal()
+                version = 2
+            if version == 2:
+                self._upgrade_outbox()
             self._db.execute("SELECT id, task_key, seq, body FROM events LIMIT 0")
             if version is None:
                 self._db.execute(
@@ -262,9 +275,8 @@ class SqliteStore:
         db = self._db
         with self._tx():
             if "written" not in {row[1] for row in db.execute("PRAGMA table_info(events)")}:
-                db.execute(  # it had no journal: ours was just made
-                    "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-                )
+                # it had no journal: ours was just made
+                db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
                 return
             db.execute(
                 "DELETE FROM events WHERE written = 1 AND json_extract(body, '$.event') = ?",
@@ -285,9 +297,19 @@ class SqliteStore:
             )
             db.execute("DROP TABLE events")  # with its indexes
             db.execute("ALTER TABLE events_v2 RENAME TO events")
-            db.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-            )
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
+    def _upgrade_outbox(self) -> None:
+        """Schema 2 -> 3, in one transaction: an outbox row may refer to its event's journal
+        row (`event_row`); the index of pending rows by (sink, id) goes (no delivery reads
+        by it: its upkeep was a third of journaling a row). A version before 3 refuses the
+        file: it would send such a row's empty body."""
+        db = self._db
+        with self._tx():
+            if "event_row" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
+                db.execute("ALTER TABLE outbox ADD COLUMN event_row INTEGER")
+            db.execute("DROP INDEX IF EXISTS outbox_pending")
+            db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
     def _load_mark(self) -> WrittenMark:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_THROUGH_KEY,)).fetchone()
@@ -389,10 +411,14 @@ class SqliteStore:
         self._next_id = row_id + 1
         raw = orjson.dumps(body)
         batch.events.append((row_id, key, record.seq, raw.decode()))
-        if sinks:  # its deliveries carry the journaled bytes
-            batch.outbox.extend((sink, key, raw) for sink in sinks)
-        if _is_transient(event):
+        transient = _is_transient(event)
+        if transient:
             batch.transient.append(row_id)
+        if sinks:
+            # its deliveries refer to its journal row, which stays (a poll failure's does not:
+            # its rows hold its bytes)
+            ref: tuple[bytes, int | None] = (raw, None) if transient else (b"", row_id)
+            batch.outbox.extend((sink, key, *ref) for sink in sinks)
         return batch.done
 
     def _open_batch(self) -> _Batch:
@@ -442,7 +468,7 @@ class SqliteStore:
                 self._db.executemany(_INSERT_EVENT, batch.events)
                 if batch.outbox:
                     now = self._clock.now().timestamp()
-                    rows = [(sink, key, raw, now, now) for sink, key, raw in batch.outbox]
+                    rows = [(s, key, raw, now, now, ref) for s, key, raw, ref in batch.outbox]
                     self._db.executemany(_INSERT_OUTBOX, rows)
         except (StateNotWritten, sqlite3.Error) as err:
             if not batch.done.done():
@@ -482,12 +508,13 @@ class SqliteStore:
     def _enqueue(self, sinks: Sequence[str], task_key: str, event: Mapping[str, Any]) -> None:
         body = orjson.dumps(dict(event))
         now = self._clock.now().timestamp()
-        self._db.executemany(_INSERT_OUTBOX, [(sink, task_key, body, now, now) for sink in sinks])
+        rows = [(sink, task_key, body, now, now, None) for sink in sinks]
+        self._db.executemany(_INSERT_OUTBOX, rows)
 
     async def pending_deliveries(self, sink: str, limit: int) -> list[OutboxRow]:
         with self._reading():
             rows = self._db.execute(
-                "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at "
+                f"SELECT {_OUTBOX_COLUMNS} "
                 "FROM outbox WHERE sink = ? AND state = 'pending' ORDER BY id LIMIT ?",
                 (sink, limit),
             ).fetchall()
@@ -665,8 +692,7 @@ class SqliteStore:
     def pending_outbox(self) -> list[OutboxRow]:
         """Every pending delivery of every sink, oldest first (what `migrate` copies)."""
         rows = self._db.execute(
-            "SELECT id, sink, task_key, body, created_at, attempts, next_attempt_at FROM outbox "
-            "WHERE state = 'pending' ORDER BY id"
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id"
         ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
@@ -729,8 +755,8 @@ class _Batch:
         self.states: list[tuple[Any, ...]] = []
         # (id, task_key, seq, body)
         self.events: list[tuple[int, str, int, str]] = []
-        # (sink, task_key, the event's bytes)
-        self.outbox: list[tuple[str, str, bytes]] = []
+        # (sink, task_key, the event's bytes or b"", its journal row or None)
+        self.outbox: list[tuple[str, str, bytes, int | None]] = []
         # the ids of task.poll_failed rows (deleted once written)
         self.transient: list[int] = []
 
