@@ -12,6 +12,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -320,6 +321,29 @@ async def test_the_render_cache_is_bounded_by_bytes(aiohttp_server: Any) -> None
     assert len(hooks.tries) == count
     # 48 events: 12 MiB of journaled bytes, as much parsed and as much rendered again
     assert held < 12 * 1024 * 1024, f"{held / 2**20:.1f} MiB held"
+
+
+async def test_rendered_payloads_are_kept_at_their_size() -> None:
+    """orjson's bytes keep their whole buffer (4 KiB for an event of ~550 B): the render
+    cache keeps a copy of the payload's size, so its byte bound is what it holds."""
+    outbox = Outbox(SqliteStore(":memory:"), [], SystemClock())
+    fmt = CloudEventsFormat("enkwatch")
+    events = [
+        {"event": "task.transition", "task_key": f"t{i}", "seq": 1, "event_id": f"t{i}:1",
+         "status": "Running", "note": "x" * 300}
+        for i in range(500)
+    ]  # fmt: skip
+    bodies = [orjson.dumps(e) for e in events]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for event, body in zip(events, bodies, strict=True):
+            outbox._payload(fmt, event, body, event["event_id"])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = outbox._rendered.bytes
+    assert held < 2 * counted, f"{held} B held for {counted} B counted"
 
 
 async def test_a_410_does_not_count_a_delivery_in_flight_as_dropped(

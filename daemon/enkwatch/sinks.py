@@ -697,6 +697,10 @@ class Outbox:
         if known is not None:
             return known[0]
         rendered = self._render(fmt, event, body, msg_id)
+        if isinstance(rendered, Payload) and rendered.body is not body:
+            # kept at its size: orjson's bytes keep their whole buffer (4 KiB for 550 B),
+            # which made the cache's byte bound several times too small
+            rendered = Payload(bytes(memoryview(rendered.body)), rendered.content_type)
         self._rendered.put((body, key), rendered)
         return rendered
 
