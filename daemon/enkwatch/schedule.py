@@ -159,7 +159,7 @@ class StallTimer:
         if task.stall_due is not None:
             self._went_stale()  # its entry in the heap
         self._next_gen += 1
-        task.stall_gen, task.stall_due = self._next_gen, due
+        task.set_stall(self._next_gen, due)
         heapq.heappush(self._heap, (due, self._next_gen, task))
         if not self.stopped:
             self.wakeup.arm(self._heap[0][0])
@@ -167,7 +167,7 @@ class StallTimer:
     def forget(self, task: TaskWatch) -> None:
         if task.stall_due is not None:
             self._went_stale()
-        task.stall_gen, task.stall_due = -1, None
+        task.set_stall(-1, None)
 
     def _went_stale(self) -> None:
         self._stale += 1
@@ -184,7 +184,7 @@ class StallTimer:
             if gen != task.stall_gen:
                 self._stale -= 1
                 continue
-            task.stall_gen, task.stall_due = -1, None
+            task.set_stall(-1, None)
             job = asyncio.ensure_future(self._run(task))
             self.running.add(job)
             job.add_done_callback(self._finished)
@@ -271,8 +271,9 @@ class PollScheduler:
         """Schedule tasks due now (a watch list loading): one wake-up for them all."""
         now = self._clock.monotonic()
         wall = self._clock.now().timestamp()
+        memo: dict[float, float] = {}  # tasks that began together share their start's float
         for task in tasks:
-            task.anchor(wall, now)  # the deadline, on the monotonic clock from here on
+            task.anchor(wall, now, memo)  # the deadline, on the monotonic clock from here on
             self._push(task, now)
         self._arm()
 
