@@ -70,12 +70,6 @@ PollFn = Callable[[TaskWatch], Awaitable[PollResult]]
 Entry = tuple[float, int, TaskWatch]
 
 
-def compact(heap: list[Entry], live: Callable[[Entry], bool]) -> None:
-    """Keep only the heap's live entries, in place (O(n): a list and heapify)."""
-    heap[:] = [entry for entry in heap if live(entry)]
-    heapq.heapify(heap)
-
-
 def _too_stale(stale: int, size: int) -> bool:
     return stale > COMPACT_MIN_STALE and stale > size * COMPACT_SHARE
 
@@ -156,23 +150,27 @@ class StallTimer:
         self._push(task, due)
 
     def _push(self, task: TaskWatch, due: float) -> None:
-        if task.stall_due is not None:
-            self._went_stale()  # its entry in the heap
+        queued = task.stall_due is not None
         self._next_gen += 1
         task.set_stall(self._next_gen, due)
         heapq.heappush(self._heap, (due, self._next_gen, task))
+        if queued:
+            self._went_stale()  # its entry before this one
         if not self.stopped:
             self.wakeup.arm(self._heap[0][0])
 
     def forget(self, task: TaskWatch) -> None:
-        if task.stall_due is not None:
-            self._went_stale()
+        queued = task.stall_due is not None
         task.set_stall(-1, None)
+        if queued:
+            self._went_stale()
 
     def _went_stale(self) -> None:
         self._stale += 1
         if _too_stale(self._stale, len(self._heap)):
-            compact(self._heap, lambda entry: entry[1] == entry[2].stall_gen)
+            heap = self._heap
+            heap[:] = [entry for entry in heap if entry[1] == entry[2].stall_gen]
+            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
             self._stale = 0
 
     def fire(self) -> None:
@@ -283,26 +281,30 @@ class PollScheduler:
 
     def remove(self, task: TaskWatch) -> None:
         """Never poll `task` again (an in-flight poll finishes, its result is dropped)."""
-        if task.next_due is not None:
-            self._went_stale()  # its entry in the heap
+        queued = task.next_due is not None
         task.sched_gen = -1
         task.next_due = None
+        if queued:
+            self._went_stale()  # its entry in the heap
         if self.stalls is not None:
             self.stalls.forget(task)
 
     def _went_stale(self) -> None:
         self._stale += 1
         if _too_stale(self._stale, len(self._heap)):
-            compact(self._heap, lambda entry: entry[1] == entry[2].sched_gen)
+            heap = self._heap
+            heap[:] = [entry for entry in heap if entry[1] == entry[2].sched_gen]
+            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
             self._stale = 0
 
     def _push(self, task: TaskWatch, due: float) -> None:
-        if task.next_due is not None:
-            self._went_stale()  # pushed again while queued (added twice)
+        queued = task.next_due is not None
         self._next_gen += 1
         task.sched_gen = self._next_gen
         task.next_due = due
         heapq.heappush(self._heap, (due, self._next_gen, task))
+        if queued:
+            self._went_stale()  # added again while queued: its entry before this one
         if self.stalls is not None:
             self.stalls.follow(task)
 
