@@ -140,12 +140,9 @@ class Trouble:
 
     @property
     def plain(self) -> bool:
-        return (
-            not self.failures
-            and not self.not_found
-            and self.last_error is None
-            and (self.stall_due is None)
-        )
+        """Every field at its default: the task needs no `Trouble`."""
+        failing = self.failures or self.not_found or self.last_error is not None
+        return not failing and self.stall_due is None
 
 
 class Listing:
