@@ -360,11 +360,15 @@ class EnkwatchWorker:
         sched = self._sched
         tasks = list(self.service.running.watchlist.tasks.values())
         random.Random(1).shuffle(tasks)
+        # every task out first, then the spread from now: its first due times do not pass
+        # while this loop still runs (at 100,000 tasks removing them takes ~0.3-0.6 s,
+        # which counted as lateness when the spread began before it)
+        for task in tasks:
+            task.interval_s = interval_s
+            sched.remove(task)
         start = time.monotonic() + delay_s
         step = spread_s / len(tasks)
         for i, task in enumerate(tasks):
-            task.interval_s = interval_s
-            sched.remove(task)
             sched.add(task, start + i * step)
         return {}
 

@@ -122,6 +122,26 @@ async def test_slack_starts_polls_due_a_moment_later_together() -> None:
     assert rig.polls.started == ["a", "b"]
 
 
+async def test_tasks_removed_and_added_again_leave_a_bounded_heap() -> None:
+    # lazy deletion leaves a stale entry per removal (a reload, the task API, the
+    # benchmark's rescheduling): they are dropped once they are an eighth of the heap (and 256)
+    rig = Rig(max_in_flight=10_000)
+    now = rig.clock.monotonic()
+    tasks = [make_task(f"t{i}") for i in range(2_000)]
+    for task in tasks:
+        rig.sched.add(task, due=now + 100)
+    for task in tasks:
+        rig.sched.remove(task)
+        rig.sched.add(task, due=now + 50)
+    for task in tasks[:500]:
+        rig.sched.add(task, due=now + 40)  # added again while queued: its entry goes stale
+    assert len(rig.sched) <= 2_400  # 4,500 entries without compaction
+    await rig.tick(45)
+    assert sorted(rig.polls.started) == sorted(t.key for t in tasks[:500])
+    await rig.tick(10)
+    assert sorted(rig.polls.started) == sorted(t.key for t in tasks)  # each once
+
+
 async def test_admission_control_caps_in_flight_and_refills_at_once() -> None:
     rig = Rig(max_in_flight=2)
     for name in "abcde":

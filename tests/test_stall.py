@@ -223,6 +223,27 @@ async def test_the_stall_timer_follows_the_poll_heap_on_the_monotonic_clock() ->
     assert source.checked == ["b"] and stalls.pending() == 0
 
 
+async def test_checks_that_moved_leave_a_bounded_heap() -> None:
+    # each transition moves a task's check (a new status, a new stint): the entries left
+    # behind are dropped once they are an eighth of the heap (and 256)
+    clock = FakeClock()
+    source = FakeSource()
+    stalls = StallTimer(source, clock)
+    tasks = [watch(f"t{i}") for i in range(1_000)]
+    for round_ in range(5):
+        for task in tasks:
+            source.due[task.key] = 100.0 + round_
+            stalls.follow(task)
+    for task in tasks[:100]:
+        stalls.forget(task)
+    assert stalls.pending() == 900
+    assert len(stalls) <= 1_200  # 5,000 entries without compaction
+    clock.advance(200)
+    stalls.fire()
+    await _settle(stalls)
+    assert sorted(source.checked) == sorted(t.key for t in tasks[100:])  # each once
+
+
 async def test_a_check_that_is_early_looks_again_later() -> None:
     clock = FakeClock()
     source = FakeSource()

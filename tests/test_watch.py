@@ -20,7 +20,7 @@ from enkwatch.config import PollingConfig, TaskConfig
 from enkwatch.errors import AuthError
 from enkwatch.events import EventWriter
 from enkwatch.limits import RequestGate
-from enkwatch.models import MAX_STATUS_CHARS
+from enkwatch.models import MAX_STATUS_CHARS, Observation
 from enkwatch.state.base import TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 from enkwatch.watch import AUTH_CONFIRM_DELAY_S, DONE, AuthRejected, Poller, TaskWatch
@@ -121,6 +121,41 @@ async def harness(aiohttp_server: Any) -> AsyncIterator[Harness]:
 
 def names(logs: list[dict[str, Any]]) -> list[str]:
     return [e["event"] for e in logs]
+
+
+async def test_an_answer_after_failures_leaves_no_trouble_object(harness: Harness) -> None:
+    # failures in a row live in a side object, made at the first and dropped at the answer
+    harness.api.script(http(503), ok("Queued"))
+    task = await harness.task()
+    assert task.trouble is None
+    await harness.poller.poll(task)
+    assert task.failures == 1 and task.last_error is not None and task.trouble is not None
+    await harness.poller.poll(task)
+    assert task.failures == 0 and task.last_error is None and task.trouble is None
+
+
+def listed(status: str) -> Observation:
+    return Observation(TASK_ID, "Election2", status, None, None, {}, True, status == "Finished")
+
+
+async def test_a_list_is_used_only_after_an_own_answer_when_answers_were_not_recorded(
+    harness: Harness,
+) -> None:
+    # a task of a kind the sweeps do not read records no answer times: were a list to name
+    # it, a list read before its last own answer could undo that answer, so no list is used
+    # until the next own answer
+    harness.api.script(ok("Running"))
+    task = await harness.task()
+    await harness.poller.poll(task)
+    listing = task.listed_here()
+    listing.listed, listing.listed_mono = listed("Queued"), harness.clock.monotonic()
+    harness.clock.advance(20)
+    await harness.poller.poll(task)
+    assert len(harness.api.requests) == 2 and task.record.last_status == "Running"
+    harness.clock.advance(20)
+    listing.listed, listing.listed_mono = listed("Finished"), harness.clock.monotonic()
+    assert await harness.poller.poll(task) == DONE
+    assert len(harness.api.requests) == 2 and task.record.last_status == "Finished"
 
 
 async def test_first_observation_is_a_transition_from_null(harness: Harness) -> None:

@@ -97,6 +97,28 @@ def store() -> SqliteStore:
 # -- loading ---------------------------------------------------------------------------------
 
 
+async def test_loaded_tasks_share_their_spec_and_hold_no_side_object(store: SqliteStore) -> None:
+    # memory per task (100,000 of them): what tasks say alike is one shared object, and
+    # failures, stall checks and list answers get an object only for a task that has them
+    entries: list[dict[str, Any]] = [{"task_id": f"t{i}"} for i in range(3)]
+    rig = Rig(config([*entries, {"task_id": "x", "interval_seconds": 5}]), store)
+    watchlist = await rig.load()
+    a, b, c, x = (watchlist.tasks[k] for k in ("t0", "t1", "t2", "x"))
+    assert a.spec is b.spec is c.spec and x.spec is not a.spec and x.interval_s == 5
+    assert all(t.trouble is None and t.listing is None for t in watchlist.tasks.values())
+    assert a.started_mono is not None and a.started_mono is b.started_mono  # one float
+
+
+async def test_a_swept_kind_records_its_own_answers_from_the_start(store: SqliteStore) -> None:
+    # a list read while the task's own poll was answered must not undo that answer: the
+    # tasks of a kind the sweeps read keep the time of their own answers from the start
+    raw = config([{"task_id": "a"}]).model_dump(mode="json")
+    swept = parse_config(raw | {"discover": [{"kind": "dataset"}]}, environ={})
+    watchlist = await Rig(swept, store).load()
+    listing = watchlist.tasks["a"].listing
+    assert listing is not None and listing.answered_mono == float("-inf")
+
+
 async def test_load_stores_the_config_tasks_and_keeps_those_added_by_api(
     store: SqliteStore,
 ) -> None:

@@ -54,12 +54,24 @@ STALL_JOB_ID: Final = "enkwatch-stall-checks"
 STALL_SLACK_S: Final = 0.05
 # runs of the dispatch job that may be pending at once (see ApschedulerWakeup)
 DISPATCH_INSTANCES: Final = 4
+# a heap is rebuilt without its stale entries (tasks removed or re-pushed: lazy deletion)
+# once they are more than this share of it and more than COMPACT_MIN_STALE: memory stays
+# within 1/(1 - share) of the live entries, at an amortized O(1) per stale entry
+COMPACT_SHARE: Final = 1 / 8
+COMPACT_MIN_STALE: Final = 256
 # how often the wall clock is compared with the monotonic one, and how large a difference
 # between their advances counts as a step (NTP slews by at most 0.5 ms a second)
 CLOCK_CHECK_EVERY_S: Final = 1.0
 CLOCK_STEP_S: Final = 1.0
 
 PollFn = Callable[[TaskWatch], Awaitable[PollResult]]
+
+
+Entry = tuple[float, int, TaskWatch]
+
+
+def _too_stale(stale: int, size: int) -> bool:
+    return stale > COMPACT_MIN_STALE and stale > size * COMPACT_SHARE
 
 
 class StallSource(Protocol):
@@ -108,13 +120,19 @@ class StallTimer:
         self._check = source.check_stall
         self._due_in = source.stall_due_in
         self._clock = clock
-        self._heap: list[tuple[float, int, TaskWatch]] = []
+        self._heap: list[Entry] = []
+        # entries of the heap whose task was forgotten or pushed again since
+        self._stale = 0
         self._next_gen = 0
         self.running: set[asyncio.Task[None]] = set()
         self.wakeup: Wakeup = wakeup(self.fire) if wakeup is not None else ManualWakeup()
         self.stopped = False
         self.on_lost: Callable[[TaskWatch], None] = lambda task: None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+
+    def __len__(self) -> int:
+        """Entries in the heap, stale ones included."""
+        return len(self._heap)
 
     def pending(self) -> int:
         """Stall checks waiting for their time."""
@@ -132,14 +150,28 @@ class StallTimer:
         self._push(task, due)
 
     def _push(self, task: TaskWatch, due: float) -> None:
+        queued = task.stall_due is not None
         self._next_gen += 1
-        task.stall_gen, task.stall_due = self._next_gen, due
+        task.set_stall(self._next_gen, due)
         heapq.heappush(self._heap, (due, self._next_gen, task))
+        if queued:
+            self._went_stale()  # its entry before this one
         if not self.stopped:
             self.wakeup.arm(self._heap[0][0])
 
     def forget(self, task: TaskWatch) -> None:
-        task.stall_gen, task.stall_due = -1, None
+        queued = task.stall_due is not None
+        task.set_stall(-1, None)
+        if queued:
+            self._went_stale()
+
+    def _went_stale(self) -> None:
+        self._stale += 1
+        if _too_stale(self._stale, len(self._heap)):
+            heap = self._heap
+            heap[:] = [entry for entry in heap if entry[1] == entry[2].stall_gen]
+            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
+            self._stale = 0
 
     def fire(self) -> None:
         """Start the checks that are due, then arm the wake-up for the next."""
@@ -148,13 +180,15 @@ class StallTimer:
         while heap and not self.stopped and heap[0][0] <= horizon:
             _, gen, task = heapq.heappop(heap)
             if gen != task.stall_gen:
+                self._stale -= 1
                 continue
-            self.forget(task)
+            task.set_stall(-1, None)
             job = asyncio.ensure_future(self._run(task))
             self.running.add(job)
             job.add_done_callback(self._finished)
         while heap and heap[0][1] != heap[0][2].stall_gen:
             heapq.heappop(heap)  # stale entries: dropped, not armed for
+            self._stale -= 1
         if heap and not self.stopped:
             self.wakeup.arm(heap[0][0])
 
@@ -201,7 +235,9 @@ class PollScheduler:
         # a poll that ended otherwise than done (lost, auth rejected): the caller decides
         self._on_end = on_end
         self._paused_for = paused_for
-        self._heap: list[tuple[float, int, TaskWatch]] = []
+        self._heap: list[Entry] = []
+        # entries of the heap whose task was removed or pushed again since (lazy deletion)
+        self._stale = 0
         self._next_gen = 0
         self.in_flight: set[asyncio.Task[PollResult]] = set()
         self.wakeup: Wakeup = wakeup(self.dispatch) if wakeup is not None else ManualWakeup()
@@ -233,8 +269,9 @@ class PollScheduler:
         """Schedule tasks due now (a watch list loading): one wake-up for them all."""
         now = self._clock.monotonic()
         wall = self._clock.now().timestamp()
+        memo: dict[float, float] = {}  # tasks that began together share their start's float
         for task in tasks:
-            task.anchor(wall, now)  # the deadline, on the monotonic clock from here on
+            task.anchor(wall, now, memo)  # the deadline, on the monotonic clock from here on
             self._push(task, now)
         self._arm()
 
@@ -244,16 +281,30 @@ class PollScheduler:
 
     def remove(self, task: TaskWatch) -> None:
         """Never poll `task` again (an in-flight poll finishes, its result is dropped)."""
+        queued = task.next_due is not None
         task.sched_gen = -1
         task.next_due = None
+        if queued:
+            self._went_stale()  # its entry in the heap
         if self.stalls is not None:
             self.stalls.forget(task)
 
+    def _went_stale(self) -> None:
+        self._stale += 1
+        if _too_stale(self._stale, len(self._heap)):
+            heap = self._heap
+            heap[:] = [entry for entry in heap if entry[1] == entry[2].sched_gen]
+            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
+            self._stale = 0
+
     def _push(self, task: TaskWatch, due: float) -> None:
+        queued = task.next_due is not None
         self._next_gen += 1
         task.sched_gen = self._next_gen
         task.next_due = due
         heapq.heappush(self._heap, (due, self._next_gen, task))
+        if queued:
+            self._went_stale()  # added again while queued: its entry before this one
         if self.stalls is not None:
             self.stalls.follow(task)
 
@@ -274,6 +325,7 @@ class PollScheduler:
             due, gen, task = heap[0]
             if gen != task.sched_gen:
                 heapq.heappop(heap)
+                self._stale -= 1
                 continue
             if due > horizon:
                 break
@@ -290,10 +342,12 @@ class PollScheduler:
             due, gen, task = heap[0]
             if gen != task.sched_gen:
                 heapq.heappop(heap)
+                self._stale -= 1
                 continue
             if due > horizon:
                 break
             heapq.heappop(heap)
+            task.next_due = None
             deadline = task.deadline_at
             if deadline is not None and deadline <= horizon and self._expire is not None:
                 self._start(task, due, now, self._expire)

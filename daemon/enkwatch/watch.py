@@ -87,44 +87,138 @@ class TaskClient(Protocol):
     ) -> Observation: ...
 
 
-@dataclass(slots=True, eq=False)
-class TaskWatch:
-    """A watched task: its config, its durable record, and what lives only in memory."""
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """What a task's config says besides its identity: one object shared by the tasks that
+    say the same (`spec_for`); replaced, never edited."""
 
-    key: str
-    # the job's id (a run's run_id) and name (a dataset's name, a red-team test's test_name)
-    task_id: str | None
-    dataset: str | None
-    labels: dict[str, str]
     interval_s: float
     deadline_s: float | None
-    record: TaskRecord
-    # the kind of Enkrypt job: its request, answer and status words
-    kind: TaskKind = DEFAULT_KIND
-    source: str = "config"
-    failures: int = 0
-    not_found: int = 0
-    last_error: str | None = None
-    next_due: float | None = None
     # the task's own stall threshold (None: polling.stall_after_seconds)
-    stall_after_s: float | None = None
-    # the scheduler's generation of this task's heap entry (lazy deletion), and of its
-    # stall check's entry with the monotonic time it is due
-    sched_gen: int = 0
-    # when watching began on this process's monotonic clock (see `anchor`): deadlines and
-    # watched_seconds are measured from it, so a step of the wall clock moves neither
-    started_mono: float | None = None
-    stall_gen: int = 0
-    stall_due: float | None = None
-    # status from list pages (issue 10): the last list answer naming this task, and when
-    # that list was requested; used by the next poll instead of a request only if newer
-    # than the task's last own answer (`answered_mono`, monotonic)
-    listed: Observation | None = None
-    listed_mono: float = 0.0
-    answered_mono: float = float("-inf")
-    # until when (monotonic) the sweeps cover the task: a poll that finds no newer list
-    # answer sends no request before then, it waits for the next sweep's
-    listed_until: float = NEVER
+    stall_after_s: float | None
+    labels: dict[str, str]
+    source: str
+
+
+# the specs made so far, by value (tasks without labels): 100,000 tasks of one config share
+# one; cleared when it grows past SPEC_CACHE_MAX (sharing saves memory, nothing relies on it)
+_SPECS: dict[tuple[float, float | None, float | None, str], WatchSpec] = {}
+SPEC_CACHE_MAX: Final = 1024
+
+
+def spec_for(
+    interval_s: float,
+    deadline_s: float | None = None,
+    stall_after_s: float | None = None,
+    labels: dict[str, str] = NO_LABELS,
+    source: str = "config",
+) -> WatchSpec:
+    """The spec of these values: a shared one when the task has no labels."""
+    if labels:
+        return WatchSpec(interval_s, deadline_s, stall_after_s, labels, source)
+    key = (interval_s, deadline_s, stall_after_s, source)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= SPEC_CACHE_MAX:
+            _SPECS.clear()
+        spec = _SPECS[key] = WatchSpec(interval_s, deadline_s, stall_after_s, NO_LABELS, source)
+    return spec
+
+
+class Trouble:
+    """What only a task with failing polls or a stall check due has (most have none)."""
+
+    __slots__ = ("failures", "last_error", "not_found", "stall_due", "stall_gen")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.not_found = 0
+        self.last_error: str | None = None
+        # the generation of the task's entry in the stall heap, and when that check is due
+        self.stall_gen = -1
+        self.stall_due: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Every field at its default: the task needs no `Trouble`."""
+        failing = self.failures or self.not_found or self.last_error is not None
+        return not failing and self.stall_due is None
+
+
+class Listing:
+    """Status from list pages (issue 10), for a task of a kind that `discover:` sweeps."""
+
+    __slots__ = ("answered_mono", "listed", "listed_mono", "listed_until")
+
+    def __init__(self, answered_mono: float = NEVER) -> None:
+        # the last list answer naming this task, and when that list was requested; used by
+        # the next poll instead of a request only if newer than the task's last own answer
+        # (`answered_mono`, monotonic: a list read while the task's own poll was answered
+        # is older than that answer)
+        self.listed: Observation | None = None
+        self.listed_mono = 0.0
+        self.answered_mono = answered_mono
+        # until when (monotonic) the sweeps cover the task: a poll that finds no newer list
+        # answer sends no request before then, it waits for the next sweep's
+        self.listed_until = NEVER
+
+
+# a listing made for a task whose own answers were not recorded: any list read before its
+# next own answer may be older than its last one, so none is used until then
+ANSWER_UNKNOWN: Final = float("inf")
+
+
+class TaskWatch:
+    """A watched task: its config, its durable record, and what lives only in memory.
+
+    Memory per task is the daemon's main cost (100,000 tasks): what most tasks never use
+    lives in side objects, `spec` shared, `trouble` and `listing` made only when needed.
+    """
+
+    __slots__ = (
+        "dataset",
+        "key",
+        "kind",
+        "listing",
+        "next_due",
+        "record",
+        "sched_gen",
+        "spec",
+        "started_mono",
+        "task_id",
+        "trouble",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        # the job's id (a run's run_id) and name (a dataset's name, a red-team test's name)
+        task_id: str | None,
+        dataset: str | None,
+        labels: dict[str, str],
+        interval_s: float,
+        deadline_s: float | None,
+        record: TaskRecord,
+        # the kind of Enkrypt job: its request, answer and status words
+        kind: TaskKind = DEFAULT_KIND,
+        source: str = "config",
+        stall_after_s: float | None = None,
+    ) -> None:
+        self.key = key
+        self.task_id = task_id
+        self.dataset = dataset
+        self.record = record
+        self.kind = kind
+        self.spec = spec_for(interval_s, deadline_s, stall_after_s, labels, source)
+        self.trouble: Trouble | None = None
+        # None: a kind no `discover:` entry sweeps
+        self.listing: Listing | None = None
+        self.next_due: float | None = None
+        # the scheduler's generation of this task's heap entry (lazy deletion)
+        self.sched_gen = 0
+        # when watching began on this process's monotonic clock (see `anchor`): deadlines
+        # and watched_seconds are measured from it, so a step of the wall clock moves neither
+        self.started_mono: float | None = None
 
     @classmethod
     def from_config(
@@ -149,12 +243,149 @@ class TaskWatch:
             source=source,
         )
 
-    def anchor(self, wall_now: float, mono_now: float) -> float:
+    def __repr__(self) -> str:
+        return f"TaskWatch({self.key!r}, {self.record!r})"
+
+    # -- the spec's fields (a change replaces the spec) -------------------------------------
+
+    def _respec(self, **changes: Any) -> None:
+        old = self.spec
+        values = {
+            "interval_s": old.interval_s,
+            "deadline_s": old.deadline_s,
+            "stall_after_s": old.stall_after_s,
+            "labels": old.labels,
+            "source": old.source,
+            **changes,
+        }
+        self.spec = spec_for(**values)
+
+    @property
+    def interval_s(self) -> float:
+        return self.spec.interval_s
+
+    @interval_s.setter
+    def interval_s(self, value: float) -> None:
+        old = self.spec  # set for every task at once by a reload (or the benchmark): quick
+        if value != old.interval_s:
+            self.spec = spec_for(value, old.deadline_s, old.stall_after_s, old.labels, old.source)
+
+    @property
+    def deadline_s(self) -> float | None:
+        return self.spec.deadline_s
+
+    @deadline_s.setter
+    def deadline_s(self, value: float | None) -> None:
+        self._respec(deadline_s=value)
+
+    @property
+    def stall_after_s(self) -> float | None:
+        return self.spec.stall_after_s
+
+    @stall_after_s.setter
+    def stall_after_s(self, value: float | None) -> None:
+        self._respec(stall_after_s=value)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.spec.labels
+
+    @labels.setter
+    def labels(self, value: dict[str, str]) -> None:
+        self._respec(labels=value)
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self._respec(source=value)
+
+    # -- failures and the stall check (a `Trouble` while any is not at its default) ---------
+
+    def _troubled(self) -> Trouble:
+        if self.trouble is None:
+            self.trouble = Trouble()
+        return self.trouble
+
+    def _settle(self) -> None:
+        if self.trouble is not None and self.trouble.plain:
+            self.trouble = None
+
+    @property
+    def failures(self) -> int:
+        return 0 if self.trouble is None else self.trouble.failures
+
+    @failures.setter
+    def failures(self, value: int) -> None:
+        if value or self.trouble is not None:
+            self._troubled().failures = value
+            self._settle()
+
+    @property
+    def not_found(self) -> int:
+        return 0 if self.trouble is None else self.trouble.not_found
+
+    @not_found.setter
+    def not_found(self, value: int) -> None:
+        if value or self.trouble is not None:
+            self._troubled().not_found = value
+            self._settle()
+
+    @property
+    def last_error(self) -> str | None:
+        return None if self.trouble is None else self.trouble.last_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        if value is not None or self.trouble is not None:
+            self._troubled().last_error = value
+            self._settle()
+
+    @property
+    def stall_gen(self) -> int:
+        return -1 if self.trouble is None else self.trouble.stall_gen
+
+    @property
+    def stall_due(self) -> float | None:
+        return None if self.trouble is None else self.trouble.stall_due
+
+    def set_stall(self, gen: int, due: float | None) -> None:
+        """The stall heap's entry for this task (-1, None: none)."""
+        if due is not None or self.trouble is not None:
+            trouble = self._troubled()
+            trouble.stall_gen, trouble.stall_due = gen, due
+            self._settle()
+
+    def clear_failures(self) -> None:
+        """An answer: no failures in a row any more."""
+        if self.trouble is not None:
+            self.trouble.failures = self.trouble.not_found = 0
+            self.trouble.last_error = None
+            self._settle()
+
+    def listed_here(self) -> Listing:
+        """The task's listing, made now if it has none (its own answers were not recorded)."""
+        if self.listing is None:
+            self.listing = Listing(ANSWER_UNKNOWN)
+        return self.listing
+
+    def anchor(
+        self, wall_now: float, mono_now: float, memo: dict[float, float] | None = None
+    ) -> float:
         """Convert the stored wall-clock start (`watch_started_at`, what survives restarts)
-        to this process's monotonic clock, once: at adoption, or at the first poll."""
+        to this process's monotonic clock, once: at adoption, or at the first poll. `memo`
+        (for many tasks anchored at one moment): the float made for each start, shared."""
         if self.started_mono is None:
-            elapsed = max(0.0, wall_now - self.record.watch_started_at)
+            started = self.record.watch_started_at
+            if memo is not None and (known := memo.get(started)) is not None:
+                self.started_mono = known
+                return known
+            elapsed = max(0.0, wall_now - started)
             self.started_mono = mono_now - elapsed
+            if memo is not None:
+                memo[started] = self.started_mono
         return self.started_mono
 
     @property
@@ -308,8 +539,11 @@ class Poller:
     @staticmethod
     def _take_listed(task: TaskWatch) -> Observation | None:
         """The list answer about `task` read after its last own answer, if any (once)."""
-        obs, task.listed = task.listed, None
-        return obs if obs is not None and task.listed_mono > task.answered_mono else None
+        listing = task.listing
+        if listing is None:
+            return None
+        obs, listing.listed = listing.listed, None
+        return obs if obs is not None and listing.listed_mono > listing.answered_mono else None
 
     def _covered(self, task: TaskWatch) -> bool:
         """A sweep's list named the task and the sweeps cover it still (until the next sweep
@@ -317,7 +551,12 @@ class Poller:
         newer than that list does not end this (the next sweep names the task again, or
         drops it: `WatchList.unlisted`). Not before the task's first observation (a
         dataset's list does not give its task id: its first poll asks the API)."""
-        return task.record.last_status is not None and (task.listed_until > self._clock.monotonic())
+        listing = task.listing
+        return (
+            listing is not None
+            and task.record.last_status is not None
+            and listing.listed_until > self._clock.monotonic()
+        )
 
     def _observe(self, task: TaskWatch, outcome: str, started: float) -> None:
         if self._observe_poll is not None:
@@ -330,7 +569,8 @@ class Poller:
         task.record.polls += 1
         try:
             obs = await self._client.get_task(task.kind, task.task_id, task.dataset, give_up_at)
-            task.answered_mono = self._clock.monotonic()
+            if task.listing is not None:  # a list read before now is older than this answer
+                task.listing.answered_mono = self._clock.monotonic()
             return obs
         except DeadlineReached:
             task.record.polls -= 1  # nothing was sent
@@ -355,9 +595,7 @@ class Poller:
 
     async def _observed(self, task: TaskWatch, obs: Observation) -> float | PollEnd:
         rec = task.record
-        task.failures = 0
-        task.not_found = 0
-        task.last_error = None
+        task.clear_failures()
         # keep the configured string objects when the API says the same (memory per task)
         if obs.dataset_name != rec.seen_dataset:
             rec.seen_dataset = (

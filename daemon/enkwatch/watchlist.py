@@ -26,7 +26,7 @@ from enkwatch.ownership import SOURCE_API, Owner
 from enkwatch.schedule import PollScheduler
 from enkwatch.sinks import Sink, build_sinks, sink_secrets
 from enkwatch.state.base import TaskRecord, TaskState, reset_record
-from enkwatch.watch import NEVER, NO_LABELS, SOURCE_DISCOVERED, TaskWatch
+from enkwatch.watch import NEVER, NO_LABELS, SOURCE_DISCOVERED, Listing, TaskWatch
 
 SOURCE_CONFIG: Final = "config"
 RESTART_SECTIONS: Final = ("api", "state", "admin")
@@ -86,6 +86,9 @@ class WatchList:
         self._status_times: dict[str, str] | None = None
         # `discover:` entries whose first sweep has not ended: the list is not complete yet
         self.sweeps_pending: set[int] = set(range(len(config.discover)))
+        # the kinds whose list pages the sweeps read (the `discover:` entries at start: the
+        # sweeps do not follow reloads)
+        self._swept_kinds = frozenset(entry.kind for entry in config.discover)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -124,7 +127,11 @@ class WatchList:
     def _watch(
         self, cfg: TaskConfig, record: TaskRecord, source: str, key: str | None = None
     ) -> TaskWatch:
-        return TaskWatch.from_config(cfg, self.config.polling, record, source, key)
+        task = TaskWatch.from_config(cfg, self.config.polling, record, source, key)
+        if cfg.kind in self._swept_kinds:
+            # its own answers are recorded from the start: a list read before one is not used
+            task.listing = Listing()
+        return task
 
     def watch_for_record(self, record: TaskRecord) -> TaskWatch | None:
         """The watch of a stored task: from our config, else from its API spec; else None."""
@@ -307,10 +314,11 @@ class WatchList:
                 task = self.tasks.get(task_key(kind, None, job.name))
             if task is None or task.done:
                 continue
-            task.listed_until = requested_mono + covered_s
+            listing = task.listed_here()
+            listing.listed_until = requested_mono + covered_s
             obs = job.observation or listed_observation(task, job)
             if obs is not None:
-                task.listed, task.listed_mono = obs, requested_mono
+                listing.listed, listing.listed_mono = obs, requested_mono
                 named += 1
         return named
 
@@ -319,11 +327,12 @@ class WatchList:
         is no longer observed through an older list (its next poll asks the API)."""
         for task in self.tasks.values():
             if (
-                task.listed_mono < since
-                and (task.listed is not None or task.listed_until > since)
+                (listing := task.listing) is not None
+                and listing.listed_mono < since
+                and (listing.listed is not None or listing.listed_until > since)
                 and task.kind.name == kind
             ):
-                task.listed, task.listed_until = None, NEVER
+                listing.listed, listing.listed_until = None, NEVER
 
     async def remove_task(self, task_key: str) -> bool:
         if not await self._owner.watches(task_key):
