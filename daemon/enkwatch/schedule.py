@@ -160,10 +160,10 @@ class StallTimer:
             self.wakeup.arm(self._heap[0][0])
 
     def forget(self, task: TaskWatch) -> None:
-        queued = task.stall_due is not None
+        if task.stall_due is None:
+            return  # no check queued (most tasks: every push of a task comes here)
         task.set_stall(-1, None)
-        if queued:
-            self._went_stale()
+        self._went_stale()
 
     def _went_stale(self) -> None:
         self._stale += 1
