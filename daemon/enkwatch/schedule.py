@@ -70,8 +70,16 @@ PollFn = Callable[[TaskWatch], Awaitable[PollResult]]
 Entry = tuple[float, int, TaskWatch]
 
 
-def _too_stale(stale: int, size: int) -> bool:
-    return stale > COMPACT_MIN_STALE and stale > size * COMPACT_SHARE
+def _went_stale(heap: list[Entry], stale: int, gen: str) -> int:
+    """One more entry of `heap` is stale (its task's `gen` attribute moved on): the count of
+    stale entries, after dropping them all once they are too many (O(n), in place:
+    amortized O(1) per stale entry)."""
+    stale += 1
+    if stale > COMPACT_MIN_STALE and stale > len(heap) * COMPACT_SHARE:
+        heap[:] = [entry for entry in heap if entry[1] == getattr(entry[2], gen)]
+        heapq.heapify(heap)
+        return 0
+    return stale
 
 
 class StallSource(Protocol):
@@ -166,12 +174,7 @@ class StallTimer:
         self._went_stale()
 
     def _went_stale(self) -> None:
-        self._stale += 1
-        if _too_stale(self._stale, len(self._heap)):
-            heap = self._heap
-            heap[:] = [entry for entry in heap if entry[1] == entry[2].stall_gen]
-            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
-            self._stale = 0
+        self._stale = _went_stale(self._heap, self._stale, "stall_gen")
 
     def fire(self) -> None:
         """Start the checks that are due, then arm the wake-up for the next."""
@@ -290,12 +293,7 @@ class PollScheduler:
             self.stalls.forget(task)
 
     def _went_stale(self) -> None:
-        self._stale += 1
-        if _too_stale(self._stale, len(self._heap)):
-            heap = self._heap
-            heap[:] = [entry for entry in heap if entry[1] == entry[2].sched_gen]
-            heapq.heapify(heap)  # O(n), in place: amortized O(1) per stale entry
-            self._stale = 0
+        self._stale = _went_stale(self._heap, self._stale, "sched_gen")
 
     def _push(self, task: TaskWatch, due: float) -> None:
         queued = task.next_due is not None
