@@ -326,6 +326,30 @@ class Receiver:
 StartReceiver = Callable[..., Awaitable[Receiver]]
 
 
+class Holding:
+    """A webhook receiver holding every POST until `release` is set, then answering 204:
+    `arrived` are the bodies as they came, `received` as they were answered."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        self.arrived.append(body)
+        await self.release.wait()
+        self.received.append(body)
+        return web.Response(status=204)
+
+    async def serve(self, aiohttp_server: Any) -> str:
+        """Start it on 127.0.0.1 (POST /hook); its URL."""
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        server: TestServer = await aiohttp_server(app)
+        return str(server.make_url("/hook"))
+
+
 @pytest.fixture
 def hooks(aiohttp_server: Any) -> StartReceiver:
     """Start a `Receiver` on 127.0.0.1 (POST /hook); its `url` is set."""

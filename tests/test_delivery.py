@@ -17,8 +17,6 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
@@ -35,6 +33,7 @@ from enkwatch.sinks import Outbox, Sink, build_sinks
 from enkwatch.state.base import DISABLED_SINK_PREFIX, TaskRecord
 from enkwatch.state.sqlite import SqliteStore
 from tests.kit import (
+    Holding,
     Spawn,
     StartReceiver,
     StartSim,
@@ -52,30 +51,6 @@ HOLD_S = 30.0
 
 def sinks_of(*hooks: dict[str, Any], environ: dict[str, str] | None = None) -> list[Sink]:
     return build_sinks(SinksConfig.model_validate({"webhooks": list(hooks)}), environ or {})
-
-
-class Held:
-    """A receiver holding every POST until `release` is set (then 204); records arrivals."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.arrived: list[dict[str, Any]] = []
-        self.answered: list[dict[str, Any]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        self.arrived.append(body)
-        await self.release.wait()
-        self.answered.append(body)
-        return web.Response(status=204)
-
-
-async def serve_held(aiohttp_server: Any) -> tuple[Held, str]:
-    held = Held()
-    app = web.Application()
-    app.router.add_post("/hook", held.handle)
-    server: TestServer = await aiohttp_server(app)
-    return held, str(server.make_url("/hook"))
 
 
 def first_seen(ids: list[str]) -> list[str]:
@@ -184,7 +159,8 @@ async def test_deliveries_are_made_by_another_process_signed_in_order_and_counte
 async def test_a_killed_delivery_process_is_started_again_and_loses_nothing(
     tmp_path: Path, simulate: StartSim, aiohttp_server: Any
 ) -> None:
-    held, url = await serve_held(aiohttp_server)
+    held = Holding()
+    url = await held.serve(aiohttp_server)
     sim = await simulate(sim_task("t1", ("Queued", 0.1), ("Running", 0.1), ("Finished", None)))
     config = make_config(sim.url, str(tmp_path / "s.db"), [{"task_id": "t1"}])
     sinks = sinks_of({"url": url, "name": "ops", "timeout_seconds": HOLD_S})
@@ -211,7 +187,7 @@ async def test_a_killed_delivery_process_is_started_again_and_loses_nothing(
     finally:
         held.release.set()
     # at least once, in order: the POST cut by the kill went again
-    assert first_seen([b["event_id"] for b in held.answered]) == ["t1:1", "t1:2", "t1:3"]
+    assert first_seen([b["event_id"] for b in held.received]) == ["t1:1", "t1:2", "t1:3"]
 
 
 async def test_dead_letters_and_a_410_are_events_of_the_daemon_and_a_410_lasts(

@@ -3,21 +3,17 @@ webhook sinks (their filters apply to the deliveries still pending)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import structlog
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from enkwatch import events as ev
 from enkwatch.config import load_config
 from enkwatch.sinks import build_sinks
-from tests.kit import events_named, make_config, running, sim_task, simulator, until
+from tests.kit import Holding, events_named, make_config, running, sim_task, simulator, until
 
 POLLING = {"interval_seconds": 0.05, "jitter": 0, "max_requests_per_second": 0}
 
@@ -75,31 +71,12 @@ def _status(logs: list[dict[str, Any]], key: str) -> str | None:
     return moved[-1]["status"] if moved else None
 
 
-class Receiver:
-    """A real receiver that holds every POST until `release` is set, then answers 204."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.received: list[dict[str, Any]] = []
-        self.arrived = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        self.arrived += 1
-        await self.release.wait()
-        self.received.append(body)
-        return web.Response(status=204)
-
-
 async def test_a_reload_applies_new_sink_filters_to_pending_deliveries(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:
     structlog.reset_defaults()
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    server: TestServer = await aiohttp_server(app)
-    hook = {"url": str(server.make_url("/hook")), "name": "ops", "timeout_seconds": 30}
+    receiver = Holding()
+    hook = {"url": await receiver.serve(aiohttp_server), "name": "ops", "timeout_seconds": 30}
     tasks = [sim_task("t1", ("Queued", 0.1), ("Running", 0.1), ("Finished", None))]
     async with simulator(*tasks) as sim:
         url = sim.url
@@ -119,7 +96,7 @@ async def test_a_reload_applies_new_sink_filters_to_pending_deliveries(
                 assert service.running is not None
                 parts = service.running
                 # Queued is being delivered (held); Running and Finished wait behind it
-                await until(lambda: parts.watchlist.tasks["t1"].done and receiver.arrived >= 1)
+                await until(lambda: parts.watchlist.tasks["t1"].done and len(receiver.arrived) >= 1)
                 assert parts.outbox.stats()[0] == 3
                 raw["sinks"]["webhooks"][0]["statuses"] = ["Finished"]
                 path.write_text(yaml.safe_dump(raw), encoding="utf-8")
