@@ -284,6 +284,35 @@ async def test_the_delivery_process_ends_when_its_daemon_is_gone(tmp_path: Path)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
+async def test_a_report_the_daemon_cannot_read_ends_that_child_and_starts_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path)
+    sinks = sinks_of({"url": "http://127.0.0.1:9/hook", "name": "a"})
+    restarts: list[int] = []
+    deliveries = DeliveryProcess(
+        store, path, sinks, lambda *a: None, lambda f: None, lambda f: None,
+        lambda: restarts.append(1),
+    )  # fmt: skip
+    report = DeliveryProcess._report
+    broken = [{"op": "ready"}]  # the first `ready` comes without its `disabled`
+
+    def reading(self: DeliveryProcess, msg: dict[str, Any]) -> None:
+        report(self, broken.pop() if broken and msg.get("op") == "ready" else msg)
+
+    monkeypatch.setattr(DeliveryProcess, "_report", reading)
+    try:
+        await deliveries.start()
+        first = deliveries.pid
+        await until(lambda: deliveries._ready.is_set(), within=15)
+        assert restarts == [1] and deliveries.pid not in (None, first)
+        assert await deliveries.wait_idle(10)
+    finally:
+        await deliveries.close()
+        await store.close()
+
+
 async def test_a_state_it_cannot_use_is_one_line_on_stderr(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     db = sqlite3.connect(path)

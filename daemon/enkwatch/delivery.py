@@ -318,8 +318,10 @@ class DeliveryProcess:
             assert proc.stdout is not None
             while line := await proc.stdout.readline():
                 self._report(orjson.loads(line))
-        except (ValueError, orjson.JSONDecodeError) as err:  # a line over the limit, garbled
-            print(f"enkwatch: the delivery process answered badly: {err}", file=sys.stderr)
+        except (ValueError, KeyError, TypeError) as err:
+            # a line over the limit, garbled, or a report without what it must hold: that
+            # child is ended and another started, as if it had died
+            print(f"enkwatch: the delivery process answered badly: {err!r}", file=sys.stderr)
         finally:
             self._proc = None
             self._ready.clear()
